@@ -1,0 +1,78 @@
+"""Training FLOPs per token and model-FLOPs utilisation: the one formula the logger, the
+benchmarks and the planner all use.
+
+FLOPs per trained token = 6·N + 12·L·d·T, where
+  N = every parameter that takes part in a matmul: all parameters except the input embedding
+      table (a lookup, not a matmul). The LM head is counted; with tied embeddings the shared
+      matrix counts once. RMSNorm weights are counted too (0.01% of N; kept so N is exact).
+  12·L·d·T = attention scores and weighted values (QK^T and AV, forward + backward), over the
+      full T×T matrix as in PaLM's MFU definition (no discount for the causal mask).
+For TinyLlama-1.1B at T=2048: 6 x 1,034,512,384 + 12 x 22 x 2048 x 2048 = 7.314e9 FLOPs/token,
+so the paper's 24,000 tokens/s on an A100 (312 TFLOP/s bf16) is 56.3% MFU.
+"""
+
+from __future__ import annotations
+
+from tinyrecipe.model.config import ModelConfig
+
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, without sparsity.
+PEAK_FLOPS_BF16: dict[str, float] = {
+    "A100": 312e12,
+    "H100 SXM": 989e12,
+    "H100 PCIe": 756e12,
+    "H200": 989e12,
+}
+
+
+def train_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward + backward FLOPs per token at context `seq_len` (default: the config's block_size)."""
+    T = config.block_size if seq_len is None else seq_len
+    return 6 * config.num_params(embedding=False) + 12 * config.n_layer * config.d_model * T
+
+
+def forward_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
+    """Forward-only FLOPs per token (a third of the training FLOPs): inference and evaluation."""
+    return train_flops_per_token(config, seq_len) / 3
+
+
+def device_peak_flops(device_name: str) -> float:
+    """Datasheet bf16 peak for a CUDA device name such as 'NVIDIA H100 80GB HBM3'.
+
+    Refuses to guess: an unknown device raises ValueError asking for the peak.
+    """
+    name = device_name.upper()
+    if "H200" in name:
+        return PEAK_FLOPS_BF16["H200"]
+    if "H100" in name:
+        if "PCIE" in name:
+            return PEAK_FLOPS_BF16["H100 PCIe"]
+        if "SXM" in name or "HBM3" in name:
+            return PEAK_FLOPS_BF16["H100 SXM"]
+    if "A100" in name:
+        return PEAK_FLOPS_BF16["A100"]
+    raise ValueError(
+        f"no bf16 peak FLOP/s known for device {device_name!r}; pass peak_flops explicitly "
+        f"(known: {', '.join(PEAK_FLOPS_BF16)})"
+    )
+
+
+def mfu(
+    tokens_per_sec: float,
+    config: ModelConfig,
+    *,
+    seq_len: int | None = None,
+    peak_flops: float | None = None,
+    device_name: str | None = None,
+    n_devices: int = 1,
+) -> float:
+    """Model-FLOPs utilisation in [0, 1]: achieved training FLOP/s over the devices' peak.
+
+    `tokens_per_sec` is the total over `n_devices`. Give `peak_flops` (per device) or a
+    `device_name` found in the peak table.
+    """
+    if peak_flops is None:
+        if device_name is None:
+            raise ValueError("mfu needs peak_flops or a device_name from the peak table")
+        peak_flops = device_peak_flops(device_name)
+    achieved = tokens_per_sec * train_flops_per_token(config, seq_len)
+    return achieved / (peak_flops * n_devices)

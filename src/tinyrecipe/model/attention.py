@@ -1,0 +1,67 @@
+"""Causal attention kernels: FlashAttention-2 when it can run, PyTorch SDPA everywhere else.
+
+flash-attn is imported lazily, on the first call that could use it, never at module import.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _flash_attn_func():
+    """`flash_attn.flash_attn_func`, or None when flash-attn is not installed or fails to import."""
+    try:
+        from flash_attn import flash_attn_func
+    except Exception as err:  # ImportError, or a CUDA/ABI mismatch raised at import
+        log.info("flash-attn unavailable (%s); using torch SDPA", err)
+        return None
+    return flash_attn_func
+
+
+def flash_supported(q: torch.Tensor) -> bool:
+    """True when FlashAttention-2 can take `q`: a CUDA fp16/bf16 tensor and flash-attn importable."""
+    return (
+        q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_func() is not None
+    )
+
+
+def select_backend(q: torch.Tensor, requested: str = "auto") -> str:
+    """The kernel `causal_attention` runs for `q`: "flash" or "sdpa"."""
+    if requested == "sdpa":
+        return "sdpa"
+    if flash_supported(q):
+        return "flash"
+    if requested == "flash":
+        raise RuntimeError(
+            "attention='flash' needs flash-attn installed (pip install 'tinyrecipe[gpu]') and CUDA "
+            f"fp16/bf16 tensors, got {q.device.type} {q.dtype}; set model attention to 'auto' or 'sdpa'"
+        )
+    return "sdpa"
+
+
+_logged: set[str] = set()
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto"
+) -> torch.Tensor:
+    """Causal self-attention. q: (B, T, H, D); k, v: (B, T, H_kv, D) with H % H_kv == 0.
+
+    Returns (B, T, H, D). Grouped KV heads are never copied out to H heads.
+    """
+    chosen = select_backend(q, backend)
+    if chosen not in _logged:  # never a silent slow path: say once which kernel runs
+        _logged.add(chosen)
+        log.info("attention backend: %s", chosen)
+    if chosen == "flash":
+        return _flash_attn_func()(q, k, v, causal=True)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    return y.transpose(1, 2)

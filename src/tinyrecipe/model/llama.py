@@ -1,0 +1,166 @@
+"""The Llama-2 decoder TinyLlama trains: RoPE, RMSNorm pre-norm, SwiGLU, grouped-query attention.
+
+Plain PyTorch, readable top to bottom. The RoPE layout is "rotate half" (the first half of each
+head's dims pairs with the second half), the same layout Hugging Face's `LlamaForCausalLM` uses,
+so HF weights map onto this model by renaming and concatenation alone (`tinyrecipe.hf`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from tinyrecipe.model.attention import causal_attention
+from tinyrecipe.model.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale, computed in fp32 (as Llama and HF do)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+        return self.weight * y
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cache(
+    block_size: int, head_dim: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (block_size, head_dim), fp32, in rotate-half layout."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    freqs = torch.outer(torch.arange(block_size, device=device).float(), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, T, H, D) by position; cos/sin are (T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # broadcast over heads
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with RoPE; q, k and v come from one fused projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = (
+            config.n_head,
+            config.n_kv_head,
+            config.head_dim,
+        )
+        self.backend = config.attention
+        kv_dim = config.n_kv_head * config.head_dim
+        self.qkv = nn.Linear(config.d_model, config.d_model + 2 * kv_dim, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split((q_dim, kv_dim, kv_dim), dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, H, hd)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, H_kv, hd)
+        v = v.view(B, T, self.n_kv_head, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = causal_attention(q, k, v, self.backend)  # (B, T, H, hd)
+        return self.proj(y.reshape(B, T, q_dim))
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)); gate and up share one fused projection."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.proj = nn.Linear(config.d_ff, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Llama(nn.Module):
+    """Token embedding, `n_layer` blocks, final RMSNorm, LM head (tied to the embedding or not)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        device = torch.empty(0).device  # the caller's default device (meta under FSDP2 init)
+        # Layers are built on meta and initialised once, by init_weights: no time spent on
+        # PyTorch's default init, and the same seed gives the same weights eagerly or from meta.
+        with torch.device("meta"):
+            self.embed = nn.Embedding(config.vocab_size, config.d_model)
+            self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+            self.norm = RMSNorm(config.d_model, config.norm_eps)
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            # Derived from the config, so not saved in checkpoints (persistent=False).
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        if device.type != "meta":
+            self.to_empty(device=device)
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """TinyLlama's init; also (re)builds the RoPE tables. Call after `to_empty()` from meta."""
+        cfg = self.config
+        device = self.embed.weight.device
+        self.rope_cos, self.rope_sin = rope_cache(
+            cfg.block_size, cfg.head_dim, cfg.rope_theta, device
+        )
+        out_std = 1.0 / math.sqrt(cfg.d_model) / cfg.n_layer
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_output_proj = name.endswith(".proj")  # attention and MLP output projections
+                nn.init.normal_(module.weight, std=out_std if is_output_proj else cfg.std)
+            elif isinstance(module, RMSNorm):
+                module.reset_parameters()
+        if cfg.tie_embeddings:  # re-tie: to_empty() may have separated the shared tensor
+            self.lm_head.weight = self.embed.weight
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
+        cross-entropy over positions whose target is not -100."""
+        T = idx.size(1)
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.embed(idx)  # (B, T, d)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return logits, loss

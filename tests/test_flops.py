@@ -1,0 +1,50 @@
+import pytest
+
+from tinyrecipe.flops import device_peak_flops, forward_flops_per_token, mfu, train_flops_per_token
+from tinyrecipe.model import ModelConfig
+
+TINYLLAMA = ModelConfig.from_name("tinyllama-1.1b")
+
+
+def test_tinyllama_flops_by_hand():
+    n_matmul = 1_100_048_384 - 32000 * 2048  # all but the input embedding table
+    attention = 12 * 22 * 2048 * 2048
+    assert train_flops_per_token(TINYLLAMA) == 6 * n_matmul + attention == 7_314_370_560
+    assert train_flops_per_token(TINYLLAMA, seq_len=1024) == 6 * n_matmul + attention // 2
+    assert forward_flops_per_token(TINYLLAMA) == pytest.approx((6 * n_matmul + attention) / 3)
+
+
+def test_papers_24k_tokens_per_second_on_a100_is_56_percent():
+    value = mfu(24_000, TINYLLAMA, device_name="NVIDIA A100-SXM4-40GB")
+    assert value == pytest.approx(24_000 * 7_314_370_560 / 312e12)
+    assert 0.56 <= value < 0.57
+    # Counting every parameter (embedding table too) instead gives the 59% end of the range.
+    all_params = (6 * 1_100_048_384 + 12 * 22 * 2048 * 2048) * 24_000 / 312e12
+    assert 0.59 <= all_params < 0.60
+
+
+def test_mfu_over_several_devices_and_explicit_peak():
+    assert mfu(2 * 24_000, TINYLLAMA, peak_flops=312e12, n_devices=2) == pytest.approx(
+        mfu(24_000, TINYLLAMA, peak_flops=312e12)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA A100-SXM4-40GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989e12),
+    ],
+)
+def test_peak_table(name, peak):
+    assert device_peak_flops(name) == peak
+
+
+def test_unknown_device_is_refused_not_guessed():
+    with pytest.raises(ValueError, match="pass peak_flops"):
+        device_peak_flops("NVIDIA GeForce RTX 4090")
+    with pytest.raises(ValueError, match="peak_flops or a device_name"):
+        mfu(1000, TINYLLAMA)

@@ -1,0 +1,157 @@
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.model import attention as attention_module
+
+SMALL = ModelConfig.from_name(
+    "tiny", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=101, block_size=32
+)
+
+
+def test_forward_returns_logits_and_loss_with_ignore_index():
+    torch.manual_seed(0)
+    model = Llama(SMALL)
+    idx = torch.randint(0, SMALL.vocab_size, (3, 20))
+    logits = model(idx)
+    assert logits.shape == (3, 20, SMALL.vocab_size)
+    targets = torch.randint(0, SMALL.vocab_size, (3, 20))
+    targets[:, :5] = -100
+    logits2, loss = model(idx, targets)
+    assert torch.equal(logits, logits2)
+    expected = F.cross_entropy(
+        logits[:, 5:].reshape(-1, SMALL.vocab_size), targets[:, 5:].reshape(-1)
+    )
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = Llama(SMALL)
+    idx = torch.randint(0, SMALL.vocab_size, (1, 16))
+    changed = idx.clone()
+    changed[0, 10:] = (changed[0, 10:] + 1) % SMALL.vocab_size
+    a, b = model(idx), model(changed)
+    assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_too_long_sequence_is_refused():
+    model = Llama(SMALL)
+    with pytest.raises(ValueError, match="exceeds block_size 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_tinyllama_init_stds():
+    torch.manual_seed(0)
+    config = ModelConfig.from_name("tiny", n_layer=8)
+    model = Llama(config)
+    std = math.sqrt(2 / (5 * config.d_model))
+    out_std = 1 / math.sqrt(config.d_model) / config.n_layer
+    assert model.embed.weight.std().item() == pytest.approx(std, rel=0.02)
+    assert model.lm_head.weight.std().item() == pytest.approx(std, rel=0.02)
+    assert model.blocks[0].attn.qkv.weight.std().item() == pytest.approx(std, rel=0.02)
+    assert model.blocks[0].mlp.gate_up.weight.std().item() == pytest.approx(std, rel=0.02)
+    assert model.blocks[3].attn.proj.weight.std().item() == pytest.approx(out_std, rel=0.05)
+    assert model.blocks[3].mlp.proj.weight.std().item() == pytest.approx(out_std, rel=0.05)
+    assert torch.equal(model.blocks[0].attn_norm.weight, torch.ones(config.d_model))
+
+
+def test_meta_init_then_materialise_equals_eager_init():
+    torch.manual_seed(0)
+    eager = Llama(SMALL)
+    with torch.device("meta"):
+        lazy = Llama(SMALL)
+    lazy.to_empty(device="cpu")
+    torch.manual_seed(0)
+    lazy.init_weights()
+    for (name, a), (_, b) in zip(
+        eager.state_dict().items(), lazy.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    idx = torch.randint(0, SMALL.vocab_size, (2, 8))
+    assert torch.equal(eager(idx), lazy(idx))
+
+
+def test_tied_embeddings_survive_meta_init():
+    config = ModelConfig.from_name("tiny", n_layer=1, tie_embeddings=True)
+    with torch.device("meta"):
+        model = Llama(config)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.lm_head.weight is model.embed.weight
+
+
+def _reference_attention(q, k, v):
+    """Plain causal softmax attention with KV heads repeated: the definition SDPA must match."""
+    group = q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.size(-1))
+    mask = torch.ones(q.size(2), q.size(2), dtype=torch.bool).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("n_kv_head", [8, 2, 1])
+def test_sdpa_gqa_matches_reference(n_kv_head):
+    torch.manual_seed(0)
+    q = torch.randn(2, 12, 8, 16)
+    k, v = torch.randn(2, 12, n_kv_head, 16), torch.randn(2, 12, n_kv_head, 16)
+    out = attention_module.causal_attention(q, k, v)
+    assert out.shape == q.shape
+    assert torch.allclose(out, _reference_attention(q, k, v), atol=1e-5)
+
+
+def test_backend_falls_back_to_sdpa_on_cpu_and_refuses_forced_flash():
+    q = torch.randn(1, 4, 2, 8)
+    assert attention_module.select_backend(q, "auto") == "sdpa"
+    assert attention_module.select_backend(q.bfloat16(), "auto") == "sdpa"
+    with pytest.raises(RuntimeError, match="attention='flash' needs flash-attn"):
+        attention_module.select_backend(q, "flash")
+
+
+def test_flash_is_chosen_when_importable_on_cuda(monkeypatch):
+    """The selection logic without a GPU: pretend flash-attn imported and the tensor is CUDA."""
+    calls = []
+
+    def fake_flash(q, k, v, causal):
+        calls.append((q.shape, k.shape, causal))
+        return q
+
+    monkeypatch.setattr(attention_module, "_flash_attn_func", lambda: fake_flash)
+    monkeypatch.setattr(attention_module, "flash_supported", lambda q: True)
+    q, k = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 2, 8)
+    assert attention_module.select_backend(q) == "flash"
+    attention_module.causal_attention(q, k, k)
+    assert calls == [((1, 4, 4, 8), (1, 4, 2, 8), True)]  # (B, T, H, D), KV heads not repeated
+    assert attention_module.select_backend(q, "sdpa") == "sdpa"
+
+
+def test_importing_the_model_pulls_in_neither_lightning_nor_flash_attn():
+    code = (
+        "import sys, tinyrecipe.model, tinyrecipe.hf, tinyrecipe.flops;"
+        "bad = [m for m in ('lightning', 'pytorch_lightning', 'flash_attn', 'transformers') if m in sys.modules];"
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_training_steps_reduce_loss():
+    torch.manual_seed(0)
+    model = Llama(SMALL)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    idx = torch.randint(0, SMALL.vocab_size, (4, 17))
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
