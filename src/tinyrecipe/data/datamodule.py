@@ -1,0 +1,183 @@
+"""`MixedStreamingDataModule`: prepared token sources mixed by weight, with exact resume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from tinyrecipe.data.mixture import MixedBlockStream, MixtureSchedule, SequentialBlocks, TokenBlocks
+
+
+@dataclass
+class DataSource:
+    """One prepared corpus: its train (and optional validation) litdata dirs and mixture weight.
+
+    Paths may be local or any URI litdata streams from (s3://, gs://, ...).
+    """
+
+    name: str
+    train: str
+    validation: str | None = None
+    weight: float = 1.0
+
+
+class MixedStreamingDataModule(L.LightningDataModule):
+    """Training batches from `sources` mixed by weight; one validation loader per source.
+
+    Batches are int64 (batch_size, block_size + 1): inputs are `[:, :-1]`, targets `[:, 1:]`.
+    `state_dict()` is the number of micro-batches consumed; loading it resumes the exact batch
+    sequence whatever `num_workers` is (see `tinyrecipe.data.mixture`).
+    `vocab_size` (the model's) and `tokenizer_dir` are checked against the data's metadata.
+    """
+
+    def __init__(
+        self,
+        sources: list[DataSource],
+        block_size: int = 2048,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 42,
+        val_batch_size: int | None = None,
+        val_max_blocks: int | None = None,
+        vocab_size: int | None = None,
+        tokenizer_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if not sources:
+            raise ValueError("data.sources is empty; list at least one prepared source")
+        self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in sources]
+        self.block_size, self.batch_size, self.num_workers, self.seed = (
+            block_size,
+            batch_size,
+            num_workers,
+            seed,
+        )
+        self.val_batch_size = val_batch_size or batch_size
+        self.val_max_blocks, self.vocab_size, self.tokenizer_dir = (
+            val_max_blocks,
+            vocab_size,
+            tokenizer_dir,
+        )
+        self.batches_consumed = 0
+        self._train: list[TokenBlocks] | None = None
+        self._val: list[TokenBlocks] = []
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._train is not None:
+            return
+        self._train = [
+            TokenBlocks(s.train, self.block_size, seed=self.seed + n)
+            for n, s in enumerate(self.sources)
+        ]
+        self._val = [
+            TokenBlocks(s.validation, self.block_size) for s in self.sources if s.validation
+        ]
+        self._check_metadata()
+        self.schedule = MixtureSchedule([s.weight for s in self.sources], seed=self.seed)
+
+    def _check_metadata(self) -> None:
+        expected_sha = None
+        if self.tokenizer_dir is not None:
+            from tinyrecipe.data.tokenizer import TextTokenizer
+
+            expected_sha = TextTokenizer(self.tokenizer_dir).sha256
+        first_sha = None
+        for blocks in self._train + self._val:
+            meta = blocks.meta
+            if not meta:
+                raise ValueError(
+                    f"data dir '{blocks.path}' has no tinyrecipe metadata in index.json; "
+                    "prepare it with data_prep/prepare_*.py"
+                )
+            if self.vocab_size is not None and meta["vocab_size"] != self.vocab_size:
+                raise ValueError(
+                    f"data dir '{blocks.path}' has tokenizer vocab {meta['vocab_size']}, model expects "
+                    f"{self.vocab_size} — re-run data_prep with the model's tokenizer or set "
+                    "model vocab_size"
+                )
+            sha = meta["tokenizer_sha256"]
+            if expected_sha is not None and sha != expected_sha:
+                raise ValueError(
+                    f"data dir '{blocks.path}' was tokenized with another tokenizer than "
+                    f"'{self.tokenizer_dir}' — re-run data_prep with that tokenizer"
+                )
+            if first_sha is not None and sha != first_sha:
+                raise ValueError(
+                    f"data dir '{blocks.path}' was tokenized with another tokenizer than "
+                    f"'{self._train[0].path}'; all sources must share one tokenizer"
+                )
+            first_sha = sha
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world = self._rank_world()
+        stream = MixedBlockStream(
+            self._train, self.schedule, self.batch_size, self.batches_consumed, rank, world
+        )
+        return _CountingLoader(
+            self, stream, batch_size=self.batch_size, num_workers=self.num_workers
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        self.setup()
+        return [
+            DataLoader(
+                SequentialBlocks(blocks, self.val_max_blocks),
+                batch_size=self.val_batch_size,
+                num_workers=self.num_workers,
+                shuffle=False,
+            )
+            for blocks in self._val
+        ]
+
+    @property
+    def val_source_names(self) -> list[str]:
+        return [s.name for s in self.sources if s.validation]
+
+    # -- resume --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "batches_consumed": self.batches_consumed,
+            "batch_size": self.batch_size,
+            "block_size": self.block_size,
+            "seed": self.seed,
+            "weights": [s.weight for s in self.sources],
+            "world_size": self._rank_world()[1],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        for key in ("batch_size", "block_size", "seed", "weights", "world_size"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"data state in the checkpoint has {key}={state.get(key)!r} but this run has "
+                    f"{mine[key]!r}; resume with the same data settings (or start a new run)"
+                )
+        self.batches_consumed = int(state["batches_consumed"])
+
+
+class _CountingLoader(DataLoader):
+    """A DataLoader that tells its DataModule how many batches were handed out."""
+
+    def __init__(self, datamodule: MixedStreamingDataModule, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._datamodule = datamodule
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            self._datamodule.batches_consumed += 1
+            yield batch

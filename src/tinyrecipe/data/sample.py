@@ -1,0 +1,162 @@
+"""The offline sample corpus: the running Python's standard library, written in the two real
+input formats (SlimPajama `*.jsonl.zst`, Starcoderdata `*.parquet`) so the real prep runs on it.
+
+Prose: `pydoc_data` documentation topics and the docstrings of every stdlib module (read with
+`ast`, nothing is imported). Code: the stdlib `.py` sources. Deterministic: sorted inputs, and
+the split is a hash of each document, so the same Python gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import sysconfig
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+# Record labels as SlimPajama's `meta.redpajama_set_name` uses them. The GitHub records are
+# there on purpose: TinyLlama drops SlimPajama's GitHub subset (Starcoderdata replaces it).
+PROSE_SET, DOCSTRING_SET, GITHUB_SET = "RedPajamaWikipedia", "RedPajamaBook", "RedPajamaGithub"
+VALIDATION_PERMILLE = 50  # 5% of documents go to the validation split
+
+
+def stdlib_sources() -> list[Path]:
+    """The stdlib's `.py` files, sorted, without tests and third-party packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+
+
+def is_validation(text: str) -> bool:
+    """A stable, content-keyed split: the same document lands in the same split every time."""
+    return zlib.crc32(text.encode("utf-8")) % 1000 < VALIDATION_PERMILLE
+
+
+def docstrings(path: Path) -> str | None:
+    """Module, class and function docstrings of one source file joined as one document."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return None
+    nodes = [tree] + [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+    ]
+    parts = []
+    for node in nodes:
+        doc = ast.get_docstring(node)
+        if doc and len(doc) > 40:
+            title = getattr(node, "name", path.stem)
+            parts.append(f"{title}\n\n{doc}")
+    return "\n\n".join(parts) or None
+
+
+def prose_records(sources: list[Path]) -> Iterator[dict]:
+    """SlimPajama-style records: doc topics, module docstrings, and a few GitHub records."""
+    from pydoc_data.topics import topics
+
+    for key in sorted(topics):
+        yield {"text": topics[key], "meta": {"redpajama_set_name": PROSE_SET}}
+    for i, path in enumerate(sources):
+        text = docstrings(path)
+        if text:
+            yield {"text": text, "meta": {"redpajama_set_name": DOCSTRING_SET}}
+        if i % 25 == 0:  # every 25th source file also appears as a GitHub record (to be dropped)
+            yield {
+                "text": path.read_text(encoding="utf-8", errors="replace"),
+                "meta": {"redpajama_set_name": GITHUB_SET},
+            }
+
+
+def _write_jsonl_zst(path: Path, records: list[dict]) -> None:
+    import zstandard
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
+    tmp.replace(path)
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist(
+        rows,
+        schema=pa.schema(
+            [("id", pa.string()), ("max_stars_repo_path", pa.string()), ("content", pa.string())]
+        ),
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(buf.getvalue())
+    tmp.replace(path)
+
+
+def _take(items: Iterator, max_bytes: float, size) -> list:
+    out, total = [], 0
+    for item in items:
+        if total >= max_bytes:
+            break
+        out.append(item)
+        total += size(item)
+    return out
+
+
+def _shard(items: list, n: int) -> list[list]:
+    return [items[i::n] for i in range(n)] if len(items) >= n else [items]
+
+
+def make_sample(out: str | Path, max_mb: float | None = None, files_per_split: int = 2) -> dict:
+    """Write the sample corpus under `out`; returns {source: {documents, mb}} and prints it.
+
+    `max_mb` caps each source's uncompressed text (for fast tests); None takes everything.
+    """
+    out = Path(out)
+    limit = float("inf") if max_mb is None else max_mb * 1e6
+    sources = stdlib_sources()
+    summary = {}
+
+    prose = _take(prose_records(sources), limit, lambda r: len(r["text"]))
+    splits = {"train": [], "validation": []}
+    for record in prose:
+        splits["validation" if is_validation(record["text"]) else "train"].append(record)
+    names = {"train": "example_train_{}.jsonl.zst", "validation": "example_holdout_{}.jsonl.zst"}
+    for split, records in splits.items():
+        for i, shard in enumerate(_shard(records, files_per_split)):
+            _write_jsonl_zst(out / "slimpajama" / split / "chunk1" / names[split].format(i), shard)
+    summary["slimpajama"] = {
+        "documents": len(prose),
+        "github_documents": sum(r["meta"]["redpajama_set_name"] == GITHUB_SET for r in prose),
+        "mb": sum(len(r["text"].encode()) for r in prose) / 1e6,
+    }
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rows = (
+        {
+            "id": str(i),
+            "max_stars_repo_path": str(p.relative_to(root)),
+            "content": p.read_text(encoding="utf-8", errors="replace"),
+        }
+        for i, p in enumerate(sources)
+    )
+    code = _take(rows, limit, lambda r: len(r["content"]))
+    shards = _shard(code, files_per_split)
+    for i, shard in enumerate(shards):
+        _write_parquet(
+            out / "starcoderdata" / "python" / f"train-{i:05d}-of-{len(shards):05d}.parquet", shard
+        )
+    summary["starcoderdata"] = {
+        "documents": len(code),
+        "mb": sum(len(r["content"].encode()) for r in code) / 1e6,
+    }
+
+    for name, s in summary.items():
+        print(f"{name}: {s['documents']} documents, {s['mb']:.2f} MB -> {out / name}")
+    return summary

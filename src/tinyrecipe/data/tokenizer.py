@@ -1,0 +1,115 @@
+"""Tokenizers: train a Llama-style BPE, and load a directory holding `tokenizer.json` (the
+`tokenizers` library) or a sentencepiece `tokenizer.model` (the Llama-2 tokenizer TinyLlama uses).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+BOS, EOS, UNK = "<s>", "</s>", "<unk>"
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
+
+
+class TextTokenizer:
+    """A loaded tokenizer: `encode_batch`, `decode`, `vocab_size`, `bos_id`, `eos_id` and
+    `sha256` (of the tokenizer file: prepared data records it so mismatches are caught)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        json_path, spm_path = directory / "tokenizer.json", directory / "tokenizer.model"
+        if json_path.is_file():
+            from tokenizers import Tokenizer
+
+            self.path = json_path
+            self._hf = Tokenizer.from_file(str(json_path))
+            self._spm = None
+            self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
+            self.bos_id = self._hf.token_to_id(BOS)
+            self.eos_id = self._hf.token_to_id(EOS)
+        elif spm_path.is_file():
+            try:
+                import sentencepiece
+            except ImportError as err:
+                raise ImportError(
+                    f"{spm_path} is a sentencepiece model; pip install sentencepiece to read it"
+                ) from err
+            self.path = spm_path
+            self._hf = None
+            self._spm = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
+            self.vocab_size = self._spm.vocab_size()
+            self.bos_id, self.eos_id = self._spm.bos_id(), self._spm.eos_id()
+        else:
+            raise FileNotFoundError(
+                f"tokenizer directory '{directory}' holds neither tokenizer.json nor tokenizer.model; "
+                "train one with data_prep/train_tokenizer.py or copy the Llama-2 tokenizer there"
+            )
+        if self.bos_id is None or self.eos_id is None or self.bos_id < 0 or self.eos_id < 0:
+            raise ValueError(f"tokenizer {self.path} lacks {BOS} or {EOS}; both are needed")
+        self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, without BOS/EOS (the boundary policy adds those)."""
+        if self._hf is not None:
+            # encode_batch_fast skips character offsets, which prep never needs
+            encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+            return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return self._spm.encode(texts)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: list[int]) -> str:
+        if self._hf is not None:
+            return self._hf.decode(ids, skip_special_tokens=True)
+        return self._spm.decode(ids)
+
+
+def load_tokenizer(directory: str | Path) -> TextTokenizer:
+    """Open the tokenizer in `directory` (tokenizer.json preferred over tokenizer.model)."""
+    return TextTokenizer(directory)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Path) -> Path:
+    """Train a Llama-style BPE and save `out_dir/tokenizer.json`.
+
+    Like Llama-2's: `<unk>`=0, `<s>`=1, `</s>`=2, then the 256 byte tokens `<0x00>..<0xFF>`
+    (byte fallback: no text is ever `<unk>`), sentencepiece-style `▁` for spaces.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    specials = [UNK, BOS, EOS]
+    if vocab_size < len(specials) + len(BYTE_TOKENS) + 1:
+        raise ValueError(
+            f"vocab_size={vocab_size} is too small: the specials and 256 byte tokens need 260"
+        )
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True, fuse_unk=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials + BYTE_TOKENS,  # fixes their ids; un-marked as added tokens below
+        limit_alphabet=256,
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    # The byte tokens must be ordinary vocabulary (as in Llama-2), not "added tokens" that
+    # would match the literal text "<0x41>" in a document.
+    spec = json.loads(tokenizer.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "tokenizer.json.tmp"
+    tmp.write_text(json.dumps(spec, ensure_ascii=False))
+    Tokenizer.from_file(str(tmp))  # refuse to publish a file that does not load
+    tmp.replace(out / "tokenizer.json")
+    return out / "tokenizer.json"

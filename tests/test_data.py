@@ -1,0 +1,376 @@
+"""The data path end to end on the offline sample corpus: make_sample -> train_tokenizer ->
+prepare_* -> MixedStreamingDataModule, plus bad input, determinism and exact resume."""
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import zstandard
+
+from tinyrecipe.data import DataSource, MixedStreamingDataModule, load_tokenizer
+from tinyrecipe.data.mixture import MixtureSchedule, TokenBlocks
+from tinyrecipe.data.prep import prepare_split, read_metadata, read_slimpajama, read_starcoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "data_prep" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The whole pipeline through the real scripts, on a ~0.5 MB-per-source sample."""
+    root = tmp_path_factory.mktemp("corpus")
+    out = script("make_sample.py", "--out", root / "raw", "--max-mb", 0.5).stdout
+    assert "slimpajama:" in out and "starcoderdata:" in out
+    script("train_tokenizer.py", root / "raw", "--vocab-size", 1024, "--out", root / "tok")
+    slim = script(
+        "prepare_slimpajama.py",
+        "--input",
+        root / "raw/slimpajama",
+        "--tokenizer",
+        root / "tok",
+        "--out",
+        root / "slim",
+        "--workers",
+        2,
+        "--chunk-tokens",
+        8192,
+    ).stdout
+    star = script(
+        "prepare_starcoder.py",
+        "--input",
+        root / "raw/starcoderdata",
+        "--tokenizer",
+        root / "tok",
+        "--out",
+        root / "star",
+        "--workers",
+        2,
+        "--chunk-tokens",
+        8192,
+        "--val-permille",
+        100,
+    ).stdout
+    return {"root": root, "sample_out": out, "slim_out": slim, "star_out": star}
+
+
+def datamodule(corpus, validation: bool = True, **kwargs) -> MixedStreamingDataModule:
+    root = corpus["root"]
+    val = {s: str(root / s / "validation") if validation else None for s in ("slim", "star")}
+    sources = [
+        DataSource("slimpajama", str(root / "slim/train"), val["slim"], 0.7),
+        DataSource("starcoderdata", str(root / "star/train"), val["star"], 0.3),
+    ]
+    options = dict(block_size=64, batch_size=4, vocab_size=1024, tokenizer_dir=str(root / "tok"))
+    options.update(kwargs)
+    dm = MixedStreamingDataModule(sources, **options)
+    dm.setup()
+    return dm
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it) for _ in range(n)]
+
+
+def test_pipeline_yields_batches_of_token_blocks(corpus):
+    dm = datamodule(corpus)
+    batch = take(dm.train_dataloader(), 1)[0]
+    assert batch.shape == (4, 65) and batch.dtype == torch.int64
+    assert 0 <= batch.min() and batch.max() < 1024
+    val = dm.val_dataloader()
+    assert len(val) == 2 and all(len(v) > 0 for v in val)
+    meta = read_metadata(corpus["root"] / "slim/train")
+    assert (
+        meta["vocab_size"] == 1024 and meta["dtype"] == "uint16" and meta["boundary"] == "bos_eos"
+    )
+    assert meta["tokenizer_sha256"] == load_tokenizer(corpus["root"] / "tok").sha256
+
+
+def test_github_records_are_dropped_and_counted(corpus):
+    root = corpus["root"]
+    tok = load_tokenizer(root / "tok")
+    for split in ("train", "validation"):
+        records = [
+            json.loads(line)
+            for f in sorted((root / "raw/slimpajama" / split).rglob("*.jsonl.zst"))
+            for line in zstandard.ZstdDecompressor().stream_reader(f.open("rb")).read().splitlines()
+        ]
+        github = [r for r in records if r["meta"]["redpajama_set_name"] == "RedPajamaGithub"]
+        kept = [r["text"] for r in records if r not in github]
+        meta = read_metadata(root / "slim" / split)
+        assert meta["skipped"].get("dropped_RedPajamaGithub", 0) == len(github)
+        assert meta["documents"] == len(kept)
+        # exactly the non-GitHub documents' tokens (plus BOS/EOS each) were written
+        assert meta["tokens"] == sum(len(ids) + 2 for ids in tok.encode_batch(kept))
+    assert "dropped_RedPajamaGithub" in corpus["slim_out"]
+
+
+def test_blocks_are_the_document_stream_with_boundaries(corpus, tmp_path):
+    root = corpus["root"]
+    tok = load_tokenizer(root / "tok")
+    docs = [
+        t
+        for t, r in read_slimpajama(next((root / "raw/slimpajama/validation").rglob("*.zst")))
+        if r is None
+    ]
+    for boundary, (bos, eos) in {"bos_eos": (1, 1), "bos": (1, 0)}.items():
+        prepare_split(
+            "v",
+            [next((root / "raw/slimpajama/validation").rglob("*.zst"))],
+            tmp_path / boundary,
+            root / "tok",
+            "slimpajama",
+            boundary=boundary,
+            num_workers=1,
+            chunk_tokens=10**7,
+        )
+        stream = []
+        for text in docs:
+            stream += [tok.bos_id] * bos + tok.encode(text) + [tok.eos_id] * eos
+        blocks = TokenBlocks(str(tmp_path / boundary / "v"), 64)
+        assert (
+            len(blocks) == len(stream) // 65
+        )  # one chunk: the tail shorter than a block is unused
+        for j in (0, 1, len(blocks) - 1):
+            assert blocks.block(j).tolist() == stream[j * 65 : (j + 1) * 65]
+        assert (tok.eos_id in stream) == bool(eos)
+
+
+def test_prep_output_is_identical_for_any_worker_count_and_reruns_skip(corpus, tmp_path):
+    root = corpus["root"]
+    files = sorted((root / "raw/starcoderdata").rglob("*.parquet"))
+    for workers in (1, 2):
+        s = prepare_split(
+            "train",
+            files,
+            tmp_path / f"w{workers}",
+            root / "tok",
+            "starcoder",
+            num_workers=workers,
+            chunk_tokens=8192,
+            keep="train",
+            val_permille=100,
+        )
+        assert not s.reused
+    chunks = sorted(p.name for p in (tmp_path / "w1/train").iterdir())
+    assert chunks == sorted(p.name for p in (tmp_path / "w2/train").iterdir())
+    for name in chunks:
+        a, b = ((tmp_path / w / "train" / name).read_bytes() for w in ("w1", "w2"))
+        if name == "index.json":  # identical but for litdata's write timestamp
+            a, b = (json.loads(x) for x in (a, b))
+            a.pop("updated_at"), b.pop("updated_at")
+        assert a == b, name
+    (tmp_path / "w1/.train.tmp-99999").mkdir()  # debris of an interrupted run
+    again = prepare_split(
+        "train",
+        files,
+        tmp_path / "w1",
+        root / "tok",
+        "starcoder",
+        num_workers=1,
+        chunk_tokens=8192,
+        keep="train",
+        val_permille=100,
+    )
+    assert again.reused and again.documents == s.documents
+    assert not (tmp_path / "w1/.train.tmp-99999").exists()
+
+
+def write_zst(path: Path, lines: list[bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines) + b"\n"))
+    return path
+
+
+def test_bad_records_are_skipped_and_counted(tmp_path):
+    good = json.dumps(
+        {"text": "a fine document", "meta": {"redpajama_set_name": "RedPajamaC4"}}
+    ).encode()
+    lines = [
+        good,
+        b"{not json",
+        json.dumps({"meta": {}}).encode(),
+        json.dumps({"text": "   "}).encode(),
+        b'{"text": "caf\xe9"}',
+        json.dumps({"text": 5}).encode(),
+        good,
+        json.dumps({"text": "code", "meta": {"redpajama_set_name": "RedPajamaGithub"}}).encode(),
+    ]
+    path = write_zst(tmp_path / "a.jsonl.zst", lines)
+    counts = Counter(reason for _, reason in read_slimpajama(path))
+    assert counts == {
+        None: 2,
+        "malformed_json": 1,
+        "missing_text": 2,
+        "empty": 1,
+        "non_utf8": 1,
+        "dropped_RedPajamaGithub": 1,
+    }
+    data = path.read_bytes()
+    cut = tmp_path / "cut.jsonl.zst"
+    cut.write_bytes(data[: len(data) - 5])
+    assert Counter(r for _, r in read_slimpajama(cut))["truncated_file"] == 1
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "no_content.parquet")
+    assert [r for _, r in read_starcoder(tmp_path / "no_content.parquet")] == [
+        "missing_content_column"
+    ]
+    pq.write_table(pa.table({"content": ["def f(): pass", None, "  "]}), tmp_path / "c.parquet")
+    assert Counter(r for _, r in read_starcoder(tmp_path / "c.parquet")) == {
+        None: 1,
+        "missing_content": 1,
+        "empty": 1,
+    }
+
+
+def test_script_errors_are_one_line(corpus, tmp_path):
+    result = script(
+        "prepare_slimpajama.py",
+        "--input",
+        tmp_path / "nope",
+        "--tokenizer",
+        corpus["root"] / "tok",
+        "--out",
+        tmp_path / "o",
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: input directory '{tmp_path / 'nope'}' does not exist; pass the SlimPajama root"
+    ]
+    (tmp_path / "empty/train").mkdir(parents=True)
+    result = script(
+        "prepare_slimpajama.py",
+        "--input",
+        tmp_path / "empty",
+        "--tokenizer",
+        corpus["root"] / "tok",
+        "--out",
+        tmp_path / "o",
+        check=False,
+    )
+    assert result.returncode == 2 and "has no files matching" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o/train").exists()
+
+
+def test_mixture_ratio_within_two_percent(corpus):
+    dm = datamodule(corpus, batch_size=8)
+    sources = Counter(dm.schedule.locate(i)[0] for i in range(2048))
+    assert abs(sources[0] / 2048 - 0.7) < 0.02 and abs(sources[1] / 2048 - 0.3) < 0.02
+    # and the blocks actually served come from those sources
+    from tinyrecipe.data.mixture import MixedBlockStream
+
+    stream = MixedBlockStream(dm._train, dm.schedule, 8)
+    served = Counter(stream.sample(i)[0] for i in range(2000))
+    assert abs(served[0] / 2000 - 0.7) < 0.02
+
+
+def test_schedule_apportions_exactly():
+    schedule = MixtureSchedule([0.7, 0.3], seed=1, period=1000)
+    assert schedule.counts.tolist() == [700, 300]
+    draws = [schedule.locate(i) for i in range(3000)]
+    for s in (0, 1):  # the k-th draw of each source appears exactly once, in order
+        ks = [k for src, k in draws if src == s]
+        assert ks == list(range(len(ks)))
+
+
+def test_each_epoch_is_a_permutation(corpus):
+    blocks = TokenBlocks(str(corpus["root"] / "star/train"), 64, seed=3)
+    n = len(blocks)
+    first = [tuple(blocks.draw(k)) for k in range(n)]
+    second = [tuple(blocks.draw(k)) for k in range(n, 2 * n)]
+    all_blocks = sorted(tuple(blocks.block(j)) for j in range(n))
+    assert sorted(first) == all_blocks == sorted(second) and first != second
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2])
+def test_resume_is_exact_across_an_epoch_boundary(corpus, workers):
+    # Large blocks make the sources small, so 60 batches of 16 cross epoch boundaries.
+    opts = dict(block_size=512, batch_size=16, num_workers=workers, validation=False)
+    reference = datamodule(corpus, **opts)
+    sizes = [len(b) for b in reference._train]
+    full = take(reference.train_dataloader(), 60)
+    draws = Counter(reference.schedule.locate(i)[0] for i in range(60 * 16))
+    assert any(draws[s] > sizes[s] for s in range(2)), (
+        draws,
+        sizes,
+    )  # an epoch boundary is crossed
+
+    first = datamodule(corpus, **opts)
+    head = take(first.train_dataloader(), 25)
+    state = first.state_dict()
+    assert state["batches_consumed"] == 25
+    resumed = datamodule(corpus, **opts)
+    resumed.load_state_dict(state)
+    tail = take(resumed.train_dataloader(), 35)
+    for got, want in zip(head + tail, full, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_resume_refuses_other_data_settings(corpus):
+    state = datamodule(corpus).state_dict()
+    other = datamodule(corpus, batch_size=8)
+    with pytest.raises(ValueError, match="batch_size=4 but this run has 8"):
+        other.load_state_dict(state)
+
+
+def test_vocab_and_tokenizer_mismatch_are_refused(corpus, tmp_path):
+    with pytest.raises(
+        ValueError, match="has tokenizer vocab 1024, model expects 32000 — re-run data_prep"
+    ):
+        datamodule(corpus, vocab_size=32000)
+    from tinyrecipe.data.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer(["some other text entirely"] * 10, 300, tmp_path / "tok2")
+    with pytest.raises(ValueError, match="another tokenizer"):
+        datamodule(corpus, tokenizer_dir=str(tmp_path / "tok2"))
+
+
+def test_sentencepiece_tokenizer_model_directory_works(corpus, tmp_path):
+    """A directory with a sentencepiece `tokenizer.model` (the Llama-2 format) loads and preps."""
+    spm = pytest.importorskip("sentencepiece")
+    from pydoc_data.topics import topics
+
+    (tmp_path / "spm").mkdir()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sorted(topics.values())[:200]),
+        model_prefix=str(tmp_path / "spm/tokenizer"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        minloglevel=2,
+    )
+    tok = load_tokenizer(tmp_path / "spm")
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (400, 1, 2)
+    assert tok.decode(tok.encode("def main(): pass")) == "def main(): pass"
+    files = sorted((corpus["root"] / "raw/slimpajama/validation").rglob("*.zst"))
+    summary = prepare_split(
+        "v", files, tmp_path / "out", tmp_path / "spm", "slimpajama", num_workers=1
+    )
+    assert (
+        summary.documents > 0
+        and read_metadata(tmp_path / "out/v")["tokenizer_sha256"] == tok.sha256
+    )
+
+
+def test_missing_tokenizer_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds neither tokenizer.json nor tokenizer.model"):
+        load_tokenizer(tmp_path)
