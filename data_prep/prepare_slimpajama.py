@@ -8,34 +8,18 @@ Reads INPUT/{train,validation}/chunk*/*.jsonl.zst; writes OUT/{train,validation}
 
 import argparse
 
-from _cli import run
+from _cli import add_prep_arguments, prep_options, run
 
-from tinyrecipe.data.prep import BOUNDARIES, prepare_slimpajama
+from tinyrecipe.data.prep import prepare_slimpajama
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", required=True)
-    parser.add_argument(
-        "--tokenizer", required=True, help="directory with tokenizer.json or tokenizer.model"
-    )
-    parser.add_argument("--out", required=True)
-    parser.add_argument(
-        "--workers", type=int, default=None, help="tokenizer processes (default: all cores)"
-    )
-    parser.add_argument("--boundary", choices=sorted(BOUNDARIES), default="bos_eos")
-    parser.add_argument("--chunk-tokens", type=int, default=2049 * 1024)
+    add_prep_arguments(parser)
     args = parser.parse_args()
-    for summary in prepare_slimpajama(
-        args.input,
-        args.out,
-        args.tokenizer,
-        num_workers=args.workers,
-        boundary=args.boundary,
-        chunk_tokens=args.chunk_tokens,
-    ):
+    for summary in prepare_slimpajama(args.input, args.out, args.tokenizer, **prep_options(args)):
         print(f"slimpajama {summary.line()}")
 
 

@@ -8,39 +8,29 @@ Reads INPUT/<language>/*.parquet (`content` column); writes OUT/{train,validatio
 
 import argparse
 
-from _cli import run
+from _cli import add_prep_arguments, prep_options, run
 
-from tinyrecipe.data.prep import BOUNDARIES, prepare_starcoder
+from tinyrecipe.data.prep import prepare_starcoder
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--input", required=True)
-    parser.add_argument(
-        "--tokenizer", required=True, help="directory with tokenizer.json or tokenizer.model"
-    )
-    parser.add_argument("--out", required=True)
+    add_prep_arguments(parser)
     parser.add_argument(
         "--languages", default=None, help="comma-separated subfolders (default: all)"
     )
     parser.add_argument("--val-permille", type=int, default=5, help="documents per 1000 held out")
-    parser.add_argument(
-        "--workers", type=int, default=None, help="tokenizer processes (default: all cores)"
-    )
-    parser.add_argument("--boundary", choices=sorted(BOUNDARIES), default="bos_eos")
-    parser.add_argument("--chunk-tokens", type=int, default=2049 * 1024)
     args = parser.parse_args()
+    languages = args.languages.split(",") if args.languages else None
     for summary in prepare_starcoder(
         args.input,
         args.out,
         args.tokenizer,
-        languages=args.languages.split(",") if args.languages else None,
+        languages=languages,
         val_permille=args.val_permille,
-        num_workers=args.workers,
-        boundary=args.boundary,
-        chunk_tokens=args.chunk_tokens,
+        **prep_options(args),
     ):
         print(f"starcoderdata {summary.line()}")
 
