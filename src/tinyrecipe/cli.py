@@ -11,6 +11,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tinyrecipe.smoke",
         "train the tiny decoder briefly on stdlib text (checks an install)",
     ),
+    "plan": (
+        "tinyrecipe.plan",
+        "inference-aware model size and training length for a target loss",
+    ),
 }
 
 
