@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export LITDATA_DISABLE_VERSION_CHECK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv venv-dev quickstart test lint format bench clean
+.PHONY: venv venv-dev quickstart quickstart-data smoke test lint format bench clean
 
 venv:
 	.ci/setup-venv
@@ -14,7 +14,31 @@ venv:
 venv-dev:
 	.ci/setup-venv dev
 
-quickstart: venv
+# The one-command quickstart: sample corpus -> tokenizer -> prep -> fit -> a few generated lines.
+# Each step reuses what exists (prep skips completed splits; delete data/quickstart to redo).
+Q := data/quickstart
+QS_OUT := out/quickstart
+
+quickstart: venv quickstart-data
+	$(VENV)/bin/tinyrecipe fit --config recipes/quickstart.yaml \
+	  $$( [ -f $(QS_OUT)/checkpoints/last.ckpt ] && echo --ckpt_path last )
+	$(VENV)/bin/tinyrecipe generate --ckpt $(QS_OUT)/checkpoints/last.ckpt --tokenizer $(Q)/tokenizer \
+	  --prompt "def " --max-new-tokens 60
+	$(VENV)/bin/tinyrecipe generate --ckpt $(QS_OUT)/checkpoints/last.ckpt --tokenizer $(Q)/tokenizer \
+	  --prompt "The " --max-new-tokens 60
+	@echo "TensorBoard logs: $(QS_OUT)/tensorboard   (tensorboard --logdir $(QS_OUT)/tensorboard)"
+	@echo "checkpoint:       $(QS_OUT)/checkpoints/last.ckpt"
+
+quickstart-data: venv
+	[ -d $(Q)/raw ] || $(PY) data_prep/make_sample.py --out $(Q)/raw
+	[ -f $(Q)/tokenizer/tokenizer.json ] || \
+	  $(PY) data_prep/train_tokenizer.py $(Q)/raw --vocab-size 8192 --out $(Q)/tokenizer
+	$(PY) data_prep/prepare_slimpajama.py --input $(Q)/raw/slimpajama --tokenizer $(Q)/tokenizer \
+	  --out $(Q)/prepared/slimpajama
+	$(PY) data_prep/prepare_starcoder.py --input $(Q)/raw/starcoderdata --tokenizer $(Q)/tokenizer \
+	  --out $(Q)/prepared/starcoderdata --val-permille 50
+
+smoke: venv
 	$(VENV)/bin/tinyrecipe smoke
 
 test: venv-dev

@@ -9,3 +9,59 @@ os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "data_prep" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The whole pipeline through the real scripts, on a ~0.5 MB-per-source sample."""
+    root = tmp_path_factory.mktemp("corpus")
+    out = script("make_sample.py", "--out", root / "raw", "--max-mb", 0.5).stdout
+    assert "slimpajama:" in out and "starcoderdata:" in out
+    script("train_tokenizer.py", root / "raw", "--vocab-size", 1024, "--out", root / "tok")
+    slim = script(
+        "prepare_slimpajama.py",
+        "--input",
+        root / "raw/slimpajama",
+        "--tokenizer",
+        root / "tok",
+        "--out",
+        root / "slim",
+        "--workers",
+        2,
+        "--chunk-tokens",
+        8192,
+    ).stdout
+    star = script(
+        "prepare_starcoder.py",
+        "--input",
+        root / "raw/starcoderdata",
+        "--tokenizer",
+        root / "tok",
+        "--out",
+        root / "star",
+        "--workers",
+        2,
+        "--chunk-tokens",
+        8192,
+        "--val-permille",
+        100,
+    ).stdout
+    return {"root": root, "sample_out": out, "slim_out": slim, "star_out": star}

@@ -2,8 +2,6 @@
 prepare_* -> MixedStreamingDataModule, plus bad input, determinism and exact resume."""
 
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,55 +15,7 @@ from tinyrecipe.data import DataSource, MixedStreamingDataModule, load_tokenizer
 from tinyrecipe.data.mixture import MixtureSchedule, TokenBlocks
 from tinyrecipe.data.prep import prepare_split, read_metadata, read_slimpajama, read_starcoder
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "data_prep" / name), *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=300,
-    )
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """The whole pipeline through the real scripts, on a ~0.5 MB-per-source sample."""
-    root = tmp_path_factory.mktemp("corpus")
-    out = script("make_sample.py", "--out", root / "raw", "--max-mb", 0.5).stdout
-    assert "slimpajama:" in out and "starcoderdata:" in out
-    script("train_tokenizer.py", root / "raw", "--vocab-size", 1024, "--out", root / "tok")
-    slim = script(
-        "prepare_slimpajama.py",
-        "--input",
-        root / "raw/slimpajama",
-        "--tokenizer",
-        root / "tok",
-        "--out",
-        root / "slim",
-        "--workers",
-        2,
-        "--chunk-tokens",
-        8192,
-    ).stdout
-    star = script(
-        "prepare_starcoder.py",
-        "--input",
-        root / "raw/starcoderdata",
-        "--tokenizer",
-        root / "tok",
-        "--out",
-        root / "star",
-        "--workers",
-        2,
-        "--chunk-tokens",
-        8192,
-        "--val-permille",
-        100,
-    ).stdout
-    return {"root": root, "sample_out": out, "slim_out": slim, "star_out": star}
+from .conftest import script
 
 
 def datamodule(corpus, validation: bool = True, **kwargs) -> MixedStreamingDataModule:

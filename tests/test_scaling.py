@@ -141,3 +141,85 @@ def test_plan_cli_table_and_errors(capsys):
     assert cli_main(["plan", "--target-loss", "1.0"]) == 2
     assert "unreachable" in capsys.readouterr().err
     assert cli_main(["plan", "--target-loss", "2.2", "--price-per-gpu-hour", "2"]) == 2
+
+
+def test_pick_shape_recovers_tinyllama():
+    from tinyrecipe.model import ModelConfig
+    from tinyrecipe.plan import pick_shape
+
+    assert pick_shape(1_100_048_384) == ModelConfig.from_name("tinyllama-1.1b")
+
+
+def test_emit_writes_a_recipe_fit_accepts(tmp_path, capsys):
+    import io
+    from contextlib import redirect_stdout
+
+    import yaml
+
+    from tinyrecipe.model import ModelConfig
+
+    from .conftest import ROOT
+
+    out = tmp_path / "planned.yaml"
+    base = ROOT / "recipes/tinyllama-1.1b.yaml"
+    code = cli_main(
+        [
+            "plan",
+            "--chinchilla-params",
+            "7e9",
+            "--inference-tokens",
+            "1e11",
+            "--emit",
+            str(out),
+            "--base",
+            str(base),
+            "--json",
+        ]
+    )
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    buf = io.StringIO()
+    with redirect_stdout(buf), pytest.raises(SystemExit):
+        cli_main(["fit", "--config", str(out), "--print_config"])
+    recipe = yaml.safe_load(buf.getvalue())
+    model = recipe["model"]
+    config = ModelConfig.from_name(model["preset"], **model["config"])
+    assert config.num_params() == pytest.approx(summary["n_params"], rel=0.02)
+    tokens_per_step = summary["recipe"]["tokens_per_step"]
+    assert tokens_per_step == 2_097_152
+    steps = recipe["trainer"]["max_steps"]
+    assert steps * tokens_per_step >= summary["train_tokens"] > (steps - 1) * tokens_per_step
+    assert recipe["model"]["lr"] == 4e-4  # everything else comes from the base recipe
+    assert (
+        cli_main(
+            [
+                "plan",
+                "--target-loss",
+                "2.2",
+                "--emit",
+                str(tmp_path / "x.yaml"),
+                "--base",
+                str(tmp_path / "missing.yaml"),
+            ]
+        )
+        == 2
+    )
+
+
+def test_readme_plot_script_runs(tmp_path):
+    pytest.importorskip("matplotlib")
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples/plot_plan.py"), "--out", str(tmp_path / "p.png")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert (
+        "loss 2.1833" in out and "2.39e+13" in out and (tmp_path / "p.png").stat().st_size > 10_000
+    )

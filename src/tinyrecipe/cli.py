@@ -11,6 +11,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tinyrecipe.smoke",
         "train the tiny decoder briefly on stdlib text (checks an install)",
     ),
+    "fit": ("tinyrecipe.lightning_cli", "train a recipe: tinyrecipe fit --config recipes/X.yaml"),
+    "validate": ("tinyrecipe.lightning_cli", "evaluate a recipe's model on its validation data"),
+    "test": ("tinyrecipe.lightning_cli", "run the test loop of a recipe"),
+    "generate": ("tinyrecipe.generate", "sample text from a checkpoint"),
     "plan": (
         "tinyrecipe.plan",
         "inference-aware model size and training length for a target loss",
@@ -30,7 +34,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     module, _ = COMMANDS[argv[0]]
-    return importlib.import_module(module).main(argv[1:]) or 0
+    args = (
+        argv if module == "tinyrecipe.lightning_cli" else argv[1:]
+    )  # LightningCLI wants its subcommand
+    return importlib.import_module(module).main(args) or 0
 
 
 if __name__ == "__main__":

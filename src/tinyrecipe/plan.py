@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from pathlib import Path
 
+import yaml
+
+from tinyrecipe.model import ModelConfig
 from tinyrecipe.scaling import (
     CHINCHILLA,
     CostModel,
@@ -49,6 +54,70 @@ def plan_summary(
     return best, chin, summary
 
 
+def pick_shape(n_params: float, vocab_size: int = 32000, block_size: int = 2048) -> ModelConfig:
+    """The `ModelConfig.from_shape` (TinyLlama's rules) nearest n_params: d_model a multiple of
+    128, depth with d_model / n_layer between 64 and 160 (TinyLlama: 93, Llama-2 7B: 128)."""
+    best, best_key = None, None
+    for d_model in range(256, 16384 + 1, 128):
+        for n_layer in range(max(1, d_model // 160), d_model // 64 + 1):
+            config = ModelConfig.from_shape(
+                d_model, n_layer, vocab_size=vocab_size, block_size=block_size
+            )
+            key = (
+                round(abs(math.log(config.num_params() / n_params)), 3),
+                abs(d_model / n_layer - 96),
+            )
+            if best_key is None or key < best_key:
+                best, best_key = config, key
+    return best
+
+
+def emit_recipe(plan: Plan, base: str | Path, out: str | Path) -> dict:
+    """Write a recipe: `base` (a recipe file) with the model shape nearest plan.n_params and
+    max_steps covering plan.train_tokens at the base recipe's tokens per step."""
+    base = Path(base)
+    if not base.is_file():
+        raise FileNotFoundError(
+            f"base recipe '{base}' does not exist; pass --base recipes/<name>.yaml"
+        )
+    recipe = yaml.safe_load(base.read_text())
+    model, trainer, data = recipe["model"], recipe["trainer"], recipe["data"]
+    current = ModelConfig.from_name(
+        model.get("preset", "tinyllama-1.1b"), **(model.get("config") or {})
+    )
+    shape = pick_shape(plan.n_params, current.vocab_size, current.block_size)
+    model["config"] = dict(
+        model.get("config") or {},
+        **{k: getattr(shape, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff")},
+    )
+    sequences = (
+        trainer.get("num_nodes", 1)
+        * (trainer.get("devices") if isinstance(trainer.get("devices"), int) else 1)
+        * data["batch_size"]
+        * trainer.get("accumulate_grad_batches", 1)
+    )
+    tokens_per_step = sequences * data["block_size"]
+    trainer["max_steps"] = math.ceil(plan.train_tokens / tokens_per_step)
+    header = (
+        f"# Emitted by `tinyrecipe plan` from {base}: {shape.num_params():,} parameters "
+        f"(optimum {plan.n_params:,.0f}), {plan.train_tokens:,.0f} training tokens = "
+        f"{trainer['max_steps']:,} steps x {tokens_per_step:,} tokens, predicted loss {plan.loss:.4f}.\n"
+    )
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(header + yaml.safe_dump(recipe, sort_keys=False))
+    tmp.replace(out)
+    return {
+        "path": str(out),
+        "n_params": shape.num_params(),
+        "max_steps": trainer["max_steps"],
+        "tokens_per_step": tokens_per_step,
+        "shape": {
+            k: getattr(shape, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff")
+        },
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tinyrecipe plan",
@@ -83,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         "--output-fraction", type=float, default=0.5, help="share of inference tokens generated"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--emit", metavar="RECIPE.yaml", help="write a runnable recipe for the optimum"
+    )
+    parser.add_argument(
+        "--base", default="recipes/tinyllama-1.1b.yaml", help="recipe --emit starts from"
+    )
     args = parser.parse_args(argv)
 
     fit = LossFit(args.fit_e, args.fit_a, args.fit_b, args.fit_alpha, args.fit_beta)
@@ -114,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                 "train_tokens": cheap.train_tokens,
                 "dollars": dollars,
             }
-    except ValueError as err:
+        if args.emit:
+            summary["recipe"] = emit_recipe(best, args.base, args.emit)
+    except (ValueError, FileNotFoundError) as err:
         print(f"tinyrecipe plan: {err}", file=sys.stderr)
         return 2
 
@@ -138,5 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         c = summary["cost"]
         print(
             f"cost optimum: {c['n_params'] / 1e9:.3f}B params on {c['train_tokens'] / 1e9:.1f}B tokens, ${c['dollars']:,.0f}"
+        )
+    if "recipe" in summary:
+        r = summary["recipe"]
+        print(
+            f"recipe: {r['path']} ({r['n_params']:,} params, {r['shape']}, {r['max_steps']:,} steps)"
         )
     return 0

@@ -149,9 +149,17 @@ class MixedStreamingDataModule(L.LightningDataModule):
 
     # -- resume --------------------------------------------------------------------------------
 
+    def _batches_done(self) -> int:
+        """Micro-batches trained on. Under a fitting Trainer its progress counter is the truth:
+        the loader itself runs a batch ahead (Lightning prefetches one to spot the last)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer, "training", False):
+            return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        return self.batches_consumed
+
     def state_dict(self) -> dict[str, Any]:
         return {
-            "batches_consumed": self.batches_consumed,
+            "batches_consumed": self._batches_done(),
             "batch_size": self.batch_size,
             "block_size": self.block_size,
             "seed": self.seed,

@@ -62,9 +62,15 @@ class TokenBlocks:
         from litdata.streaming.item_loader import TokensLoader
 
         if self._dataset is None:
-            self._dataset = StreamingDataset(
+            from litdata.utilities.env import _DistributedEnv
+
+            dataset = StreamingDataset(
                 self.path, item_loader=TokensLoader(block_size=self.block_size + 1), shuffle=False
             )
+            # Blocks are read by global index and ranks are split by MixedBlockStream, so litdata
+            # must see the whole dataset on every rank (it would otherwise shard by rank).
+            dataset.distributed_env = _DistributedEnv(world_size=1, global_rank=0, num_nodes=1)
+            self._dataset = dataset
         return self._dataset
 
     def __getstate__(self) -> dict:

@@ -1,0 +1,95 @@
+"""`tinyrecipe generate`: sample text from a training checkpoint.
+
+    tinyrecipe generate --ckpt out/quickstart/checkpoints/last.ckpt \
+        --tokenizer data/quickstart/tokenizer --prompt "def " --max-new-tokens 60
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from tinyrecipe.model import Llama, ModelConfig
+
+
+def load_checkpoint_model(path: str | Path) -> Llama:
+    """The decoder from a Lightning checkpoint of `CausalLMModule` (loaded with weights_only=True)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt.get("hyper_parameters", {})
+    config = ModelConfig.from_name(hp.get("preset", "tiny"), **(hp.get("config") or {}))
+    model = Llama(config)
+    state = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.no_grad()
+def generate(
+    model: Llama,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+    eos_id: int | None = None,
+) -> torch.Tensor:
+    """Append up to `max_new_tokens` to idx (1, T); temperature 0 is greedy."""
+    for _ in range(max_new_tokens):
+        logits = model(idx[:, -model.config.block_size :])[:, -1].float()
+        if temperature == 0:
+            nxt = logits.argmax(-1, keepdim=True)
+        else:
+            logits = logits / temperature
+            if top_k is not None:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            probs = logits.softmax(-1)
+            if top_p is not None:
+                sorted_p, order = probs.sort(descending=True)
+                drop = sorted_p.cumsum(-1) - sorted_p > top_p
+                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+            nxt = torch.multinomial(probs, 1, generator=generator)
+        idx = torch.cat([idx, nxt], dim=1)
+        if eos_id is not None and nxt.item() == eos_id:
+            break
+    return idx
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tinyrecipe.data.tokenizer import load_tokenizer
+
+    parser = argparse.ArgumentParser(
+        prog="tinyrecipe generate", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument(
+        "--tokenizer", required=True, help="directory with tokenizer.json or tokenizer.model"
+    )
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    try:
+        model = load_checkpoint_model(args.ckpt)
+        tok = load_tokenizer(args.tokenizer)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"tinyrecipe generate: {err}")
+        return 2
+    idx = torch.tensor([[tok.bos_id] + tok.encode(args.prompt)])
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(
+        model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, tok.eos_id
+    )
+    print(args.prompt + tok.decode(out[0, idx.size(1) :].tolist()))
+    return 0

@@ -1,0 +1,47 @@
+"""`tinyrecipe fit | validate | test --config recipes/X.yaml`: LightningCLI over our module and
+DataModule. Several --config files compose (base recipe, then an ablation overlay); dotted
+overrides (`--trainer.max_steps 50`) and `--print_config` work as in any LightningCLI."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+
+from tinyrecipe.data.datamodule import MixedStreamingDataModule
+from tinyrecipe.model import ModelConfig
+from tinyrecipe.modules import CausalLMModule
+
+
+def _model_vocab(preset: str, config: dict | None) -> int:
+    return ModelConfig.from_name(preset, **(config or {})).vocab_size
+
+
+class TinyRecipeCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data must match the model's vocabulary: one source of truth, the model's config.
+        parser.link_arguments(
+            ("model.preset", "model.config"), "data.vocab_size", compute_fn=_model_vocab
+        )
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+    try:
+        TinyRecipeCLI(
+            CausalLMModule,
+            MixedStreamingDataModule,
+            args=None
+            if argv == sys.argv[1:]
+            else argv,  # from the console LightningCLI reads sys.argv
+            save_config_kwargs={"overwrite": True},
+        )
+    except (ValueError, FileNotFoundError) as err:
+        # A recipe error (unknown preset, data/model mismatch, missing data dir...): one line,
+        # no traceback. TINYRECIPE_DEBUG=1 shows the traceback.
+        if os.environ.get("TINYRECIPE_DEBUG"):
+            raise
+        print(f"tinyrecipe {argv[0] if argv else ''}: error: {err}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,171 @@
+"""`CausalLMModule`: the LightningModule that trains the decoder. Thin by design: the model,
+optimizer, schedule and FLOPs live in their own modules; strategy and precision are Trainer
+arguments chosen by the recipe."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import lightning as L
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from tinyrecipe.flops import train_flops_per_token
+from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.optim import build_adamw, warmup_cosine_lr
+
+
+class CausalLMModule(L.LightningModule):
+    """Next-token pretraining of a `Llama` built from a preset plus field overrides.
+
+    Args:
+        preset: a `ModelConfig` preset name ("tiny", "tinyllama-1.1b", ...).
+        config: `ModelConfig` fields replacing the preset's (e.g. {"vocab_size": 8192}).
+        lr, min_lr, warmup_steps, max_steps: the warmup + cosine schedule, in optimizer steps
+            (max_steps None: the Trainer's max_steps).
+        betas, eps, weight_decay: AdamW.
+        decay_norms_and_embeddings: True decays every parameter (TinyLlama); False exempts
+            norms and embeddings.
+        meta_init: build on the meta device and materialise already sharded (large models).
+        activation_checkpointing: recompute each block's activations in backward.
+    """
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        config: dict[str, Any] | None = None,
+        lr: float = 4e-4,
+        min_lr: float = 4e-5,
+        warmup_steps: int = 2000,
+        max_steps: int | None = None,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        decay_norms_and_embeddings: bool = True,
+        meta_init: bool = False,
+        activation_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = ModelConfig.from_name(preset, **(config or {}))
+        self.model: Llama | None = None
+        self._val_sums: dict[int, torch.Tensor] = {}
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def configure_model(self) -> None:
+        """Build (and, under FSDP2, shard) the decoder. Called by Lightning on every strategy."""
+        if self.model is not None:
+            return
+        with torch.device("meta") if self.hparams.meta_init else nullcontext():
+            model = Llama(self.config)
+        if self.hparams.activation_checkpointing:
+            from tinyrecipe.strategies import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model)
+        mesh = getattr(self, "_device_mesh", None)
+        if mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2 over the data-parallel dim
+            from tinyrecipe.strategies import apply_fsdp2, bf16_mixed_policy
+
+            policy = bf16_mixed_policy() if "bf16" in str(self.trainer.precision) else None
+            apply_fsdp2(model, mesh["data_parallel"], mp_policy=policy)
+        if self.hparams.meta_init:
+            model.to_empty(device=self.trainer.strategy.root_device if self._trainer else "cpu")
+            model.init_weights()
+        self.model = model
+
+    @property
+    def flops_per_batch(self) -> float:
+        """Training FLOPs of the last micro-batch (read by the throughput monitor)."""
+        return self._last_tokens * train_flops_per_token(self.config, self._last_seq_len)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        self._last_tokens, self._last_seq_len = targets.numel(), targets.size(1)
+        _, loss = self.model(inputs, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss.item()} at step {self.global_step}; lower model.lr or "
+                "check the data, then resume from the last checkpoint"
+            )
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)
+        tokens_seen = (
+            (self.global_step + 1)
+            * targets.numel()
+            * self.trainer.world_size
+            * self.trainer.accumulate_grad_batches
+        )
+        self.log("train/tokens_seen", float(tokens_seen), reduce_fx="max")
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = []
+        for p in self.model.parameters():
+            if p.grad is not None:
+                g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                norms.append(torch.linalg.vector_norm(g.float()))
+        if norms:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        _, loss = self.model(batch[:, :-1], batch[:, 1:])
+        sums = self._val_sums.setdefault(dataloader_idx, torch.zeros(2, device=loss.device))
+        sums += torch.stack(
+            [loss.detach().float() * batch.size(0), torch.tensor(batch.size(0), device=loss.device)]
+        )
+
+    def on_validation_epoch_end(self) -> None:
+        names, weights = self._val_sources()
+        metrics, mixed, total_weight = {}, 0.0, 0.0
+        for idx, sums in sorted(self._val_sums.items()):
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            loss = (sums[0] / sums[1].clamp(min=1)).item()
+            name = names[idx] if idx < len(names) else f"source{idx}"
+            metrics[f"val/loss/{name}"], metrics[f"val/ppl/{name}"] = loss, math.exp(loss)
+            w = weights[idx] if idx < len(weights) else 1.0
+            mixed, total_weight = mixed + w * loss, total_weight + w
+        if total_weight:  # the mixture's loss, weighted as in training
+            metrics["val/loss"], metrics["val/ppl"] = (
+                mixed / total_weight,
+                math.exp(mixed / total_weight),
+            )
+        self._val_sums.clear()
+        if self.trainer.sanity_checking:
+            # Lightning drops metrics logged during the sanity check; with num_sanity_val_steps=-1
+            # it is a full evaluation of the untrained model, so record it as step 0.
+            if self.logger is not None and self.global_step == 0 and metrics:
+                self.logger.log_metrics(metrics, step=0)
+            return
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key == "val/loss")
+
+    def _val_sources(self) -> tuple[list[str], list[float]]:
+        dm = getattr(self.trainer, "datamodule", None)
+        sources = [s for s in getattr(dm, "sources", []) if getattr(s, "validation", None)]
+        return [s.name for s in sources], [s.weight for s in sources]
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        optimizer = build_adamw(
+            self.model, hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.decay_norms_and_embeddings
+        )
+        max_steps = hp.max_steps or self.trainer.max_steps
+        if max_steps is None or max_steps < 0:
+            raise ValueError(
+                "set trainer.max_steps (or model.max_steps): the cosine schedule needs its length"
+            )
+
+        def factor(step: int) -> float:
+            return warmup_cosine_lr(step, hp.lr, hp.min_lr, hp.warmup_steps, max_steps) / hp.lr
+
+        scheduler = LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

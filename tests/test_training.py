@@ -1,0 +1,333 @@
+"""Training: recipes parse, `tinyrecipe fit` trains and logs, a killed run resumes bitwise, and
+DDP / FSDP2 on 2 CPU processes match the single-process run."""
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tinyrecipe.cli import main as cli_main
+from tinyrecipe.model import Llama
+
+from .conftest import ROOT
+
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+ABLATIONS = sorted(p for p in (ROOT / "recipes/ablations").glob("*.yaml") if p.name != "base.yaml")
+
+
+def print_config(*configs: Path, extra: tuple = ()) -> dict:
+    args = (
+        ["fit"]
+        + [a for c in configs for a in ("--config", str(c))]
+        + list(extra)
+        + ["--print_config"]
+    )
+    out = io.StringIO()
+    with redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code in (0, None)
+    return yaml.safe_load(out.getvalue())
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_every_recipe_parses(recipe):
+    config = print_config(recipe)
+    assert config["model"]["preset"] and config["data"]["sources"]
+
+
+@pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda p: p.name)
+def test_every_ablation_composes_with_its_base_and_changes_something(overlay):
+    base = print_config(ROOT / "recipes/ablations/base.yaml")
+    config = print_config(ROOT / "recipes/ablations/base.yaml", overlay)
+    changed = {
+        k
+        for section in ("model", "data")
+        for k in config[section]
+        if config[section][k] != base[section][k]
+    }
+    assert changed, f"{overlay.name} changes nothing in model/data"
+    assert config["trainer"]["max_steps"] == base["trainer"]["max_steps"]
+
+
+def test_tinyllama_recipe_is_the_papers():
+    config = print_config(ROOT / "recipes/tinyllama-1.1b.yaml")
+    trainer, model, data = config["trainer"], config["model"], config["data"]
+    sequences = (
+        trainer["num_nodes"]
+        * trainer["devices"]
+        * data["batch_size"]
+        * trainer["accumulate_grad_batches"]
+    )
+    assert sequences == 1024 and sequences * data["block_size"] == 2_097_152
+    assert trainer["max_steps"] == 1_430_512 and trainer["max_steps"] * 2_097_152 >= 3e12
+    assert trainer["precision"] == "bf16-mixed" and trainer["gradient_clip_val"] == 1.0
+    assert "ModelParallelStrategy" in trainer["strategy"]["class_path"]
+    assert trainer["val_check_interval"] == 5000 * trainer["accumulate_grad_batches"]
+    ckpt = next(c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
+    assert ckpt["init_args"]["every_n_train_steps"] == 5000
+    assert config["seed_everything"] == 3407
+    assert (model["lr"], model["min_lr"], model["warmup_steps"]) == (4e-4, 4e-5, 2000)
+    assert tuple(model["betas"]) == (0.9, 0.95) and model["weight_decay"] == 0.1
+    assert model["decay_norms_and_embeddings"] and model["config"]["attention"] == "flash"
+    weights = {s["name"]: s["weight"] for s in data["sources"]}
+    assert weights == {"slimpajama": 0.7, "starcoderdata": 0.3}
+    assert "vocab_size" not in data  # linked from the model's config, never set twice
+    from tinyrecipe.modules import CausalLMModule
+
+    module = CausalLMModule(**{k: v for k, v in model.items()})
+    with torch.device("meta"):
+        decoder = Llama(module.config)
+    assert sum(p.numel() for p in decoder.parameters()) == 1_100_048_384
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (("--trainer.max_stepz", "5"), "max_stepz"),
+        (("--trainer.max_steps", "many"), "max_steps"),
+        (("--model.preset", "gpt-5"), "unknown model preset 'gpt-5'"),
+    ],
+)
+def test_bad_options_fail_with_a_clear_message(extra, message):
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        try:
+            code = cli_main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *extra])
+        except SystemExit as exit_info:
+            code = exit_info.code
+    assert code == 2
+    assert message in err.getvalue()
+    assert "Traceback" not in err.getvalue()
+
+
+# ---- real runs on the small corpus (subprocesses, like a user) --------------------------------
+
+MICRO = {
+    "n_layer": 2,
+    "d_model": 64,
+    "n_head": 4,
+    "n_kv_head": 2,
+    "d_ff": 176,
+    "vocab_size": 1024,
+    "block_size": 64,
+}
+
+
+def write_recipe(
+    tmp: Path, corpus, *, max_steps: int, every: int, batch_size: int = 4, workers: int = 0
+) -> Path:
+    root = corpus["root"]
+    recipe = {
+        "seed_everything": 7,
+        "trainer": {
+            "accelerator": "cpu",
+            "devices": 1,
+            "precision": "32-true",
+            "max_steps": max_steps,
+            "val_check_interval": every,
+            "check_val_every_n_epoch": None,
+            "num_sanity_val_steps": -1,
+            "log_every_n_steps": 1,
+            "gradient_clip_val": 1.0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": str(tmp),
+            "plugins": [{"class_path": "tinyrecipe.checkpoint.AtomicCheckpointIO"}],
+            "logger": {
+                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "init_args": {"save_dir": str(tmp), "name": "tb", "version": 0},
+            },
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(tmp / "ckpt"),
+                        "every_n_train_steps": every,
+                        "save_last": True,
+                        "save_top_k": -1,
+                    },
+                },
+                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+                {
+                    "class_path": "tinyrecipe.callbacks.TokenThroughputMonitor",
+                    "init_args": {"window_size": 2},
+                },
+            ],
+        },
+        "model": {"preset": "tiny", "config": MICRO, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+        "data": {
+            "sources": [
+                {
+                    "name": "slimpajama",
+                    "train": str(root / "slim/train"),
+                    "validation": str(root / "slim/validation"),
+                    "weight": 0.7,
+                },
+                {"name": "starcoderdata", "train": str(root / "star/train"), "weight": 0.3},
+            ],
+            "block_size": 64,
+            "batch_size": batch_size,
+            "num_workers": workers,
+            "val_max_blocks": 16,
+            "tokenizer_dir": str(root / "tok"),
+        },
+    }
+    tmp.mkdir(parents=True, exist_ok=True)
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def fit(recipe: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe), *extra],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for f in sorted(log_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(f))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_fit_logs_checkpoints_and_generates(corpus, tmp_path):
+    recipe = write_recipe(tmp_path, corpus, max_steps=8, every=4)
+    result = fit(recipe)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = scalars(tmp_path / "tb")
+    for tag in (
+        "train/loss",
+        "train/grad_norm",
+        "train/tokens_seen",
+        "lr-AdamW",
+        "val/loss",
+        "val/ppl",
+        "val/loss/slimpajama",
+        "val/ppl/slimpajama",
+        "train/device/items_per_sec",
+    ):
+        assert tag in logged, (tag, sorted(logged))
+    assert logged["val/loss"][0][0] == 0  # the untrained model's evaluation is the first point
+    assert logged["val/loss"][-1][1] < logged["val/loss"][0][1]
+    assert (tmp_path / "ckpt/last.ckpt").is_file() and not list((tmp_path / "ckpt").glob("*.tmp-*"))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyrecipe.cli",
+            "generate",
+            "--ckpt",
+            str(tmp_path / "ckpt/last.ckpt"),
+            "--tokenizer",
+            str(corpus["root"] / "tok"),
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "8",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert out.startswith("def ")
+
+
+def test_killed_run_resumes_bitwise(corpus, tmp_path):
+    """2N steps uninterrupted vs N steps + SIGKILL + `--ckpt_path last` to 2N: equal weights and
+    equal logged losses, on CPU fp32, with a loader worker."""
+    n = 6
+    ref = write_recipe(tmp_path / "ref", corpus, max_steps=2 * n, every=n, workers=1)
+    assert fit(ref).returncode == 0
+
+    run = write_recipe(tmp_path / "run", corpus, max_steps=2 * n, every=n, workers=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(run)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    target = tmp_path / "run/ckpt" / f"epoch=0-step={n}.ckpt"
+    last = tmp_path / "run/ckpt/last.ckpt"  # written (atomically) right after the step file
+    deadline = time.time() + 240
+    while (
+        not (target.exists() and last.exists()) and proc.poll() is None and time.time() < deadline
+    ):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert target.exists(), "the run never reached its first checkpoint"
+    assert not (tmp_path / "run/ckpt" / f"epoch=0-step={2 * n}.ckpt").exists(), "killed too late"
+
+    resumed = fit(run, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    early = [step for step, _ in scalars(tmp_path / "run/tb")["train/loss"] if step < n]
+    assert len(early) == len(set(early)), (
+        "steps before the checkpoint logged twice: restarted, not resumed"
+    )
+    want, got = (
+        final_weights(tmp_path / "ref/ckpt/last.ckpt"),
+        final_weights(tmp_path / "run/ckpt/last.ckpt"),
+    )
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    ref_loss = dict(scalars(tmp_path / "ref/tb")["train/loss"])
+    run_loss = dict(scalars(tmp_path / "run/tb")["train/loss"])
+    assert all(run_loss[s] == ref_loss[s] for s in range(n, 2 * n)), (ref_loss, run_loss)
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [
+        ["--trainer.strategy", "ddp"],
+        [
+            "--trainer.strategy",
+            "lightning.pytorch.strategies.ModelParallelStrategy",
+            "--trainer.strategy.data_parallel_size",
+            "2",
+            "--trainer.strategy.tensor_parallel_size",
+            "1",
+        ],
+    ],
+    ids=["ddp", "fsdp2"],
+)
+def test_two_process_strategies_match_one_process(corpus, tmp_path, strategy):
+    """2 ranks x micro-batch 2 see exactly the samples of 1 rank x micro-batch 4, so the losses agree."""
+    single = write_recipe(tmp_path / "one", corpus, max_steps=4, every=100, batch_size=4)
+    assert fit(single).returncode == 0
+    double = write_recipe(tmp_path / "two", corpus, max_steps=4, every=100, batch_size=2)
+    result = fit(double, "--trainer.devices", "2", *strategy, "--trainer.callbacks", "[]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = scalars(tmp_path / "one/tb")["train/loss"]
+    two = scalars(tmp_path / "two/tb")["train/loss"]
+    assert len(one) == len(two) == 4
+    for (s1, l1), (s2, l2) in zip(one, two, strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
