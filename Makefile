@@ -8,19 +8,26 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: venv venv-dev quickstart quickstart-data smoke test lint format bench clean
 
+# SKIP_SETUP=1 uses $(VENV) as it is (the quickstart test runs inside an installed venv).
 venv:
-	.ci/setup-venv
+	[ -n "$(SKIP_SETUP)" ] || .ci/setup-venv
 
 venv-dev:
-	.ci/setup-venv dev
+	[ -n "$(SKIP_SETUP)" ] || .ci/setup-venv dev
 
 # The one-command quickstart: sample corpus -> tokenizer -> prep -> fit -> a few generated lines.
 # Each step reuses what exists (prep skips completed splits; delete data/quickstart to redo).
+# (Q, QS_OUT, SAMPLE_ARGS, VOCAB, VAL_PERMILLE and FIT_ARGS exist so a test can run the same
+# pipeline smaller; Q and QS_OUT must match the recipe's paths.)
 Q := data/quickstart
 QS_OUT := out/quickstart
+SAMPLE_ARGS ?=
+VOCAB ?= 8192
+FIT_ARGS ?=
+VAL_PERMILLE ?= 50
 
 quickstart: venv quickstart-data
-	$(VENV)/bin/tinyrecipe fit --config recipes/quickstart.yaml \
+	$(VENV)/bin/tinyrecipe fit --config recipes/quickstart.yaml $(FIT_ARGS) \
 	  $$( [ -f $(QS_OUT)/checkpoints/last.ckpt ] && echo --ckpt_path last )
 	$(VENV)/bin/tinyrecipe generate --ckpt $(QS_OUT)/checkpoints/last.ckpt --tokenizer $(Q)/tokenizer \
 	  --prompt "def " --max-new-tokens 60
@@ -30,13 +37,13 @@ quickstart: venv quickstart-data
 	@echo "checkpoint:       $(QS_OUT)/checkpoints/last.ckpt"
 
 quickstart-data: venv
-	[ -d $(Q)/raw ] || $(PY) data_prep/make_sample.py --out $(Q)/raw
+	[ -f $(Q)/raw/.complete ] || { $(PY) data_prep/make_sample.py --out $(Q)/raw $(SAMPLE_ARGS) && touch $(Q)/raw/.complete; }
 	[ -f $(Q)/tokenizer/tokenizer.json ] || \
-	  $(PY) data_prep/train_tokenizer.py $(Q)/raw --vocab-size 8192 --out $(Q)/tokenizer
+	  $(PY) data_prep/train_tokenizer.py $(Q)/raw --vocab-size $(VOCAB) --out $(Q)/tokenizer
 	$(PY) data_prep/prepare_slimpajama.py --input $(Q)/raw/slimpajama --tokenizer $(Q)/tokenizer \
 	  --out $(Q)/prepared/slimpajama
 	$(PY) data_prep/prepare_starcoder.py --input $(Q)/raw/starcoderdata --tokenizer $(Q)/tokenizer \
-	  --out $(Q)/prepared/starcoderdata --val-permille 50
+	  --out $(Q)/prepared/starcoderdata --val-permille $(VAL_PERMILLE)
 
 smoke: venv
 	$(VENV)/bin/tinyrecipe smoke
