@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from tinyrecipe.flops import train_flops_per_token
+from tinyrecipe.flops import forward_flops_per_token, train_flops_per_token
 from tinyrecipe.model import Llama, ModelConfig
 from tinyrecipe.optim import build_adamw, warmup_cosine_lr
 
@@ -52,6 +52,7 @@ class CausalLMModule(L.LightningModule):
         self.config = ModelConfig.from_name(preset, **(config or {}))
         self.model: Llama | None = None
         self._val_sums: dict[int, torch.Tensor] = {}
+        self._flops_per_batch = 0.0
 
     # -- model ---------------------------------------------------------------------------------
 
@@ -78,14 +79,18 @@ class CausalLMModule(L.LightningModule):
 
     @property
     def flops_per_batch(self) -> float:
-        """Training FLOPs of the last micro-batch (read by the throughput monitor)."""
-        return self._last_tokens * train_flops_per_token(self.config, self._last_seq_len)
+        """FLOPs of the last micro-batch, training or evaluation (read by the throughput monitor)."""
+        return self._flops_per_batch
+
+    def _count_flops(self, targets: torch.Tensor, training: bool) -> None:
+        per_token = train_flops_per_token if training else forward_flops_per_token
+        self._flops_per_batch = targets.numel() * per_token(self.config, targets.size(1))
 
     # -- steps ---------------------------------------------------------------------------------
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        self._last_tokens, self._last_seq_len = targets.numel(), targets.size(1)
+        self._count_flops(targets, training=True)
         _, loss = self.model(inputs, targets)
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -112,6 +117,7 @@ class CausalLMModule(L.LightningModule):
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
 
     def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._count_flops(batch[:, 1:], training=False)
         _, loss = self.model(batch[:, :-1], batch[:, 1:])
         sums = self._val_sums.setdefault(dataloader_idx, torch.zeros(2, device=loss.device))
         sums += torch.stack(
