@@ -15,6 +15,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("tinyrecipe.lightning_cli", "evaluate a recipe's model on its validation data"),
     "test": ("tinyrecipe.lightning_cli", "run the test loop of a recipe"),
     "generate": ("tinyrecipe.generate", "sample text from a checkpoint"),
+    "convert": (
+        "tinyrecipe.convert",
+        "Hugging Face Llama <-> tinyrecipe checkpoint (to-hf / from-hf)",
+    ),
     "plan": (
         "tinyrecipe.plan",
         "inference-aware model size and training length for a target loss",

@@ -11,21 +11,15 @@ from pathlib import Path
 
 import torch
 
-from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.model import Llama
 
 
 def load_checkpoint_model(path: str | Path) -> Llama:
-    """The decoder from a Lightning checkpoint of `CausalLMModule` (loaded with weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hp = ckpt.get("hyper_parameters", {})
-    config = ModelConfig.from_name(hp.get("preset", "tiny"), **(hp.get("config") or {}))
+    """The decoder of a tinyrecipe checkpoint, in eval mode (weights_only loading)."""
+    from tinyrecipe.convert import load_tinyrecipe_checkpoint
+
+    config, state = load_tinyrecipe_checkpoint(path)
     model = Llama(config)
-    state = {
-        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
-    }
     model.load_state_dict(state)
     return model.eval()
 

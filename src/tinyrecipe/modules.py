@@ -30,6 +30,8 @@ class CausalLMModule(L.LightningModule):
             norms and embeddings.
         meta_init: build on the meta device and materialise already sharded (large models).
         activation_checkpointing: recompute each block's activations in backward.
+        init_from: a tinyrecipe checkpoint (e.g. from `tinyrecipe convert from-hf`) whose
+            weights the model starts from; its shape must match preset + config.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class CausalLMModule(L.LightningModule):
         decay_norms_and_embeddings: bool = True,
         meta_init: bool = False,
         activation_checkpointing: bool = False,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -62,6 +65,24 @@ class CausalLMModule(L.LightningModule):
             return
         with torch.device("meta") if self.hparams.meta_init else nullcontext():
             model = Llama(self.config)
+        if self.hparams.init_from:
+            if self.hparams.meta_init:
+                raise ValueError(
+                    "model.init_from needs model.meta_init: false (weights load before sharding)"
+                )
+            from tinyrecipe.convert import load_tinyrecipe_checkpoint
+
+            config, state = load_tinyrecipe_checkpoint(self.hparams.init_from)
+            if (
+                config.num_params() != self.config.num_params()
+                or config.vocab_size != self.config.vocab_size
+            ):
+                raise ValueError(
+                    f"model.init_from '{self.hparams.init_from}' holds a different model "
+                    f"({config.n_layer} layers, d_model {config.d_model}, vocab {config.vocab_size}); "
+                    "set model.preset/model.config to its shape"
+                )
+            model.load_state_dict(state)
         if self.hparams.activation_checkpointing:
             from tinyrecipe.strategies import apply_activation_checkpointing
 

@@ -1,0 +1,113 @@
+"""Hugging Face export/import: transformers loads our export offline with equal logits, and
+from-hf -> to-hf is exact."""
+
+import json
+
+import pytest
+import torch
+
+from tinyrecipe.cli import main as cli_main
+from tinyrecipe.convert import (
+    from_hf,
+    load_tinyrecipe_checkpoint,
+    save_tinyrecipe_checkpoint,
+    to_hf,
+)
+from tinyrecipe.hf import to_hf_config
+from tinyrecipe.model import Llama, ModelConfig
+
+transformers = pytest.importorskip("transformers")
+
+CONFIG = ModelConfig(
+    n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=176, vocab_size=1024, block_size=64
+)
+
+
+def checkpoint(tmp_path, config=CONFIG):
+    torch.manual_seed(0)
+    model = Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    path = tmp_path / "model.ckpt"
+    save_tinyrecipe_checkpoint(config, model.state_dict(), path)
+    return model.eval(), path
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_export_loads_in_transformers_with_equal_logits(tmp_path, corpus, tied):
+    config = ModelConfig(**{**CONFIG.to_dict(), "tie_embeddings": tied})
+    model, ckpt = checkpoint(tmp_path, config)
+    out = to_hf(ckpt, tmp_path / "hf", tokenizer_dir=corpus["root"] / "tok")
+    assert {p.name for p in out.iterdir()} >= {
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    idx = torch.randint(0, config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (hf(idx).logits - model(idx)).abs().max().item() <= 1e-5
+    tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
+    from tinyrecipe.data import load_tokenizer
+
+    ours = load_tokenizer(corpus["root"] / "tok")
+    text = "def main():\n    return 42"
+    assert tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
+
+
+def test_sharded_export_and_round_trip_are_exact(tmp_path):
+    model, ckpt = checkpoint(tmp_path)
+    out = to_hf(ckpt, tmp_path / "hf", max_shard_gb=0.0002)  # 200 kB shards
+    assert (out / "model.safetensors.index.json").is_file() and len(
+        list(out.glob("model-*.safetensors"))
+    ) > 1
+    back = from_hf(out, tmp_path / "back.ckpt")
+    config, state = load_tinyrecipe_checkpoint(back)
+    assert config == CONFIG
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+
+
+def test_from_hf_reads_pytorch_model_bin_and_round_trips(tmp_path):
+    torch.manual_seed(1)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**to_hf_config(CONFIG)))
+    (tmp_path / "hf").mkdir()
+    torch.save(hf.state_dict(), tmp_path / "hf/pytorch_model.bin")
+    (tmp_path / "hf/config.json").write_text(json.dumps(to_hf_config(CONFIG)))
+    assert cli_main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "x.ckpt")]) == 0
+    assert cli_main(["convert", "to-hf", str(tmp_path / "x.ckpt"), str(tmp_path / "hf2")]) == 0
+    from safetensors.torch import load_file
+
+    again = load_file(tmp_path / "hf2/model.safetensors")
+    for key, tensor in hf.state_dict().items():
+        assert torch.equal(again[key], tensor), key
+
+
+def test_convert_errors_are_one_line(tmp_path, capsys):
+    assert cli_main(["convert", "to-hf", str(tmp_path / "missing.ckpt"), str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["convert", "from-hf", str(tmp_path), str(tmp_path / "o.ckpt")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+def test_init_from_starts_training_from_converted_weights(tmp_path):
+    from tinyrecipe.modules import CausalLMModule
+
+    model, ckpt = checkpoint(tmp_path)
+    fields = {
+        k: v
+        for k, v in CONFIG.to_dict().items()
+        if k in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "block_size")
+    }
+    module = CausalLMModule(preset="tiny", config=fields, init_from=str(ckpt))
+    module.configure_model()
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(module.model.state_dict()[key], tensor), key
+    wrong = CausalLMModule(preset="tiny", init_from=str(ckpt))
+    with pytest.raises(ValueError, match="holds a different model"):
+        wrong.configure_model()
