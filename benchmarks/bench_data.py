@@ -1,7 +1,7 @@
 """Data-path throughput: prep (zstd JSONL -> litdata chunks) vs raw `Tokenizer.encode_batch` on
 the same text and cores, as a ratio; and the mixed loader's tokens/s.
 
-    python benchmarks/bench_data.py [--max-mb 3] [--workers 2] [--vocab 8192] [--json]
+    python benchmarks/bench_data.py [--max-mb 3] [--workers 2] [--vocab 8192] [--repeat 8] [--json]
 
 Builds the stdlib sample corpus and a tokenizer in a temporary directory (nothing downloaded).
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--loader-batches", type=int, default=300)
+    parser.add_argument("--repeat", type=int, default=1, help="copies of the train files")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -40,6 +42,12 @@ def main() -> None:
         make_sample(root / "raw", max_mb=args.max_mb, files_per_split=max(2, args.workers * 4))
         slim = root / "raw" / "slimpajama"
         train_bpe_tokenizer(iter_texts(sorted(slim.rglob("*.zst"))), args.vocab, root / "tok")
+        # --repeat K: K copies of the train files (new names), to measure steady-state
+        # throughput past the pool's fixed start-up cost.
+        originals = sorted((slim / "train").rglob("*.jsonl.zst"))
+        for k in range(1, args.repeat):
+            for f in originals:
+                shutil.copy(f, f.with_name(f"copy{k}_{f.name}"))
 
         # Reference: the tokenizer alone on exactly the text prep keeps, same cores.
         texts = list(iter_texts(sorted((slim / "train").rglob("*.zst"))))

@@ -2,6 +2,7 @@
 DDP / FSDP2 on 2 CPU processes match the single-process run."""
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -331,3 +332,20 @@ def test_two_process_strategies_match_one_process(corpus, tmp_path, strategy):
     assert len(one) == len(two) == 4
     for (s1, l1), (s2, l2) in zip(one, two, strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
+
+
+def test_resuming_with_another_model_shape_is_one_clear_line(corpus, tmp_path):
+    recipe = write_recipe(tmp_path, corpus, max_steps=2, every=2)
+    assert fit(recipe).returncode == 0
+    other = fit(
+        recipe,
+        "--ckpt_path",
+        "last",
+        "--trainer.max_steps",
+        "4",
+        "--model.config",
+        json.dumps({**MICRO, "n_layer": 3}),
+    )
+    assert other.returncode == 2
+    assert "checkpoint holds another model (n_layer 2 vs 3" in other.stderr
+    assert "Traceback" not in other.stderr

@@ -175,6 +175,33 @@ class CausalLMModule(L.LightningModule):
         sources = [s for s in getattr(dm, "sources", []) if getattr(s, "validation", None)]
         return [s.name for s in sources], [s.weight for s in sources]
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, a checkpoint of another model shape (before load_state_dict fails)."""
+        hp = checkpoint.get("hyper_parameters", {})
+        theirs = ModelConfig.from_name(
+            hp.get("preset", self.hparams.preset), **(hp.get("config") or {})
+        )
+        shape = (
+            "n_layer",
+            "d_model",
+            "n_head",
+            "n_kv_head",
+            "d_ff",
+            "vocab_size",
+            "tie_embeddings",
+        )
+        diff = {
+            k: (getattr(theirs, k), getattr(self.config, k))
+            for k in shape
+            if getattr(theirs, k) != getattr(self.config, k)
+        }
+        if diff:
+            detail = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"checkpoint holds another model ({detail}, checkpoint vs recipe); resume with the "
+                "recipe that wrote it or start without --ckpt_path"
+            )
+
     # -- optimisation --------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict:
