@@ -14,7 +14,17 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from tinyrecipe.flops import forward_flops_per_token, train_flops_per_token
 from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.model.config import SHAPE_FIELDS
 from tinyrecipe.optim import build_adamw, warmup_cosine_lr
+
+
+def _shape_diff(theirs: ModelConfig, ours: ModelConfig) -> str:
+    """'n_layer 2 vs 3, ...' over the shape fields that differ; '' when the weights fit."""
+    return ", ".join(
+        f"{k} {getattr(theirs, k)} vs {getattr(ours, k)}"
+        for k in SHAPE_FIELDS
+        if getattr(theirs, k) != getattr(ours, k)
+    )
 
 
 class CausalLMModule(L.LightningModule):
@@ -73,14 +83,10 @@ class CausalLMModule(L.LightningModule):
             from tinyrecipe.convert import load_tinyrecipe_checkpoint
 
             config, state = load_tinyrecipe_checkpoint(self.hparams.init_from)
-            if (
-                config.num_params() != self.config.num_params()
-                or config.vocab_size != self.config.vocab_size
-            ):
+            if detail := _shape_diff(config, self.config):
                 raise ValueError(
-                    f"model.init_from '{self.hparams.init_from}' holds a different model "
-                    f"({config.n_layer} layers, d_model {config.d_model}, vocab {config.vocab_size}); "
-                    "set model.preset/model.config to its shape"
+                    f"model.init_from '{self.hparams.init_from}' holds a different model ({detail}, "
+                    "checkpoint vs recipe); set model.preset/model.config to its shape"
                 )
             model.load_state_dict(state)
         if self.hparams.activation_checkpointing:
@@ -181,22 +187,7 @@ class CausalLMModule(L.LightningModule):
         theirs = ModelConfig.from_name(
             hp.get("preset", self.hparams.preset), **(hp.get("config") or {})
         )
-        shape = (
-            "n_layer",
-            "d_model",
-            "n_head",
-            "n_kv_head",
-            "d_ff",
-            "vocab_size",
-            "tie_embeddings",
-        )
-        diff = {
-            k: (getattr(theirs, k), getattr(self.config, k))
-            for k in shape
-            if getattr(theirs, k) != getattr(self.config, k)
-        }
-        if diff:
-            detail = ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items())
+        if detail := _shape_diff(theirs, self.config):
             raise ValueError(
                 f"checkpoint holds another model ({detail}, checkpoint vs recipe); resume with the "
                 "recipe that wrote it or start without --ckpt_path"

@@ -121,6 +121,9 @@ class ModelConfig:
         return replace(PRESETS[name], **overrides)
 
 
+# The fields that decide the parameters' shapes (two configs that agree on these share weights).
+SHAPE_FIELDS = ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff", "vocab_size", "tie_embeddings")
+
 PRESETS: dict[str, ModelConfig] = {
     # The paper's model: 1,100,048,384 parameters.
     "tinyllama-1.1b": ModelConfig(),
