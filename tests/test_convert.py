@@ -111,3 +111,55 @@ def test_init_from_starts_training_from_converted_weights(tmp_path):
     wrong = CausalLMModule(preset="tiny", init_from=str(ckpt))
     with pytest.raises(ValueError, match="holds a different model"):
         wrong.configure_model()
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+def test_kv_cache_decoding_equals_recomputing(n_kv_head):
+    from tinyrecipe.generate import generate
+
+    config = ModelConfig(**{**CONFIG.to_dict(), "n_kv_head": n_kv_head})
+    torch.manual_seed(0)
+    model = Llama(config).eval()
+    prompt = torch.randint(0, config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(5))
+    fast = generate(model, prompt, 20, temperature=0)
+    slow = generate(model, prompt, 20, temperature=0, use_cache=False)
+    assert torch.equal(fast, slow) and fast.shape == (2, 27)
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        step_logits = [model(fast[:, :7], cache=cache)[:, -1]]
+        step_logits += [model(fast[:, t : t + 1], cache=cache)[:, -1] for t in range(7, 26)]
+        full = model(fast[:, :26])
+    assert torch.allclose(torch.stack(step_logits, 1), full[:, 6:], atol=1e-5)
+    sampled = [
+        generate(
+            model,
+            prompt,
+            10,
+            temperature=0.8,
+            top_k=20,
+            top_p=0.9,
+            generator=torch.Generator().manual_seed(1),
+            use_cache=c,
+        )
+        for c in (True, False)
+    ]
+    assert torch.equal(*sampled)
+
+
+def test_greedy_generation_equals_transformers(tmp_path):
+    from tinyrecipe.generate import generate
+
+    model, ckpt = checkpoint(tmp_path)
+    out = to_hf(ckpt, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
+    prompt = torch.randint(3, CONFIG.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    ours = generate(model, prompt, 24, temperature=0)
+    theirs = hf.generate(
+        prompt,
+        max_new_tokens=24,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(prompt),
+    )
+    assert torch.equal(ours, theirs)

@@ -24,6 +24,24 @@ def load_checkpoint_model(path: str | Path) -> Llama:
     return model.eval()
 
 
+def _next_token(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None, generator
+) -> torch.Tensor:
+    """Pick from logits (B, vocab): argmax at temperature 0, else top-k / top-p sampling."""
+    if temperature == 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p is not None:
+        sorted_p, order = probs.sort(descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+    return torch.multinomial(probs, 1, generator=generator)
+
+
 @torch.no_grad()
 def generate(
     model: Llama,
@@ -34,26 +52,20 @@ def generate(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
     eos_id: int | None = None,
+    use_cache: bool = True,
 ) -> torch.Tensor:
-    """Append up to `max_new_tokens` to idx (1, T); temperature 0 is greedy."""
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -model.config.block_size :])[:, -1].float()
-        if temperature == 0:
-            nxt = logits.argmax(-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = logits.softmax(-1)
-            if top_p is not None:
-                sorted_p, order = probs.sort(descending=True)
-                drop = sorted_p.cumsum(-1) - sorted_p > top_p
-                probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-            nxt = torch.multinomial(probs, 1, generator=generator)
+    """Append up to `max_new_tokens` to idx (B, T), stopping at the context length or after
+    `eos_id`; temperature 0 is greedy. With `use_cache` each new token costs one position's
+    work (KV cache); without it the whole sequence is recomputed (the reference)."""
+    total = min(model.config.block_size, idx.size(1) + max_new_tokens)
+    cache = model.new_kv_cache(idx.size(0), total) if use_cache else None
+    logits = model(idx, cache=cache)[:, -1]
+    while idx.size(1) < total:
+        nxt = _next_token(logits.float(), temperature, top_k, top_p, generator)
         idx = torch.cat([idx, nxt], dim=1)
-        if eos_id is not None and nxt.item() == eos_id:
+        if (eos_id is not None and (nxt == eos_id).all()) or idx.size(1) >= total:
             break
+        logits = (model(nxt, cache=cache) if use_cache else model(idx))[:, -1]
     return idx
 
 

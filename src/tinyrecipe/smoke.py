@@ -57,13 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps * args.batch * args.block / elapsed:,.0f} tokens/s; loss {first:.3f} -> {loss.item():.3f}"
     )
 
-    model.eval()
-    prompt = torch.tensor([list(b"The ")])
-    with torch.no_grad():
-        for _ in range(60):
-            nxt = model(prompt[:, -args.block :])[:, -1].argmax(-1, keepdim=True)
-            prompt = torch.cat([prompt, nxt], dim=1)
-    print("sample:", bytes(prompt[0].tolist()).decode("utf-8", errors="replace"))
+    from tinyrecipe.generate import generate
+
+    sample = generate(model.eval(), torch.tensor([list(b"The ")]), 60, temperature=0)
+    print("sample:", bytes(sample[0].tolist()).decode("utf-8", errors="replace"))
     if not loss.item() < first:
         print("tinyrecipe smoke: the loss did not fall; the install is broken")
         return 1

@@ -52,16 +52,22 @@ _logged: set[str] = set()
 def causal_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
-    """Causal self-attention. q: (B, T, H, D); k, v: (B, T, H_kv, D) with H % H_kv == 0.
-
-    Returns (B, T, H, D). Grouped KV heads are never copied out to H heads.
+    """Causal self-attention. q: (B, T, H, D); k, v: (B, S, H_kv, D) with H % H_kv == 0 and
+    S >= T: the T queries are the last T of the S positions (S > T when generating with a
+    KV cache). Returns (B, T, H, D). Grouped KV heads are never copied out to H heads.
     """
     chosen = select_backend(q, backend)
     if chosen not in _logged:  # never a silent slow path: say once which kernel runs
         _logged.add(chosen)
         log.info("attention backend: %s", chosen)
-    if chosen == "flash":
+    if chosen == "flash":  # flash-attn aligns the causal mask to the last query itself
         return _flash_attn_func()(q, k, v, causal=True)
+    T, S = q.size(1), k.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    gqa = k.size(1) != q.size(1)
+    if T == S:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return y.transpose(1, 2)

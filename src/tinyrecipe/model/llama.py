@@ -51,6 +51,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, for one block (generation only)."""
+
+    def __init__(
+        self, batch: int, max_len: int, n_kv_head: int, head_dim: int, like: torch.Tensor
+    ) -> None:
+        shape = (batch, max_len, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, T, H_kv, hd) after the cached positions; return all of them."""
+        end = self.length + k.size(1)
+        self.k[:, self.length : end], self.v[:, self.length : end] = k, v
+        self.length = end
+        return self.k[:, :end], self.v[:, :end]
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention with RoPE; q, k and v come from one fused projection."""
 
@@ -66,7 +85,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, config.d_model + 2 * kv_dim, bias=False)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split((q_dim, kv_dim, kv_dim), dim=-1)
@@ -74,6 +95,8 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, H_kv, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # generation: attend to every earlier position as well
+            k, v = cache.append(k, v)  # (B, T_past + T, H_kv, hd)
         y = causal_attention(q, k, v, self.backend)  # (B, T, H, hd)
         return self.proj(y.reshape(B, T, q_dim))
 
@@ -101,8 +124,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -129,6 +154,12 @@ class Llama(nn.Module):
             self.to_empty(device=device)
             self.init_weights()
 
+    def new_kv_cache(self, batch: int = 1, max_len: int | None = None) -> list[KVCache]:
+        """Empty caches, one per block, for up to `max_len` positions (default block_size)."""
+        cfg, like = self.config, self.embed.weight
+        max_len = max_len or cfg.block_size
+        return [KVCache(batch, max_len, cfg.n_kv_head, cfg.head_dim, like) for _ in self.blocks]
+
     @torch.no_grad()
     def init_weights(self) -> None:
         """TinyLlama's init; also (re)builds the RoPE tables. Call after `to_empty()` from meta."""
@@ -148,17 +179,24 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: list[KVCache] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
-        cross-entropy over positions whose target is not -100."""
+        cross-entropy over positions whose target is not -100. With `cache` (one KVCache per
+        block, from `new_kv_cache`), idx continues the cached sequence (generation)."""
+        start = cache[0].length if cache else 0
         T = idx.size(1)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        if start + T > self.config.block_size:
+            raise ValueError(
+                f"sequence length {start + T} exceeds block_size {self.config.block_size}"
+            )
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
         x = self.embed(idx)  # (B, T, d)
-        for block in self.blocks:
-            x = block(x, cos, sin)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, cache[i] if cache else None)
         logits = self.lm_head(self.norm(x))  # (B, T, vocab)
         if targets is None:
             return logits
