@@ -27,6 +27,13 @@ from tinyrecipe.hf import from_hf_config, from_hf_state_dict, to_hf_config, to_h
 from tinyrecipe.model import ModelConfig
 
 
+def config_from_hparams(hparams: dict, default_preset: str = "tiny") -> ModelConfig:
+    """The ModelConfig a checkpoint's `hyper_parameters` (CausalLMModule's preset + config) describe."""
+    return ModelConfig.from_name(
+        hparams.get("preset", default_preset), **(hparams.get("config") or {})
+    )
+
+
 def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, decoder state dict) from a Lightning checkpoint of `CausalLMModule` or a
     `from-hf` checkpoint; weights_only loading, so nothing in the file is executed."""
@@ -40,8 +47,7 @@ def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str,
         raise ValueError(
             f"checkpoint '{path}' is not a tinyrecipe checkpoint (no state_dict/hyper_parameters)"
         )
-    hp = ckpt["hyper_parameters"]
-    config = ModelConfig.from_name(hp.get("preset", "tiny"), **(hp.get("config") or {}))
+    config = config_from_hparams(ckpt["hyper_parameters"])
     state = {
         k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
     }

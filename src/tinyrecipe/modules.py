@@ -183,10 +183,9 @@ class CausalLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, in one line, a checkpoint of another model shape (before load_state_dict fails)."""
-        hp = checkpoint.get("hyper_parameters", {})
-        theirs = ModelConfig.from_name(
-            hp.get("preset", self.hparams.preset), **(hp.get("config") or {})
-        )
+        from tinyrecipe.convert import config_from_hparams
+
+        theirs = config_from_hparams(checkpoint.get("hyper_parameters", {}), self.hparams.preset)
         if detail := _shape_diff(theirs, self.config):
             raise ValueError(
                 f"checkpoint holds another model ({detail}, checkpoint vs recipe); resume with the "

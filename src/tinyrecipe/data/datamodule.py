@@ -143,10 +143,6 @@ class MixedStreamingDataModule(L.LightningDataModule):
             for blocks in self._val
         ]
 
-    @property
-    def val_source_names(self) -> list[str]:
-        return [s.name for s in self.sources if s.validation]
-
     # -- resume --------------------------------------------------------------------------------
 
     def _batches_done(self) -> int:
