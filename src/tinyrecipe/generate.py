@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_checkpoint_model(args.ckpt)
         tok = load_tokenizer(args.tokenizer)
     except (FileNotFoundError, ValueError) as err:
-        print(f"tinyrecipe generate: {err}")
+        print(f"tinyrecipe generate: error: {err}", file=sys.stderr)
         return 2
     idx = torch.tensor([[tok.bos_id] + tok.encode(args.prompt)])
     gen = torch.Generator().manual_seed(args.seed)
