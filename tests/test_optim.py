@@ -41,5 +41,9 @@ def test_param_groups():
         and model.blocks[0].attn.qkv.weight in decay["params"]
     )
     opt = build_adamw(model, lr=1e-3)
-    assert opt.defaults["foreach"] and opt.defaults["betas"] == (0.9, 0.95)
+    assert opt.defaults["fused"] and opt.defaults["betas"] == (0.9, 0.95)  # "auto": fused
     assert isinstance(opt, torch.optim.AdamW)
+    assert build_adamw(model, lr=1e-3, kernel="foreach").defaults["foreach"]
+    assert build_adamw(model, lr=1e-3, kernel="for-loop").defaults["foreach"] is False
+    with pytest.raises(ValueError, match="model.optimizer_kernel"):
+        build_adamw(model, lr=1e-3, kernel="apex")

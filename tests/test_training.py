@@ -349,3 +349,31 @@ def test_resuming_with_another_model_shape_is_one_clear_line(corpus, tmp_path):
     assert other.returncode == 2
     assert "checkpoint holds another model (n_layer 2 vs 3" in other.stderr
     assert "Traceback" not in other.stderr
+
+
+def test_speed_switches_train_like_the_reference(corpus, tmp_path):
+    """Per-block compile, the chunked loss and the foreach AdamW give the plain run's losses, and
+    the run says which paths it took."""
+    plain = write_recipe(tmp_path / "plain", corpus, max_steps=4, every=100)
+    assert fit(plain, "--trainer.callbacks", "[]").returncode == 0
+    fast = write_recipe(tmp_path / "fast", corpus, max_steps=4, every=100)
+    switches = json.dumps({**MICRO, "loss_chunk_size": 48})
+    result = fit(
+        fast,
+        "--trainer.callbacks",
+        "[]",
+        "--model.compile",
+        "true",
+        "--model.config",
+        switches,
+        "--model.optimizer_kernel",
+        "foreach",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert "attention=sdpa" in said and "compile=per-block" in said and "chunked(48)" in said
+    one = scalars(tmp_path / "plain/tb")["train/loss"]
+    two = scalars(tmp_path / "fast/tb")["train/loss"]
+    assert len(one) == len(two) == 4
+    for (s1, l1), (s2, l2) in zip(one, two, strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)

@@ -19,6 +19,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tinyrecipe.convert",
         "Hugging Face Llama <-> tinyrecipe checkpoint (to-hf / from-hf)",
     ),
+    "memory": (
+        "tinyrecipe.memory",
+        "training memory per device for a recipe (parameters, grads, AdamW, activations)",
+    ),
     "plan": (
         "tinyrecipe.plan",
         "inference-aware model size and training length for a target loss",

@@ -4,6 +4,7 @@ overrides (`--trainer.max_steps 50`) and `--print_config` work as in any Lightni
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -26,8 +27,20 @@ class TinyRecipeCLI(LightningCLI):
         )
 
 
+def _show_tinyrecipe_info() -> None:
+    """Print tinyrecipe's INFO lines (which attention kernel runs, ...): never a silent slow path."""
+    log = logging.getLogger("tinyrecipe")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def main(argv: list[str]) -> int:
     os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+    _show_tinyrecipe_info()
     try:
         TinyRecipeCLI(
             CausalLMModule,

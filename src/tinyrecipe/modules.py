@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
 from tinyrecipe.flops import forward_flops_per_token, train_flops_per_token
@@ -40,6 +41,10 @@ class CausalLMModule(L.LightningModule):
             norms and embeddings.
         meta_init: build on the meta device and materialise already sharded (large models).
         activation_checkpointing: recompute each block's activations in backward.
+        compile: `torch.compile` each decoder block (torchtitan's way: short compile, one graph
+            reused by every layer). Speed switches are all off or "auto" by default; the
+            chunked loss is `config: {loss_chunk_size: N}`.
+        optimizer_kernel: AdamW's kernel: "auto" (fused), "fused", "foreach" or "for-loop".
         init_from: a tinyrecipe checkpoint (e.g. from `tinyrecipe convert from-hf`) whose
             weights the model starts from; its shape must match preset + config.
     """
@@ -59,6 +64,8 @@ class CausalLMModule(L.LightningModule):
         meta_init: bool = False,
         activation_checkpointing: bool = False,
         init_from: str | None = None,
+        compile: bool = False,
+        optimizer_kernel: str = "auto",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -93,6 +100,10 @@ class CausalLMModule(L.LightningModule):
             from tinyrecipe.strategies import apply_activation_checkpointing
 
             apply_activation_checkpointing(model)
+        if self.hparams.compile:
+            from tinyrecipe.strategies import compile_blocks
+
+            compile_blocks(model)
         mesh = getattr(self, "_device_mesh", None)
         if mesh is not None:  # Lightning's ModelParallelStrategy: FSDP2 over the data-parallel dim
             from tinyrecipe.strategies import apply_fsdp2, bf16_mixed_policy
@@ -103,6 +114,29 @@ class CausalLMModule(L.LightningModule):
             model.to_empty(device=self.trainer.strategy.root_device if self._trainer else "cpu")
             model.init_weights()
         self.model = model
+
+    def on_fit_start(self) -> None:
+        """Say which speed paths run (never a silent slow path)."""
+        from tinyrecipe.model.attention import select_backend
+
+        precision = str(self.trainer.precision)
+        dtype = (
+            torch.bfloat16
+            if "bf16" in precision
+            else torch.float16
+            if precision.startswith("16")
+            else torch.float32
+        )
+        probe = torch.empty(0, device=self.trainer.strategy.root_device, dtype=dtype)
+        hp, cfg = self.hparams, self.config
+        rank_zero_info(
+            f"tinyrecipe: {cfg.num_params() / 1e6:.1f}M params, "
+            f"attention={select_backend(probe, cfg.attention)}, "
+            f"compile={'per-block' if hp.compile else 'off'}, "
+            f"activation_checkpointing={hp.activation_checkpointing}, "
+            f"loss={f'chunked({cfg.loss_chunk_size})' if cfg.loss_chunk_size else 'plain'}, "
+            f"adamw={hp.optimizer_kernel}, precision={precision}"
+        )
 
     @property
     def flops_per_batch(self) -> float:
@@ -197,7 +231,13 @@ class CausalLMModule(L.LightningModule):
     def configure_optimizers(self) -> dict:
         hp = self.hparams
         optimizer = build_adamw(
-            self.model, hp.lr, hp.betas, hp.eps, hp.weight_decay, hp.decay_norms_and_embeddings
+            self.model,
+            hp.lr,
+            hp.betas,
+            hp.eps,
+            hp.weight_decay,
+            hp.decay_norms_and_embeddings,
+            hp.optimizer_kernel,
         )
         max_steps = hp.max_steps or self.trainer.max_steps
         if max_steps is None or max_steps < 0:

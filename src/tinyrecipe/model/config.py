@@ -13,7 +13,9 @@ class ModelConfig:
 
     The defaults are TinyLlama-1.1B. `init_std=None` means TinyLlama's sqrt(2 / (5 * d_model)).
     `attention` picks the kernel: "auto" (flash-attn 2 on CUDA fp16/bf16 when importable, else
-    SDPA), "sdpa" or "flash" (error if flash-attn cannot run).
+    SDPA), "sdpa" or "flash" (error if flash-attn cannot run). `loss_chunk_size` > 0 computes
+    the training loss with `linear_cross_entropy` that many tokens at a time, never holding the
+    full (tokens x vocab) logits; 0 uses the plain `F.cross_entropy` reference.
     """
 
     n_layer: int = 22
@@ -28,6 +30,7 @@ class ModelConfig:
     tie_embeddings: bool = False
     init_std: float | None = None
     attention: str = "auto"
+    loss_chunk_size: int = 0
 
     def __post_init__(self) -> None:
         for key in (
@@ -53,6 +56,10 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"ModelConfig head size {self.head_dim} must be even for RoPE")
+        if self.loss_chunk_size < 0:
+            raise ValueError(
+                f"ModelConfig.loss_chunk_size={self.loss_chunk_size} must be >= 0 (0: plain loss)"
+            )
         if self.attention not in ("auto", "sdpa", "flash"):
             raise ValueError(
                 f"ModelConfig.attention={self.attention!r} is unknown; use 'auto', 'sdpa' or 'flash'"

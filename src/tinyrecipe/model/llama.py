@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from tinyrecipe.model.attention import causal_attention
 from tinyrecipe.model.config import ModelConfig
+from tinyrecipe.model.loss import linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -185,7 +186,8 @@ class Llama(nn.Module):
         cache: list[KVCache] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
-        cross-entropy over positions whose target is not -100. With `cache` (one KVCache per
+        cross-entropy over positions whose target is not -100 (logits are None when
+        `config.loss_chunk_size` > 0: the loss is then computed chunk by chunk). With `cache` (one KVCache per
         block, from `new_kv_cache`), idx continues the cached sequence (generation)."""
         start = cache[0].length if cache else 0
         T = idx.size(1)
@@ -197,7 +199,11 @@ class Llama(nn.Module):
         x = self.embed(idx)  # (B, T, d)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cache[i] if cache else None)
-        logits = self.lm_head(self.norm(x))  # (B, T, vocab)
+        x = self.norm(x)
+        if targets is not None and self.config.loss_chunk_size:
+            chunk = self.config.loss_chunk_size
+            return None, linear_cross_entropy(x, self.lm_head.weight, targets, chunk)
+        logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)

@@ -1,0 +1,360 @@
+"""Training-step throughput of tinyrecipe next to its peers, in one process.
+
+Every run does the same work: forward + backward + AdamW step (the fused kernel for every peer)
+on the same config, batch and threads. After a warm-up (compile included), the runs are
+interleaved (ours, HF, litgpt, ours, ...) so machine noise hits all alike; the median of the
+repeats is reported. MFU uses tinyrecipe's one FLOPs formula (6N + attention) against this
+machine's matmul peak measured in the same run (CPU) or the datasheet peak (GPU).
+
+    python benchmarks/bench_train.py                        # tiny preset, 8 x 256, 2 threads
+    python benchmarks/bench_train.py --runs ours ours-fast hf --json
+    python benchmarks/bench_train.py --preset tinyllama-1.1b --seq 2048 --batch 8 \\
+        --precision bf16-mixed --sequential                 # one GPU
+
+Runs (each tinyrecipe switch is a recipe option; see README "Performance"):
+    ours            the readable eager reference: plain loss, fused AdamW
+    ours-foreach    ... with the foreach AdamW kernel instead of fused
+    ours-chunked    ... with model.config.loss_chunk_size (no full fp32 logits)
+    ours-compile    ... with model.compile (torch.compile per block)
+    ours-fast       chunked loss + per-block compile + fused AdamW
+    ours-ckpt       ... with model.activation_checkpointing (memory, not speed)
+    hf, hf-compile  transformers LlamaForCausalLM (SDPA), eager and torch.compile'd
+    litgpt, litgpt-compile   litgpt's GPT from the same config (when litgpt is installed)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+warnings.filterwarnings("ignore", module="torch.distributed._tools")  # MemTracker chatter
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tinyrecipe.flops import device_peak_flops, train_flops_per_token  # noqa: E402
+from tinyrecipe.memory import MiB, estimate_memory  # noqa: E402
+from tinyrecipe.model import Llama, ModelConfig  # noqa: E402
+from tinyrecipe.optim import build_adamw  # noqa: E402
+from tinyrecipe.strategies import apply_activation_checkpointing, compile_blocks  # noqa: E402
+
+OURS = {  # name -> switches (chunked loss, compile, AdamW kernel, activation checkpointing)
+    "ours": dict(chunked=False, compile=False, kernel="fused", ckpt=False),
+    "ours-foreach": dict(chunked=False, compile=False, kernel="foreach", ckpt=False),
+    "ours-chunked": dict(chunked=True, compile=False, kernel="fused", ckpt=False),
+    "ours-compile": dict(chunked=False, compile=True, kernel="fused", ckpt=False),
+    "ours-fast": dict(chunked=True, compile=True, kernel="fused", ckpt=False),
+    "ours-ckpt": dict(chunked=False, compile=False, kernel="fused", ckpt=True),
+}
+PEERS = ("hf", "hf-compile", "litgpt", "litgpt-compile")
+
+
+@dataclasses.dataclass
+class Run:
+    name: str
+    loss_fn: Callable[[torch.Tensor], torch.Tensor]  # batch (B, T+1) -> mean loss
+    optimizer: torch.optim.Optimizer
+    compiled: bool
+    estimate_mib: float | None = None
+    times: list[float] = dataclasses.field(default_factory=list)
+    peak_mib: float | None = None
+
+
+def _ours(name: str, config: ModelConfig, device: str, precision: str, chunk_size: int) -> Run:
+    s = OURS[name]
+    cfg = dataclasses.replace(config, loss_chunk_size=chunk_size if s["chunked"] else 0)
+    with torch.device(device):
+        model = Llama(cfg)
+    if s["ckpt"]:
+        apply_activation_checkpointing(model)
+    if s["compile"]:
+        compile_blocks(model)
+    return Run(
+        name,
+        lambda b: model(b[:, :-1], b[:, 1:])[1],
+        build_adamw(model, 1e-4, kernel=s["kernel"]),
+        s["compile"],
+    )
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def _hf(name: str, config: ModelConfig, device: str) -> Run:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tinyrecipe.hf import to_hf_config
+
+    hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(config), attn_implementation="sdpa")).to(
+        device
+    )
+    fn = torch.compile(hf) if name.endswith("compile") else hf
+    return Run(
+        name,
+        lambda b: _cross_entropy(fn(input_ids=b[:, :-1]).logits, b[:, 1:]),
+        torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True),
+        name.endswith("compile"),
+    )
+
+
+def _litgpt(name: str, config: ModelConfig, device: str) -> Run:
+    from litgpt.config import Config
+    from litgpt.model import GPT
+
+    c = Config(
+        n_layer=config.n_layer,
+        n_embd=config.d_model,
+        n_head=config.n_head,
+        n_query_groups=config.n_kv_head,
+        intermediate_size=config.d_ff,
+        vocab_size=config.vocab_size,
+        padded_vocab_size=config.vocab_size,
+        block_size=config.block_size,
+        bias=False,
+        norm_class_name="RMSNorm",
+        mlp_class_name="LLaMAMLP",
+        rotary_percentage=1.0,
+        parallel_residual=False,
+        norm_eps=config.norm_eps,
+        rope_base=int(config.rope_theta),
+    )
+    with torch.device(device):
+        model = GPT(c)
+    fn = torch.compile(model) if name.endswith("compile") else model
+    return Run(
+        name,
+        lambda b: _cross_entropy(fn(b[:, :-1]), b[:, 1:]),
+        torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True),
+        name.endswith("compile"),
+    )
+
+
+def available_runs() -> list[str]:
+    runs = [*OURS, "hf", "hf-compile"]
+    try:
+        import litgpt.model  # noqa: F401
+    except Exception:  # not installed (it is not a tinyrecipe dependency)
+        return runs
+    return [*runs, "litgpt", "litgpt-compile"]
+
+
+def build_run(
+    name: str, config: ModelConfig, device: str, precision: str, chunk_size: int, batch: int
+) -> Run:
+    torch.manual_seed(0)
+    if name in OURS:
+        run = _ours(name, config, device, precision, chunk_size)
+        s = OURS[name]
+        est = estimate_memory(
+            dataclasses.replace(config, loss_chunk_size=chunk_size if s["chunked"] else 0),
+            batch,
+            config.block_size,
+            precision=precision,
+            activation_checkpointing=s["ckpt"],
+        )
+        run.estimate_mib = est.total / MiB
+        return run
+    if name.startswith("hf"):
+        return _hf(name, config, device)
+    if name.startswith("litgpt"):
+        return _litgpt(name, config, device)
+    raise SystemExit(f"bench_train: unknown run {name!r}; known: {', '.join(available_runs())}")
+
+
+def _autocast(device: str, precision: str):
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def train_step(run: Run, batch: torch.Tensor, device: str, precision: str) -> None:
+    with _autocast(device, precision):
+        loss = run.loss_fn(batch)
+    loss.backward()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+
+
+def timed(run: Run, batch: torch.Tensor, steps: int, device: str, precision: str) -> float:
+    """Seconds per training step, averaged over `steps`."""
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(run, batch, device, precision)
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def peak_mib(run: Run, batch: torch.Tensor, device: str, precision: str) -> float | None:
+    """Peak tensor memory of one step (model, grads, AdamW states, activations)."""
+    if batch.is_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        train_step(run, batch, device, precision)
+        return torch.cuda.max_memory_allocated() / MiB
+    if run.compiled:  # CPU: tensors made inside a compiled graph are invisible to the tracker
+        return None
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    tracker.track_external(run.optimizer)
+    with tracker:
+        train_step(run, batch, device, precision)
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / MiB
+
+
+def cpu_matmul_peak(threads: int) -> float:
+    """This machine's fp32 matmul FLOP/s with `threads` threads: best over a few square sizes."""
+    best = 0.0
+    for n in (512, 1024, 2048):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        reps = max(2, int(2e10 / (2 * n**3)))
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
+def benchmark(args: argparse.Namespace) -> dict:
+    torch.set_num_threads(args.threads)
+    device = args.device
+    config = ModelConfig.from_name(args.preset, block_size=args.seq)
+    if args.attention:
+        config = dataclasses.replace(config, attention=args.attention)
+    on_cpu = not device.startswith("cuda")
+    if on_cpu:  # measured between the repeats too; the best reading is the peak
+        peak, peak_source = cpu_matmul_peak(args.threads), "measured fp32 matmul, this run"
+    else:
+        name = torch.cuda.get_device_name(device)
+        peak, peak_source = device_peak_flops(name), f"{name} datasheet bf16"
+    names = args.runs or available_runs()
+    batch = torch.randint(0, config.vocab_size, (args.batch, args.seq + 1), device=device)
+    build = lambda n: build_run(n, config, device, args.precision, args.chunk, args.batch)  # noqa: E731
+    runs: dict[str, Run] = {}
+    if args.sequential:  # one model in memory at a time (a 1.1B model + AdamW on one GPU)
+        for n in names:
+            run = build(n)
+            timed(run, batch, args.warmup, device, args.precision)
+            for _ in range(args.repeats):
+                run.times.append(timed(run, batch, args.steps, device, args.precision))
+            run.peak_mib = peak_mib(run, batch, device, args.precision)
+            run.loss_fn = run.optimizer = None  # free before the next run
+            runs[n] = run
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    else:
+        runs = {n: build(n) for n in names}
+        for run in runs.values():
+            timed(run, batch, args.warmup, device, args.precision)
+        for _ in range(args.repeats):
+            for run in runs.values():
+                run.times.append(timed(run, batch, args.steps, device, args.precision))
+            if on_cpu:
+                peak = max(peak, cpu_matmul_peak(args.threads))
+        for run in runs.values():
+            run.peak_mib = peak_mib(run, batch, device, args.precision)
+
+    tokens = args.batch * args.seq
+    flops = train_flops_per_token(config, args.seq)
+    table = {}
+    for n, run in runs.items():
+        tps = tokens / statistics.median(run.times)
+        table[n] = {
+            "tokens_per_s": tps,
+            "mfu": tps * flops / peak,
+            "peak_mib": run.peak_mib,
+            "estimate_mib": run.estimate_mib,
+        }
+    peers = [table[p]["tokens_per_s"] for p in PEERS if p in table]
+    fastest_peer = max(peers) if peers else None
+    for row in table.values():
+        row["vs_fastest_peer"] = row["tokens_per_s"] / fastest_peer if fastest_peer else None
+        row["vs_hf"] = row["tokens_per_s"] / table["hf"]["tokens_per_s"] if "hf" in table else None
+    return {
+        "preset": args.preset,
+        "params": config.num_params(),
+        "batch": args.batch,
+        "seq": args.seq,
+        "threads": args.threads,
+        "device": device,
+        "precision": args.precision,
+        "torch": torch.__version__,
+        "peak_flops": peak,
+        "peak_source": peak_source,
+        "flops_per_token": flops,
+        "runs": table,
+    }
+
+
+def print_table(result: dict) -> None:
+    r = result
+    print(
+        f"{r['preset']} ({r['params'] / 1e6:.1f}M params), batch {r['batch']} x {r['seq']}, "
+        f"{r['threads']} threads, {r['device']}, {r['precision']}, torch {r['torch']}; "
+        f"fwd+bwd+AdamW; peak {r['peak_flops'] / 1e9:,.0f} GFLOP/s ({r['peak_source']})"
+    )
+    fmt = "{:<16}{:>11}{:>7}{:>10}{:>10}{:>8}{:>10}"
+    print(fmt.format("run", "tokens/s", "MFU", "peak MiB", "est MiB", "vs HF", "vs best"))
+    for name, row in r["runs"].items():
+        num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        print(
+            fmt.format(
+                name,
+                num(row["tokens_per_s"], ",.0f"),
+                num(row["mfu"], ".1%"),
+                num(row["peak_mib"], ",.0f"),
+                num(row["estimate_mib"], ",.0f"),
+                num(row["vs_hf"], ".2f"),
+                num(row["vs_fastest_peer"], ".2f"),
+            )
+        )
+    print("vs best = tokens/s over the fastest peer run (hf, hf-compile, litgpt*) in this table")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per repeat")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compiles)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--chunk", type=int, default=512, help="loss_chunk_size of the chunked runs")
+    p.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed"])
+    p.add_argument("--attention", choices=["auto", "sdpa", "flash"], help="ours: kernel")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--runs", nargs="+", help=f"subset of: {' '.join([*OURS, *PEERS])}")
+    p.add_argument("--sequential", action="store_true", help="one run in memory at a time")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    result = benchmark(args)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        print_table(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""The chunked linear cross-entropy equals the plain reference, in value and gradients."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.model.loss import linear_cross_entropy
+
+SMALL = ModelConfig.from_name(
+    "tiny", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=101, block_size=32
+)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
+def test_linear_cross_entropy_matches_reference_value_and_grads(chunk):
+    torch.manual_seed(0)
+    h = torch.randn(3, 20, 16, requires_grad=True)
+    w = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 20))
+    targets[0, :4] = -100
+    targets[2, -1] = -100
+    ref = F.cross_entropy((h @ w.T).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    ref_gh, ref_gw = torch.autograd.grad(ref * 2.5, (h, w))
+    loss = linear_cross_entropy(h, w, targets, chunk)
+    gh, gw = torch.autograd.grad(loss * 2.5, (h, w))  # the upstream gradient is applied
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gw, ref_gw, rtol=1e-5, atol=1e-7)
+
+
+def test_linear_cross_entropy_without_grad_and_in_bf16():
+    torch.manual_seed(0)
+    h, w = torch.randn(40, 16), torch.randn(30, 16)
+    targets = torch.randint(0, 30, (40,))
+    ref = F.cross_entropy(h @ w.T, targets)
+    with torch.no_grad():
+        assert linear_cross_entropy(h, w, targets, 8).item() == pytest.approx(ref.item(), rel=1e-6)
+    hb = h.bfloat16().requires_grad_()
+    wb = w.clone().requires_grad_()  # fp32 master weight, bf16 activations (FSDP2 mixed style)
+    loss = linear_cross_entropy(hb, wb, targets, 8)
+    loss.backward()
+    assert hb.grad.dtype == torch.bfloat16 and wb.grad.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=2e-2)
+
+
+def test_bad_chunk_size_is_refused():
+    with pytest.raises(ValueError, match="loss_chunk_size"):
+        ModelConfig.from_name("tiny", loss_chunk_size=-1)
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2).long(), 0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_with_chunked_loss_trains_like_the_reference(tie):
+    """Same loss and same parameter gradients as the plain model, tied embeddings included."""
+    torch.manual_seed(0)
+    plain = Llama(dataclasses.replace(SMALL, tie_embeddings=tie))
+    chunked = Llama(dataclasses.replace(SMALL, tie_embeddings=tie, loss_chunk_size=13))
+    chunked.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, SMALL.vocab_size, (2, 25))
+    targets = idx.roll(-1, 1)
+    targets[:, -1] = -100
+    logits, ref = plain(idx, targets)
+    none, loss = chunked(idx, targets)
+    assert none is None and logits.shape == (2, 25, SMALL.vocab_size)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    ref.backward()
+    loss.backward()
+    for (name, a), b in zip(plain.named_parameters(), chunked.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert torch.equal(chunked(idx), plain(idx))  # without targets: the logits, as before
+
+
+def test_linear_cross_entropy_under_autocast_runs_the_head_in_bf16():
+    torch.manual_seed(0)
+    h = torch.randn(24, 16, requires_grad=True)
+    w = torch.randn(30, 16, requires_grad=True)
+    targets = torch.randint(0, 30, (24,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), targets)
+        loss = linear_cross_entropy(h, w, targets, 5)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-2)
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32

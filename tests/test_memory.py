@@ -1,0 +1,55 @@
+"""The memory estimate against the measured peak, and `tinyrecipe memory` on the recipes."""
+
+import dataclasses
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tinyrecipe.cli import main as cli
+from tinyrecipe.memory import estimate_memory
+from tinyrecipe.model import ModelConfig
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_train  # noqa: E402
+
+
+@pytest.mark.parametrize("run", ["ours", "ours-chunked", "ours-ckpt"])
+def test_estimate_is_within_25_percent_of_the_measured_peak_for_tiny(run):
+    torch.set_num_threads(2)
+    config = ModelConfig.from_name("tiny")
+    r = bench_train.build_run(run, config, "cpu", "32-true", 1024, 8)
+    batch = torch.randint(0, config.vocab_size, (8, 257))
+    bench_train.train_step(r, batch, "cpu", "32-true")  # AdamW states exist from here on
+    measured = bench_train.peak_mib(r, batch, "cpu", "32-true")
+    assert measured == pytest.approx(r.estimate_mib, rel=0.25), (measured, r.estimate_mib)
+
+
+def test_estimate_responds_to_each_switch():
+    cfg = ModelConfig.from_name("tinyllama-1.1b")
+    plain = estimate_memory(cfg, 8, 2048, precision="bf16-mixed")
+    chunked = estimate_memory(
+        dataclasses.replace(cfg, loss_chunk_size=4096), 8, 2048, precision="bf16-mixed"
+    )
+    ckpt = estimate_memory(cfg, 8, 2048, precision="bf16-mixed", activation_checkpointing=True)
+    fsdp = estimate_memory(cfg, 8, 2048, precision="bf16-mixed", world_size=16, sharded=True)
+    ddp = estimate_memory(cfg, 8, 2048, precision="bf16-mixed", world_size=16)
+    assert chunked.loss_buffers < plain.loss_buffers / 4
+    assert ckpt.activations < plain.activations / 8  # 22 layers: inputs + one block
+    assert fsdp.optimizer * 16 == plain.optimizer and ddp.optimizer == plain.optimizer
+    assert plain.optimizer == cfg.num_params() * 8  # two fp32 AdamW states
+    assert fsdp.fsdp_buffers > 0 and plain.fsdp_buffers == 0
+
+
+def test_memory_command_reads_recipes_and_overlays(capsys, tmp_path):
+    recipe = ROOT / "recipes" / "tinyllama-1.1b.yaml"
+    assert cli(["memory", "--config", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch 8 x 2048, bf16-mixed, FSDP over 8" in out and "total" in out
+    overlay = tmp_path / "ckpt.yaml"
+    overlay.write_text("model:\n  activation_checkpointing: true\n")
+    assert cli(["memory", "--config", str(recipe), "--config", str(overlay)]) == 0
+    assert "activation checkpointing" in capsys.readouterr().out
+    assert cli(["memory", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "recipe '" in capsys.readouterr().err
