@@ -20,7 +20,9 @@ from tinyrecipe.model import Llama
 
 from .conftest import ROOT
 
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml")) + sorted(
+    (ROOT / "recipes/finetune").glob("*.yaml")
+)
 ABLATIONS = sorted(p for p in (ROOT / "recipes/ablations").glob("*.yaml") if p.name != "base.yaml")
 
 
@@ -35,13 +37,18 @@ def print_config(*configs: Path, extra: tuple = ()) -> dict:
     with redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
         cli_main(args)
     assert exit_info.value.code in (0, None)
-    return yaml.safe_load(out.getvalue())
+    config = yaml.safe_load(out.getvalue())
+    # data is a class_path + init_args; flatten it back (the class is checked separately)
+    config["data_class"] = config["data"]["class_path"]
+    config["data"] = config["data"]["init_args"]
+    return config
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
 def test_every_recipe_parses(recipe):
     config = print_config(recipe)
-    assert config["model"]["preset"] and config["data"]["sources"]
+    assert config["model"]["preset"]
+    assert config["data"]["sources"] or config["data_class"].endswith("SFTDataModule")
 
 
 @pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda p: p.name)

@@ -8,6 +8,11 @@ from lightning.pytorch.callbacks import ThroughputMonitor
 from tinyrecipe.flops import device_peak_flops
 
 
+def _inputs(batch):
+    """The input ids of a pretraining block batch (B, T+1) or an SFT dict batch."""
+    return batch["input_ids"] if isinstance(batch, dict) else batch[:, :-1]
+
+
 class TokenThroughputMonitor(ThroughputMonitor):
     """Lightning's ThroughputMonitor counting tokens, with MFU against our bf16 peak table
     (or `peak_flops` per device, e.g. a CPU's measured matmul peak). Logs
@@ -15,8 +20,8 @@ class TokenThroughputMonitor(ThroughputMonitor):
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 100) -> None:
         super().__init__(
-            batch_size_fn=lambda batch: batch.size(0),
-            length_fn=lambda batch: batch.size(0) * (batch.size(1) - 1),
+            batch_size_fn=lambda batch: _inputs(batch).size(0),
+            length_fn=lambda batch: _inputs(batch).numel(),
             window_size=window_size,
         )
         self.peak_flops = peak_flops

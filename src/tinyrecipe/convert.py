@@ -34,15 +34,41 @@ def config_from_hparams(hparams: dict, default_preset: str = "tiny") -> ModelCon
     )
 
 
-def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(config, decoder state dict) from a Lightning checkpoint of `CausalLMModule` or a
-    `from-hf` checkpoint; weights_only loading, so nothing in the file is executed."""
-    path = Path(path)
-    if not path.is_file():
+def _load_sharded_checkpoint(path: Path) -> dict:
+    """A Lightning distributed (FSDP2 / ModelParallelStrategy) checkpoint directory as one dict:
+    the shards are consolidated with torch.distributed.checkpoint (on CPU, no process group) and
+    Lightning's meta.pt adds the hyper-parameters. Needs the whole model in CPU memory."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not (path / ".metadata").is_file():
         raise FileNotFoundError(
-            f"checkpoint '{path}' does not exist (sharded checkpoint directories are not supported yet)"
+            f"checkpoint directory '{path}' is neither a sharded checkpoint (no .metadata) nor a "
+            "Hugging Face model (no config.json)"
         )
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        ckpt = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+    meta = path / "meta.pt"
+    if meta.is_file():
+        ckpt.update(torch.load(meta, map_location="cpu", weights_only=True))
+    return ckpt
+
+
+def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, decoder state dict) from any checkpoint tinyrecipe reads: a Lightning checkpoint
+    of `CausalLMModule` (a file, or a sharded FSDP2 directory), a `from-hf` checkpoint, or a
+    Hugging Face Llama directory. Weights load with weights_only / safetensors: nothing in the
+    files is executed."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        config = from_hf_config(json.loads((path / "config.json").read_text()))
+        return config, from_hf_state_dict(load_hf_state_dict(path), config)
+    if path.is_dir():
+        ckpt = _load_sharded_checkpoint(path)
+    elif path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(
             f"checkpoint '{path}' is not a tinyrecipe checkpoint (no state_dict/hyper_parameters)"
@@ -52,6 +78,21 @@ def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str,
         k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
     }
     return config, state
+
+
+def checkpoint_config(path: str | Path) -> ModelConfig:
+    """The model config of a checkpoint, without reading its tensors where the format allows."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return from_hf_config(json.loads((path / "config.json").read_text()))
+    if path.is_dir() and (path / "meta.pt").is_file():
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        return config_from_hparams(meta.get("hyper_parameters", {}))
+    if path.is_file():  # mmap: the tensors are not read
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "hyper_parameters" in ckpt:
+            return config_from_hparams(ckpt["hyper_parameters"])
+    return load_tinyrecipe_checkpoint(path)[0]
 
 
 def save_tinyrecipe_checkpoint(

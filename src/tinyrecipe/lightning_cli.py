@@ -8,11 +8,13 @@ import logging
 import os
 import sys
 
+import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
-from tinyrecipe.data.datamodule import MixedStreamingDataModule
 from tinyrecipe.model import ModelConfig
 from tinyrecipe.modules import CausalLMModule
+
+DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
 
 
 def _model_vocab(preset: str, config: dict | None) -> int:
@@ -20,10 +22,14 @@ def _model_vocab(preset: str, config: dict | None) -> int:
 
 
 class TinyRecipeCLI(LightningCLI):
+    """`data:` is any LightningDataModule (`class_path:` + `init_args:`); without a class_path
+    it is the pretraining `MixedStreamingDataModule`, so plain `data: {sources: ...}` works."""
+
     def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"data": {"class_path": DEFAULT_DATA}})
         # The data must match the model's vocabulary: one source of truth, the model's config.
         parser.link_arguments(
-            ("model.preset", "model.config"), "data.vocab_size", compute_fn=_model_vocab
+            ("model.preset", "model.config"), "data.init_args.vocab_size", compute_fn=_model_vocab
         )
 
 
@@ -44,7 +50,8 @@ def main(argv: list[str]) -> int:
     try:
         TinyRecipeCLI(
             CausalLMModule,
-            MixedStreamingDataModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
             args=None
             if argv == sys.argv[1:]
             else argv,  # from the console LightningCLI reads sys.argv

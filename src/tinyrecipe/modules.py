@@ -149,8 +149,16 @@ class CausalLMModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch[:, :-1], batch[:, 1:]
+    @staticmethod
+    def inputs_and_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pretraining batches are token blocks (B, T+1); SFT batches are dicts of input_ids and
+        labels (B, T), -100 where no loss is taken."""
+        if isinstance(batch, dict):
+            return batch["input_ids"], batch["labels"]
+        return batch[:, :-1], batch[:, 1:]
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        inputs, targets = self.inputs_and_targets(batch)
         self._count_flops(targets, training=True)
         _, loss = self.model(inputs, targets)
         if not torch.isfinite(loss):
@@ -177,20 +185,30 @@ class CausalLMModule(L.LightningModule):
         if norms:
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
 
-    def validation_step(self, batch: torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._count_flops(batch[:, 1:], training=False)
-        _, loss = self.model(batch[:, :-1], batch[:, 1:])
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        inputs, targets = self.inputs_and_targets(batch)
+        self._count_flops(targets, training=False)
+        _, loss = self.model(inputs, targets)
+        n = (targets != -100).sum()  # the mean over a loader is per target token
         sums = self._val_sums.setdefault(dataloader_idx, torch.zeros(2, device=loss.device))
-        sums += torch.stack(
-            [loss.detach().float() * batch.size(0), torch.tensor(batch.size(0), device=loss.device)]
-        )
+        sums += torch.stack([loss.detach().float() * n, n.float()])
 
     def on_validation_epoch_end(self) -> None:
         names, weights = self._val_sources()
         metrics, mixed, total_weight = {}, 0.0, 0.0
-        for idx, sums in sorted(self._val_sums.items()):
-            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-            loss = (sums[0] / sums[1].clamp(min=1)).item()
+        # Every rank reduces every loader's sums, in the same order, even a rank that got no
+        # batch of some loader (else the others wait for it forever: litgpt #2319).
+        loaders = (
+            self.trainer.num_sanity_val_batches
+            if self.trainer.sanity_checking
+            else self.trainer.num_val_batches
+        )
+        for idx in range(len(loaders)):
+            zeros = torch.zeros(2, device=self.trainer.strategy.root_device)
+            sums = self.trainer.strategy.reduce(self._val_sums.get(idx, zeros), reduce_op="sum")
+            if sums[1] == 0:  # no batch of this loader on any rank
+                continue
+            loss = (sums[0] / sums[1]).item()
             name = names[idx] if idx < len(names) else f"source{idx}"
             metrics[f"val/loss/{name}"], metrics[f"val/ppl/{name}"] = loss, math.exp(loss)
             w = weights[idx] if idx < len(weights) else 1.0
@@ -212,8 +230,8 @@ class CausalLMModule(L.LightningModule):
 
     def _val_sources(self) -> tuple[list[str], list[float]]:
         dm = getattr(self.trainer, "datamodule", None)
-        sources = [s for s in getattr(dm, "sources", []) if getattr(s, "validation", None)]
-        return [s.name for s in sources], [s.weight for s in sources]
+        pairs = dm.val_sources() if hasattr(dm, "val_sources") else []
+        return [name for name, _ in pairs], [weight for _, weight in pairs]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, in one line, a checkpoint of another model shape (before load_state_dict fails)."""

@@ -67,6 +67,10 @@ class MixedStreamingDataModule(L.LightningDataModule):
 
     # -- setup ---------------------------------------------------------------------------------
 
+    def val_sources(self) -> list[tuple[str, float]]:
+        """(name, weight) of each validation loader, for the module's val/loss/<name> logs."""
+        return [(s.name, s.weight) for s in self.sources if s.validation]
+
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:
             return

@@ -160,3 +160,50 @@ def make_sample(out: str | Path, max_mb: float | None = None, files_per_split: i
     for name, s in summary.items():
         print(f"{name}: {s['documents']} documents, {s['mb']:.2f} MB -> {out / name}")
     return summary
+
+
+def sft_records(max_records: int | None = None) -> Iterator[dict]:
+    """Instruction records from the stdlib (offline): "What does `mod.func` do?" answered by
+    the first paragraph of its docstring, in both record forms (prompt/response and messages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    n = 0
+    for path in stdlib_sources():
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        if any(part.startswith("_") for part in module.split(".")):
+            continue
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name.startswith("_"):
+                continue
+            doc = ast.get_docstring(node)
+            first = doc.split("\n\n")[0].replace("\n", " ").strip() if doc else ""
+            if not 20 <= len(first) <= 300:
+                continue
+            prompt = f"What does `{module}.{node.name}` do?"
+            if n % 2:
+                yield {"prompt": prompt, "response": first}
+            else:
+                yield {
+                    "messages": [
+                        {"role": "user", "content": prompt},
+                        {"role": "assistant", "content": first},
+                    ]
+                }
+            n += 1
+            if max_records is not None and n >= max_records:
+                return
+
+
+def make_sft_sample(out: str | Path, max_records: int | None = None) -> int:
+    """Write `sft_records` as JSON lines to `out` (temp file, then rename); returns the count."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    records = list(sft_records(max_records))
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    tmp.replace(out)
+    print(f"sft: {len(records)} records -> {out}")
+    return len(records)

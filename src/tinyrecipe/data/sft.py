@@ -1,0 +1,268 @@
+"""Supervised fine-tuning data: instruction records -> token ids with the loss on responses only.
+
+Records (JSON lines, or Python dicts in a notebook) take one of two forms:
+
+    {"prompt": "What is 2 + 2?", "response": "4"}
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "What is 2 + 2?"},
+                  {"role": "assistant", "content": "4"}]}
+
+and are rendered with one plain template (a prompt/response record is a user turn then an
+assistant turn):
+
+    <s>### System:\\n{system}\\n\\n### User:\\n{user}\\n\\n### Assistant:\\n{assistant}</s>### User:\\n...
+
+Only the assistant texts and their closing `</s>` are trained on; every other position has
+label -100. Each piece is tokenized on its own, so the tokens the model is trained to continue
+from equal `format_prompt(...)` tokenized as one string at generation time.
+
+Bad records (malformed JSON, a missing or non-string field, an unknown role, no assistant turn,
+an empty response, a prompt so long that no response token fits) are counted by reason and
+skipped; the counts are reported once, with the file name.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader
+
+IGNORE_INDEX = -100
+HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+
+
+class BadRecord(ValueError):
+    """A record the template cannot render; the message is the reason counted."""
+
+
+def _messages(record: Any) -> list[dict]:
+    if not isinstance(record, dict):
+        raise BadRecord("not a JSON object")
+    if "messages" in record:
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise BadRecord("messages is not a non-empty list")
+        return messages
+    if "prompt" in record or "response" in record:
+        for key in ("prompt", "response"):
+            if not isinstance(record.get(key), str):
+                raise BadRecord(f"missing or non-string {key}")
+        return [
+            {"role": "user", "content": record["prompt"]},
+            {"role": "assistant", "content": record["response"]},
+        ]
+    raise BadRecord("neither prompt/response nor messages")
+
+
+def render(record: Any) -> list[tuple[str, bool]]:
+    """The record as (text, trained) pieces, in order; raises BadRecord."""
+    pieces: list[tuple[str, bool]] = []
+    pending = ""  # untrained text waiting to be emitted as one piece
+    trained_any = False
+    for m in _messages(record):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise BadRecord("a message without string content")
+        role = m.get("role")
+        if role not in HEADERS:
+            raise BadRecord(f"unknown role {role!r}")
+        if role == "assistant":
+            if not m["content"].strip():
+                raise BadRecord("empty response")
+            pieces.append((pending + HEADERS["assistant"], False))
+            pieces.append((m["content"], True))
+            pending, trained_any = "", True
+        else:
+            pending += HEADERS[role] + m["content"] + "\n\n"
+    if not trained_any:
+        raise BadRecord("no assistant turn")
+    return pieces
+
+
+def format_prompt(prompt: str, system: str | None = None) -> str:
+    """The text a fine-tuned model continues to answer `prompt` (without the leading <s>)."""
+    head = HEADERS["system"] + system + "\n\n" if system else ""
+    return head + HEADERS["user"] + prompt + "\n\n" + HEADERS["assistant"]
+
+
+def encode(record: Any, tokenizer, max_tokens: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels), each at most `max_tokens` long: labels are the next token where it
+    is trained, -100 elsewhere. Raises BadRecord."""
+    ids, trained = [tokenizer.bos_id], [False]
+    for text, is_trained in render(record):
+        piece = tokenizer.encode(text)
+        ids += piece
+        trained += [is_trained] * len(piece)
+        if is_trained:  # each response ends with </s>, trained too
+            ids.append(tokenizer.eos_id)
+            trained.append(True)
+    ids, trained = ids[: max_tokens + 1], trained[: max_tokens + 1]
+    labels = [t if ok else IGNORE_INDEX for t, ok in zip(ids[1:], trained[1:], strict=True)]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise BadRecord("prompt fills the context; no response token fits")
+    return ids[:-1], labels
+
+
+def read_jsonl(path: str | Path, skipped: Counter) -> Iterator[Any]:
+    """Records of a JSON-lines file; malformed lines are counted in `skipped` and left out."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"SFT data file '{path}' does not exist; pass a .jsonl file")
+    with path.open("rb") as f:
+        for raw in f:
+            if not raw.strip():
+                continue
+            try:
+                yield json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                skipped["non-UTF-8 line"] += 1
+            except json.JSONDecodeError:
+                skipped["malformed JSON"] += 1
+
+
+def is_validation(record: Any, fraction: float) -> bool:
+    """A stable split keyed on the record's content."""
+    key = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return zlib.crc32(key) % 10_000 < fraction * 10_000
+
+
+def tokenize_records(
+    records: Iterable[Any], tokenizer, max_tokens: int, skipped: Counter
+) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for record in records:
+        try:
+            out.append(encode(record, tokenizer, max_tokens))
+        except BadRecord as reason:
+            skipped[str(reason)] += 1
+    return out
+
+
+def pack(examples: list[tuple[list[int], list[int]]], block_size: int) -> list[tuple[list, list]]:
+    """Concatenate examples and cut into full blocks of `block_size` (the tail is dropped)."""
+    ids = [t for x, _ in examples for t in x]
+    labels = [t for _, y in examples for t in y]
+    return [
+        (ids[i : i + block_size], labels[i : i + block_size])
+        for i in range(0, len(ids) - block_size + 1, block_size)
+    ]
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: pad ids are `pad_id`, pad labels -100."""
+    width = max(len(x) for x, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (x, y) in enumerate(examples):
+        input_ids[row, : len(x)] = torch.tensor(x)
+        labels[row, : len(y)] = torch.tensor(y)
+    return {"input_ids": input_ids, "labels": labels}
+
+
+class SFTDataModule(L.LightningDataModule):
+    """Instruction data for fine-tuning, from a JSON-lines file or a list of records.
+
+    Batches are dicts: `input_ids` and `labels` (B, T), labels -100 where no loss is taken.
+    Without `packing` each example is one row, right-padded to the longest in the batch; with
+    it, examples are concatenated and cut into rows of exactly `block_size` tokens.
+    Validation: `val_file`, or else a stable `val_fraction` of the training records.
+
+    Args:
+        train_file / records: the training records (one of the two).
+        tokenizer_dir: the model's tokenizer (tokenizer.json or tokenizer.model).
+        vocab_size: the model's (linked by the CLI); the tokenizer must fit in it.
+    """
+
+    def __init__(
+        self,
+        train_file: str | None = None,
+        records: list[dict] | None = None,
+        tokenizer_dir: str | None = None,
+        val_file: str | None = None,
+        val_fraction: float = 0.05,
+        block_size: int = 2048,
+        batch_size: int = 8,
+        packing: bool = False,
+        num_workers: int = 0,
+        seed: int = 42,
+        vocab_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if (train_file is None) == (records is None):
+            raise ValueError("SFT data: give exactly one of data.train_file or data.records")
+        if tokenizer_dir is None:
+            raise ValueError("SFT data: set data.tokenizer_dir to the model's tokenizer directory")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
+        self.train_file, self.records, self.tokenizer_dir = train_file, records, tokenizer_dir
+        self.val_file, self.val_fraction = val_file, val_fraction
+        self.block_size, self.batch_size, self.packing = block_size, batch_size, packing
+        self.num_workers, self.seed, self.vocab_size = num_workers, seed, vocab_size
+        self.skipped: Counter = Counter()
+        self.train_examples: list = []
+        self.val_examples: list = []
+
+    def val_sources(self) -> list[tuple[str, float]]:
+        """(name, weight) of each validation loader, for the module's val/loss/<name> logs."""
+        return [("sft", 1.0)]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples:
+            return
+        from tinyrecipe.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(self.tokenizer_dir)
+        if self.vocab_size is not None and tokenizer.vocab_size > self.vocab_size:
+            raise ValueError(
+                f"tokenizer '{self.tokenizer_dir}' has {tokenizer.vocab_size} tokens but the model "
+                f"only {self.vocab_size}; use the tokenizer the model was trained with"
+            )
+        self.pad_id = tokenizer.eos_id
+        source = self.train_file or "data.records"
+        records = list(
+            read_jsonl(self.train_file, self.skipped) if self.train_file else self.records
+        )
+        if self.val_file:
+            train, val = records, list(read_jsonl(self.val_file, self.skipped))
+        else:
+            val = [r for r in records if is_validation(r, self.val_fraction)]
+            train = [r for r in records if not is_validation(r, self.val_fraction)]
+        self.train_examples = tokenize_records(train, tokenizer, self.block_size, self.skipped)
+        self.val_examples = tokenize_records(val, tokenizer, self.block_size, self.skipped)
+        if self.skipped:
+            reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
+            rank_zero_warn(
+                f"SFT data {source}: skipped {sum(self.skipped.values())} record(s): {reasons}"
+            )
+        if self.packing:
+            self.train_examples = pack(self.train_examples, self.block_size)
+            self.val_examples = pack(self.val_examples, self.block_size)
+        if not self.train_examples:
+            raise ValueError(
+                f"SFT data {source}: no usable training example (skipped: {dict(self.skipped)}); "
+                "check the record format in the tinyrecipe.data.sft docs"
+            )
+
+    def _loader(self, examples: list, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            examples,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            collate_fn=functools.partial(collate, pad_id=self.pad_id),
+            num_workers=self.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []

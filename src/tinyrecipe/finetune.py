@@ -1,0 +1,90 @@
+"""Fine-tuning from Python (a notebook): pretrained weights in, SFT data, `Trainer.fit`, answers.
+
+    import lightning as L
+    from tinyrecipe.finetune import answer, load_pretrained, sft_data
+
+    module = load_pretrained("out/quickstart/checkpoints/last.ckpt", lr=3e-4, warmup_steps=10)
+    data = sft_data(records, tokenizer_dir="data/quickstart/tokenizer", block_size=256)
+    L.Trainer(max_steps=100, accelerator="cpu").fit(module, data)
+    print(answer(module, "data/quickstart/tokenizer", "What does len() return?"))
+
+`load_pretrained` takes a tinyrecipe/Lightning checkpoint (file or sharded directory), a
+`tinyrecipe convert from-hf` checkpoint, or a Hugging Face Llama directory. The recipe form of
+the same is `recipes/finetune/*.yaml` (`tinyrecipe fit --config ...`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tinyrecipe.convert import checkpoint_config
+from tinyrecipe.data.sft import SFTDataModule, format_prompt
+from tinyrecipe.modules import CausalLMModule
+
+# Fine-tuning defaults: a lower peak LR than pretraining and a short warmup.
+FINETUNE_DEFAULTS: dict[str, Any] = dict(
+    lr=2e-5, min_lr=2e-6, warmup_steps=20, weight_decay=0.0, decay_norms_and_embeddings=False
+)
+
+
+def load_pretrained(path: str | Path, **module_kwargs: Any) -> CausalLMModule:
+    """A `CausalLMModule` whose decoder starts from the weights at `path` (shape read from it).
+    `module_kwargs` override `FINETUNE_DEFAULTS` and any CausalLMModule argument."""
+    config = asdict(checkpoint_config(path))
+    config.update(module_kwargs.pop("config", None) or {})
+    kwargs = {**FINETUNE_DEFAULTS, **module_kwargs}
+    return CausalLMModule(preset="tinyllama-1.1b", config=config, init_from=str(path), **kwargs)
+
+
+def sft_data(
+    records_or_file: list[dict] | str | Path, tokenizer_dir: str | Path, **kwargs: Any
+) -> SFTDataModule:
+    """An `SFTDataModule` from a list of records or a JSON-lines file (see tinyrecipe.data.sft)."""
+    if isinstance(records_or_file, (str, Path)):
+        return SFTDataModule(
+            train_file=str(records_or_file), tokenizer_dir=str(tokenizer_dir), **kwargs
+        )
+    return SFTDataModule(records=list(records_or_file), tokenizer_dir=str(tokenizer_dir), **kwargs)
+
+
+@torch.no_grad()
+def answer(
+    module: CausalLMModule,
+    tokenizer_dir: str | Path,
+    prompt: str,
+    *,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+) -> str:
+    """The model's reply to `prompt` in the SFT template (greedy by default), up to `</s>`."""
+    from tinyrecipe.data.tokenizer import load_tokenizer
+    from tinyrecipe.generate import generate
+
+    if module.model is None:
+        module.configure_model()
+    model = module.model
+    tokenizer = load_tokenizer(tokenizer_dir)
+    ids = [tokenizer.bos_id] + tokenizer.encode(format_prompt(prompt, system))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = generate(
+        model,
+        torch.tensor([ids], device=device),
+        max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        generator=torch.Generator(device=device).manual_seed(seed),
+        eos_id=tokenizer.eos_id,
+    )[0, len(ids) :].tolist()
+    model.train(was_training)
+    if tokenizer.eos_id in out:
+        out = out[: out.index(tokenizer.eos_id)]
+    return tokenizer.decode(out)

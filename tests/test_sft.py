@@ -1,0 +1,210 @@
+"""SFT data (template, masking, bad records, packing), the notebook API and the finetune recipe."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tinyrecipe.data.sft import (
+    IGNORE_INDEX,
+    BadRecord,
+    SFTDataModule,
+    encode,
+    format_prompt,
+    pack,
+    render,
+)
+from tinyrecipe.data.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(corpus):
+    return load_tokenizer(corpus["root"] / "tok")
+
+
+def test_loss_is_on_the_response_and_its_eos_only(tok):
+    record = {"prompt": "What is len?", "response": "The number of items."}
+    ids, labels = encode(record, tok, 256)
+    prompt_ids = tok.encode(format_prompt("What is len?"))
+    response_ids = tok.encode("The number of items.")
+    assert ids == [tok.bos_id] + prompt_ids + response_ids  # the final </s> is only a target
+    trained = [t for t in labels if t != IGNORE_INDEX]
+    assert trained == response_ids + [tok.eos_id]
+    assert labels[: len(prompt_ids) - 1] == [IGNORE_INDEX] * (len(prompt_ids) - 1)
+    for i, label in enumerate(labels):
+        if label != IGNORE_INDEX and i + 1 < len(ids):  # a label is the next input token
+            assert label == ids[i + 1]
+
+
+def test_messages_with_system_and_two_turns(tok):
+    record = {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "Bye"},
+            {"role": "assistant", "content": "Goodbye."},
+        ]
+    }
+    pieces = render(record)
+    assert [trained for _, trained in pieces] == [False, True, False, True]
+    assert pieces[0][0] == format_prompt("Hi", system="Be brief.")
+    _, labels = encode(record, tok, 256)
+    trained = [t for t in labels if t != IGNORE_INDEX]
+    assert trained == tok.encode("Hello.") + [tok.eos_id] + tok.encode("Goodbye.") + [tok.eos_id]
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({"prompt": "x"}, "missing or non-string response"),
+        ({"prompt": "x", "response": 3}, "missing or non-string response"),
+        ({"text": "x"}, "neither prompt/response nor messages"),
+        ({"messages": []}, "messages is not a non-empty list"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),
+        ({"prompt": "x", "response": "  "}, "empty response"),
+        ([1, 2], "not a JSON object"),
+    ],
+)
+def test_bad_records_say_why(record, reason, tok):
+    with pytest.raises(BadRecord, match=reason):
+        encode(record, tok, 64)
+
+
+def test_a_prompt_longer_than_the_context_is_skipped(tok):
+    with pytest.raises(BadRecord, match="no response token fits"):
+        encode({"prompt": "word " * 200, "response": "yes"}, tok, 32)
+
+
+def test_packing_makes_full_blocks_and_keeps_labels():
+    examples = [([1, 2, 3], [2, 3, -100]), ([4, 5], [5, 6]), ([7, 8, 9, 10], [8, -100, 10, 11])]
+    blocks = pack(examples, 4)
+    assert blocks == [([1, 2, 3, 4], [2, 3, -100, 5]), ([5, 7, 8, 9], [6, 8, -100, 10])]
+
+
+def test_datamodule_counts_bad_lines_splits_and_pads(corpus, tmp_path):
+    path = tmp_path / "sft.jsonl"
+    good = [{"prompt": f"Question {i}?", "response": f"Answer number {i}."} for i in range(40)]
+    lines = [json.dumps(r) for r in good] + ["{not json", json.dumps({"prompt": "only"}), ""]
+    path.write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\n")
+    dm = SFTDataModule(
+        train_file=str(path),
+        tokenizer_dir=str(corpus["root"] / "tok"),
+        val_fraction=0.2,
+        block_size=64,
+        batch_size=4,
+        vocab_size=1024,
+    )
+    with pytest.warns(UserWarning, match="skipped 3 record"):
+        dm.setup("fit")
+    assert dm.skipped == {
+        "malformed JSON": 1,
+        "missing or non-string response": 1,
+        "non-UTF-8 line": 1,
+    }
+    assert len(dm.train_examples) + len(dm.val_examples) == 40 and dm.val_examples
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].size(0) == 4
+    lengths = (batch["labels"] != IGNORE_INDEX).sum(1)
+    assert (lengths > 0).all()
+    with pytest.raises(ValueError, match="has 1024 tokens but the model only 512"):
+        SFTDataModule(
+            records=good, tokenizer_dir=str(corpus["root"] / "tok"), vocab_size=512
+        ).setup("fit")
+    with pytest.raises(ValueError, match="no usable training example"):
+        SFTDataModule(records=[{"prompt": "x"}], tokenizer_dir=str(corpus["root"] / "tok")).setup(
+            "fit"
+        )
+    with pytest.raises(ValueError, match="exactly one of data.train_file or data.records"):
+        SFTDataModule(tokenizer_dir="x")
+
+
+def _tiny_hf_model(path, vocab_size):
+    """A random Hugging Face Llama directory (no hub): the notebook's starting point."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_notebook_api_fine_tunes_a_hf_model_until_it_answers(corpus, tmp_path):
+    import lightning as L
+
+    from tinyrecipe.finetune import answer, load_pretrained, sft_data
+
+    tok_dir = corpus["root"] / "tok"
+    hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)
+    records = [
+        {"prompt": "What does len do?", "response": "It counts items."},
+        {"prompt": "What does abs do?", "response": "It drops the sign."},
+    ]
+    module = load_pretrained(hf_dir, lr=1e-2, min_lr=1e-3, warmup_steps=2)
+    data = sft_data(records * 8, tok_dir, block_size=64, batch_size=4, val_fraction=0.0)
+    trainer = L.Trainer(
+        max_steps=60,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    assert answer(module, tok_dir, "What does len do?", max_new_tokens=12) == "It counts items."
+    assert answer(module, tok_dir, "What does abs do?", max_new_tokens=12) == "It drops the sign."
+
+
+def test_finetune_recipe_runs_from_a_converted_checkpoint(corpus, tmp_path):
+    """The recipe as a user runs it, on a HF model converted with `tinyrecipe convert from-hf`."""
+    hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)
+    ckpt = tmp_path / "start.ckpt"
+    subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", "convert", "from-hf", str(hf_dir), str(ckpt)],
+        check=True,
+        capture_output=True,
+    )
+    sft = tmp_path / "sft.jsonl"
+    subprocess.run(
+        [sys.executable, str(ROOT / "data_prep/make_sft_sample.py"), "--out", str(sft)]
+        + ["--max-records", "200"],
+        check=True,
+        capture_output=True,
+    )
+    shape = {"n_layer": 2, "d_model": 64, "n_head": 4, "n_kv_head": 2, "d_ff": 176}
+    shape |= {"vocab_size": 1024, "block_size": 128}
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", "fit"]
+        + ["--config", str(ROOT / "recipes/finetune/quickstart-sft.yaml")]
+        + ["--model.config", json.dumps(shape), "--model.init_from", str(ckpt)]
+        + ["--data.train_file", str(sft), "--data.tokenizer_dir", str(corpus["root"] / "tok")]
+        + ["--data.block_size", "128", "--trainer.max_steps", "6"]
+        + ["--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1"]
+        + ["--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    from tests.test_training import scalars
+
+    logged = scalars(out / "tensorboard")
+    steps = [s for s, _ in logged["val/loss"]]
+    assert len(steps) == 3 and steps[0] == 0  # the step-0 evaluation, then every 3 steps
+    assert "val/loss/sft" in logged and "train/loss" in logged
+    assert (tmp_path / "out/quickstart-sft/checkpoints/last.ckpt").is_file()  # relative to cwd
