@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from tinyrecipe.cli import main as cli_main
+from tinyrecipe.convert import config_from_hparams, load_tinyrecipe_checkpoint
 from tinyrecipe.model import Llama
 
 from .conftest import ROOT
@@ -329,16 +330,49 @@ def test_killed_run_resumes_bitwise(corpus, tmp_path):
 )
 def test_two_process_strategies_match_one_process(corpus, tmp_path, strategy):
     """2 ranks x micro-batch 2 see exactly the samples of 1 rank x micro-batch 4, so the losses agree."""
-    single = write_recipe(tmp_path / "one", corpus, max_steps=4, every=100, batch_size=4)
+    single = write_recipe(tmp_path / "one", corpus, max_steps=4, every=4, batch_size=4)
     assert fit(single).returncode == 0
-    double = write_recipe(tmp_path / "two", corpus, max_steps=4, every=100, batch_size=2)
-    result = fit(double, "--trainer.devices", "2", *strategy, "--trainer.callbacks", "[]")
+    double = write_recipe(tmp_path / "two", corpus, max_steps=4, every=4, batch_size=2)
+    result = fit(double, "--trainer.devices", "2", *strategy)
     assert result.returncode == 0, result.stderr[-3000:]
-    one = scalars(tmp_path / "one/tb")["train/loss"]
-    two = scalars(tmp_path / "two/tb")["train/loss"]
-    assert len(one) == len(two) == 4
-    for (s1, l1), (s2, l2) in zip(one, two, strict=True):
+    one, two = scalars(tmp_path / "one/tb"), scalars(tmp_path / "two/tb")
+    assert len(one["train/loss"]) == len(two["train/loss"]) == 4
+    for (s1, l1), (s2, l2) in zip(one["train/loss"], two["train/loss"], strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
+    # validation split over 2 ranks gives the 1-rank figures
+    assert [v for _, v in two["val/loss"]] == pytest.approx(
+        [v for _, v in one["val/loss"]], abs=1e-4
+    )
+    # the checkpoint (a sharded directory under FSDP2) exports to Hugging Face like any other
+    ckpt = tmp_path / "two/ckpt/last.ckpt"
+    assert ckpt.is_dir() == ("ModelParallelStrategy" in str(strategy))
+    single_state = final_weights(tmp_path / "one/ckpt/last.ckpt")
+    _, state = load_tinyrecipe_checkpoint(ckpt)
+    assert state.keys() == {k.removeprefix("model.") for k in single_state}
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, single_state[f"model.{name}"], atol=1e-5, rtol=1e-4)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tinyrecipe.cli",
+            "convert",
+            "to-hf",
+            str(ckpt),
+            str(tmp_path / "hf"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = Llama(config_from_hparams({"preset": "tiny", "config": MICRO})).eval()
+    ours.load_state_dict(state)
+    idx = torch.randint(0, MICRO["vocab_size"], (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-5, rtol=0)
 
 
 def test_resuming_with_another_model_shape_is_one_clear_line(corpus, tmp_path):

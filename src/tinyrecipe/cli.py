@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("tinyrecipe.lightning_cli", "train a recipe: tinyrecipe fit --config recipes/X.yaml"),
     "validate": ("tinyrecipe.lightning_cli", "evaluate a recipe's model on its validation data"),
     "test": ("tinyrecipe.lightning_cli", "run the test loop of a recipe"),
+    "fabric": (
+        "tinyrecipe.fabric",
+        "train a recipe with the plain Lightning Fabric loop (same model, data, optimizer)",
+    ),
     "generate": ("tinyrecipe.generate", "sample text from a checkpoint"),
     "convert": (
         "tinyrecipe.convert",

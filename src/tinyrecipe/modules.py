@@ -28,6 +28,31 @@ def _shape_diff(theirs: ModelConfig, ours: ModelConfig) -> str:
     )
 
 
+def val_sums(model: Llama, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[loss x target tokens, target tokens] of one batch: summed over batches (and ranks), the
+    mean loss of a loader is per target token."""
+    _, loss = model(inputs, targets)
+    n = (targets != -100).sum()
+    return torch.stack([loss.detach().float() * n, n.float()])
+
+
+def val_metrics(rows: list[tuple[str, float, float, float]]) -> dict[str, float]:
+    """val/loss/<name> and val/ppl/<name> per loader from (name, weight, loss sum, tokens), and
+    val/loss, val/ppl of the mixture (weighted as in training). Loaders without tokens are left
+    out."""
+    metrics, mixed, total_weight = {}, 0.0, 0.0
+    for name, weight, loss_sum, tokens in rows:
+        if tokens == 0:  # no batch of this loader on any rank
+            continue
+        loss = loss_sum / tokens
+        metrics[f"val/loss/{name}"], metrics[f"val/ppl/{name}"] = loss, math.exp(loss)
+        mixed, total_weight = mixed + weight * loss, total_weight + weight
+    if total_weight:
+        metrics["val/loss"] = mixed / total_weight
+        metrics["val/ppl"] = math.exp(mixed / total_weight)
+    return metrics
+
+
 class CausalLMModule(L.LightningModule):
     """Next-token pretraining of a `Llama` built from a preset plus field overrides.
 
@@ -149,6 +174,10 @@ class CausalLMModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
 
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None):
+        """The decoder's forward (logits, or (logits, loss) with targets)."""
+        return self.model(inputs, targets)
+
     @staticmethod
     def inputs_and_targets(batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Pretraining batches are token blocks (B, T+1); SFT batches are dicts of input_ids and
@@ -188,14 +217,11 @@ class CausalLMModule(L.LightningModule):
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
         inputs, targets = self.inputs_and_targets(batch)
         self._count_flops(targets, training=False)
-        _, loss = self.model(inputs, targets)
-        n = (targets != -100).sum()  # the mean over a loader is per target token
-        sums = self._val_sums.setdefault(dataloader_idx, torch.zeros(2, device=loss.device))
-        sums += torch.stack([loss.detach().float() * n, n.float()])
+        sums = self._val_sums.setdefault(dataloader_idx, torch.zeros(2, device=inputs.device))
+        sums += val_sums(self.model, inputs, targets)
 
     def on_validation_epoch_end(self) -> None:
         names, weights = self._val_sources()
-        metrics, mixed, total_weight = {}, 0.0, 0.0
         # Every rank reduces every loader's sums, in the same order, even a rank that got no
         # batch of some loader (else the others wait for it forever: litgpt #2319).
         loaders = (
@@ -203,21 +229,14 @@ class CausalLMModule(L.LightningModule):
             if self.trainer.sanity_checking
             else self.trainer.num_val_batches
         )
+        rows = []
         for idx in range(len(loaders)):
             zeros = torch.zeros(2, device=self.trainer.strategy.root_device)
             sums = self.trainer.strategy.reduce(self._val_sums.get(idx, zeros), reduce_op="sum")
-            if sums[1] == 0:  # no batch of this loader on any rank
-                continue
-            loss = (sums[0] / sums[1]).item()
             name = names[idx] if idx < len(names) else f"source{idx}"
-            metrics[f"val/loss/{name}"], metrics[f"val/ppl/{name}"] = loss, math.exp(loss)
-            w = weights[idx] if idx < len(weights) else 1.0
-            mixed, total_weight = mixed + w * loss, total_weight + w
-        if total_weight:  # the mixture's loss, weighted as in training
-            metrics["val/loss"], metrics["val/ppl"] = (
-                mixed / total_weight,
-                math.exp(mixed / total_weight),
-            )
+            weight = weights[idx] if idx < len(weights) else 1.0
+            rows.append((name, weight, sums[0].item(), sums[1].item()))
+        metrics = val_metrics(rows)
         self._val_sums.clear()
         if self.trainer.sanity_checking:
             # Lightning drops metrics logged during the sanity check; with num_sanity_val_steps=-1
@@ -246,7 +265,11 @@ class CausalLMModule(L.LightningModule):
 
     # -- optimisation --------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> dict:
+    def build_optimizer(
+        self, max_steps: int | None = None
+    ) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        """AdamW over the decoder and its warmup + cosine schedule (stepped per optimizer step):
+        what `configure_optimizers` gives the Trainer and `tinyrecipe.fabric` uses itself."""
         hp = self.hparams
         optimizer = build_adamw(
             self.model,
@@ -257,7 +280,7 @@ class CausalLMModule(L.LightningModule):
             hp.decay_norms_and_embeddings,
             hp.optimizer_kernel,
         )
-        max_steps = hp.max_steps or self.trainer.max_steps
+        max_steps = hp.max_steps or max_steps
         if max_steps is None or max_steps < 0:
             raise ValueError(
                 "set trainer.max_steps (or model.max_steps): the cosine schedule needs its length"
@@ -266,7 +289,10 @@ class CausalLMModule(L.LightningModule):
         def factor(step: int) -> float:
             return warmup_cosine_lr(step, hp.lr, hp.min_lr, hp.warmup_steps, max_steps) / hp.lr
 
-        scheduler = LambdaLR(optimizer, factor)
+        return optimizer, LambdaLR(optimizer, factor)
+
+    def configure_optimizers(self) -> dict:
+        optimizer, scheduler = self.build_optimizer(self.trainer.max_steps)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

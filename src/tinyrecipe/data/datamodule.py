@@ -119,7 +119,13 @@ class MixedStreamingDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
 
+    def set_rank_world(self, rank: int, world_size: int) -> None:
+        """Which share of the stream this process trains on, without a Trainer (Fabric)."""
+        self._rank_world_override = (rank, world_size)
+
     def _rank_world(self) -> tuple[int, int]:
+        if getattr(self, "_rank_world_override", None):
+            return self._rank_world_override
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 1
