@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
             else argv,  # from the console LightningCLI reads sys.argv
             save_config_kwargs={"overwrite": True},
         )
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError, OSError) as err:
         # A recipe error (unknown preset, data/model mismatch, missing data dir...): one line,
         # no traceback. TINYRECIPE_DEBUG=1 shows the traceback.
         if os.environ.get("TINYRECIPE_DEBUG"):

@@ -10,9 +10,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import LambdaLR
 
+from tinyrecipe.faults import failpoint
 from tinyrecipe.flops import forward_flops_per_token, train_flops_per_token
 from tinyrecipe.model import Llama, ModelConfig
 from tinyrecipe.model.config import SHAPE_FIELDS
@@ -70,6 +71,9 @@ class CausalLMModule(L.LightningModule):
             reused by every layer). Speed switches are all off or "auto" by default; the
             chunked loss is `config: {loss_chunk_size: N}`.
         optimizer_kernel: AdamW's kernel: "auto" (fused), "fused", "foreach" or "for-loop".
+        nonfinite_loss: a NaN/inf training loss "stop"s the run with the step in the message
+            (the last checkpoint is intact), or is "skip"ped: no update from that batch, a
+            warning, and train/skipped_batches counts them.
         init_from: a tinyrecipe checkpoint (e.g. from `tinyrecipe convert from-hf`) whose
             weights the model starts from; its shape must match preset + config.
     """
@@ -91,8 +95,14 @@ class CausalLMModule(L.LightningModule):
         init_from: str | None = None,
         compile: bool = False,
         optimizer_kernel: str = "auto",
+        nonfinite_loss: str = "stop",
     ) -> None:
         super().__init__()
+        if nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(
+                f"model.nonfinite_loss={nonfinite_loss!r} is unknown; use 'stop' or 'skip'"
+            )
+        self._skipped = 0
         self.save_hyperparameters()
         self.config = ModelConfig.from_name(preset, **(config or {}))
         self.model: Llama | None = None
@@ -190,10 +200,22 @@ class CausalLMModule(L.LightningModule):
         inputs, targets = self.inputs_and_targets(batch)
         self._count_flops(targets, training=True)
         _, loss = self.model(inputs, targets)
-        if not torch.isfinite(loss):
+        bad = (~torch.isfinite(loss.detach())).float()
+        if self.trainer.world_size > 1:  # every rank must take the same branch
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item() > 0:
+            if self.hparams.nonfinite_loss == "skip":
+                self._skipped += 1
+                rank_zero_warn(
+                    f"training loss is not finite at step {self.global_step} (batch {batch_idx}); "
+                    f"skipping this batch (model.nonfinite_loss: skip; {self._skipped} so far)"
+                )
+                self.log("train/skipped_batches", float(self._skipped), reduce_fx="max")
+                return None  # Lightning skips backward and the optimizer step
             raise FloatingPointError(
                 f"training loss is {loss.item()} at step {self.global_step}; lower model.lr or "
-                "check the data, then resume from the last checkpoint"
+                "check the data, then resume from the last checkpoint (or set "
+                "model.nonfinite_loss: skip to skip such batches)"
             )
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)
         tokens_seen = (
@@ -205,6 +227,9 @@ class CausalLMModule(L.LightningModule):
         self.log("train/tokens_seen", float(tokens_seen), reduce_fx="max")
         return loss
 
+    def on_after_backward(self) -> None:
+        failpoint("train.after_backward")
+
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = []
         for p in self.model.parameters():
@@ -215,6 +240,7 @@ class CausalLMModule(L.LightningModule):
             self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
 
     def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        failpoint("val.batch")
         inputs, targets = self.inputs_and_targets(batch)
         self._count_flops(targets, training=False)
         sums = self._val_sums.setdefault(dataloader_idx, torch.zeros(2, device=inputs.device))

@@ -8,7 +8,13 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from tinyrecipe.data.mixture import MixedBlockStream, MixtureSchedule, SequentialBlocks, TokenBlocks
+from tinyrecipe.data.mixture import (
+    MixedBlockStream,
+    MixtureSchedule,
+    SequentialBlocks,
+    ShardedEvalSampler,
+    TokenBlocks,
+)
 
 
 @dataclass
@@ -27,7 +33,8 @@ class DataSource:
 class MixedStreamingDataModule(L.LightningDataModule):
     """Training batches from `sources` mixed by weight; one validation loader per source.
 
-    Batches are int64 (batch_size, block_size + 1): inputs are `[:, :-1]`, targets `[:, 1:]`.
+    Training batches are int64 (batch_size, block_size + 1): inputs are `[:, :-1]`, targets
+    `[:, 1:]`. Validation batches are dicts of `input_ids` and `labels` (see val_dataloader).
     `state_dict()` is the number of micro-batches consumed; loading it resumes the exact batch
     sequence whatever `num_workers` is (see `tinyrecipe.data.mixture`).
     `vocab_size` (the model's) and `tokenizer_dir` are checked against the data's metadata.
@@ -142,16 +149,22 @@ class MixedStreamingDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> list[DataLoader]:
+        """One loader per source with validation data; batches are dicts (input_ids, labels).
+        Ranks split the blocks without repeating any, and all run the same number of batches."""
         self.setup()
-        return [
-            DataLoader(
-                SequentialBlocks(blocks, self.val_max_blocks),
-                batch_size=self.val_batch_size,
-                num_workers=self.num_workers,
-                shuffle=False,
+        rank, world = self._rank_world()
+        loaders = []
+        for blocks in self._val:
+            dataset = SequentialBlocks(blocks, self.val_max_blocks)
+            loaders.append(
+                DataLoader(
+                    dataset,
+                    batch_size=self.val_batch_size,
+                    sampler=ShardedEvalSampler(dataset, rank, world),
+                    num_workers=self.num_workers,
+                )
             )
-            for blocks in self._val
-        ]
+        return loaders
 
     # -- resume --------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from tinyrecipe.data.prep import META_KEY
 
@@ -175,7 +175,10 @@ class MixedBlockStream(IterableDataset):
 
 
 class SequentialBlocks(Dataset):
-    """The first `limit` blocks of one split in stored order (validation)."""
+    """The first `limit` blocks of one split in stored order (validation), as dicts of
+    `input_ids` and `labels`. Index `len(self)` and beyond is a padding item whose labels are all
+    -100: `ShardedEvalSampler` uses it so every rank runs the same number of batches (none is
+    left out of a collective) while the loss counts each real block exactly once."""
 
     def __init__(self, blocks: TokenBlocks, limit: int | None = None) -> None:
         self.blocks = blocks
@@ -184,5 +187,28 @@ class SequentialBlocks(Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def __getitem__(self, j: int) -> torch.Tensor:
-        return torch.from_numpy(self.blocks.block(j).astype(np.int64))
+    def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
+        if j >= self.n:
+            width = self.blocks.block_size
+            return {
+                "input_ids": torch.zeros(width, dtype=torch.int64),
+                "labels": torch.full((width,), -100, dtype=torch.int64),
+            }
+        block = torch.from_numpy(self.blocks.block(j).astype(np.int64))
+        return {"input_ids": block[:-1], "labels": block[1:]}
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Rank r evaluates items r, r + world, ...; the shares are padded to equal length with
+    padding items (zero-weight, see SequentialBlocks) instead of DistributedSampler's repeated
+    real items, so a validation loss does not depend on the number of ranks."""
+
+    def __init__(self, dataset: SequentialBlocks, rank: int, world_size: int) -> None:
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
+        self.per_rank = -(-len(dataset) // world_size) if len(dataset) else 0
+
+    def __iter__(self):
+        return iter(range(self.rank, self.per_rank * self.num_replicas, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.per_rank

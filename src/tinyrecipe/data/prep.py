@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from tinyrecipe.data.tokenizer import TextTokenizer
+from tinyrecipe.faults import failpoint
 
 FORMAT_VERSION = 1
 META_KEY = "tinyrecipe"
@@ -271,8 +272,9 @@ def prepare_split(
     fingerprint = _fingerprint(files, tokenizer, options)
     final = Path(out_dir) / split
     summary = SplitSummary(split)
-    for stale in final.parent.glob(f".{split}.tmp-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
+    for pattern in (f".{split}.tmp-*", f".{split}.old-*"):  # left by an interrupted run
+        for stale in final.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
     meta = read_metadata(final)
     if meta.get("fingerprint") == fingerprint:  # complete and identical: nothing to do
         summary.documents, summary.tokens = meta["documents"], meta["tokens"]
@@ -301,6 +303,7 @@ def prepare_split(
         for docs, skipped, nbytes in results:
             for doc in docs:
                 writer[summary.documents] = doc
+                failpoint("prep.document")
                 summary.documents += 1
                 summary.tokens += len(doc)
             summary.skipped.update(skipped)
@@ -332,6 +335,7 @@ def prepare_split(
         inputs=[f.name for f in files],
     )
     index_path.write_text(json.dumps(index, indent=1))
+    failpoint("prep.rename")
     if final.exists():  # an older, different preparation: swap it out only once ours is complete
         old = final.parent / f".{split}.old-{os.getpid()}"
         final.rename(old)
