@@ -18,14 +18,20 @@ from tinyrecipe.faults import failpoint
 
 
 class _Failpointed:
-    """A file whose every write() is a failpoint (the fault suite kills mid-write there)."""
+    """A file whose every write() is a failpoint (the fault suite kills mid-write there), and
+    which keeps the OSError of a failed write (torch.save reports it as a RuntimeError)."""
 
     def __init__(self, f) -> None:
         self._f = f
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         failpoint("checkpoint.write")
-        return self._f.write(data)
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
 
     def __getattr__(self, name: str):
         return getattr(self._f, name)
@@ -39,10 +45,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f"{path.name}.tmp-*"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        out = None
         try:
             with open(tmp, "wb") as f:
-                torch.save(checkpoint, _Failpointed(f))
+                out = _Failpointed(f)
+                try:
+                    torch.save(checkpoint, out)
+                except RuntimeError:
+                    if out.error is not None:  # the disk's error, not torch's rewording of it
+                        raise out.error from None
+                    raise
                 f.flush()
                 os.fsync(f.fileno())
             failpoint("checkpoint.rename")

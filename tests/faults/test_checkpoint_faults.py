@@ -1,0 +1,91 @@
+"""Checkpoint writes cut at random byte offsets, an unreadable last.ckpt, and a full disk."""
+
+import errno
+import random
+
+import pytest
+import torch
+
+from tinyrecipe.checkpoint import AtomicCheckpointIO
+
+pytestmark = pytest.mark.faults
+
+
+def state(step: int) -> dict:
+    torch.manual_seed(step)
+    return {"global_step": step, "state_dict": {"model.w": torch.randn(64, 64)}}
+
+
+class CutAfter:
+    """A file that fails with `error` once `limit` bytes have been written to it."""
+
+    def __init__(self, f, limit: int, error: OSError) -> None:
+        self.f, self.left, self.fault, self.error = f, limit, error, None
+
+    def write(self, data) -> int:
+        if len(data) > self.left:
+            self.f.write(bytes(data)[: self.left])
+            self.error = self.fault
+            raise self.fault
+        self.left -= len(data)
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_a_write_cut_at_any_offset_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    last = tmp_path / "last.ckpt"
+    io.save_checkpoint(state(1), last)
+    size = last.stat().st_size
+    import tinyrecipe.checkpoint as ckpt_module
+
+    for offset in sorted(random.Random(0).sample(range(1, size), 12)):
+        monkeypatch.setattr(
+            ckpt_module,
+            "_Failpointed",
+            lambda f, o=offset: CutAfter(f, o, OSError(errno.EIO, "I/O")),
+        )
+        with pytest.raises(OSError):
+            io.save_checkpoint(state(2), last)
+        loaded = io.load_checkpoint(last)
+        assert loaded["global_step"] == 1 and torch.equal(
+            loaded["state_dict"]["model.w"], state(1)["state_dict"]["model.w"]
+        )
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"], "temp file left"
+
+
+def test_disk_full_is_one_clear_error_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
+    import tinyrecipe.checkpoint as ckpt_module
+
+    io = AtomicCheckpointIO()
+    last = tmp_path / "last.ckpt"
+    io.save_checkpoint(state(1), last)
+    monkeypatch.setattr(
+        ckpt_module,
+        "_Failpointed",
+        lambda f: CutAfter(f, 1000, OSError(errno.ENOSPC, "No space left on device")),
+    )
+    with pytest.raises(OSError, match="no space left to write checkpoint .*last.ckpt.*free disk"):
+        io.save_checkpoint(state(2), last)
+    assert io.load_checkpoint(last)["global_step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_an_unreadable_last_falls_back_to_the_newest_readable_checkpoint(tmp_path):
+    io = AtomicCheckpointIO()
+    io.save_checkpoint(state(4), tmp_path / "epoch=0-step=4.ckpt")
+    io.save_checkpoint(state(8), tmp_path / "epoch=0-step=8.ckpt")
+    last = tmp_path / "last.ckpt"
+    io.save_checkpoint(state(8), last)
+    # step 8's file is damaged too (same disk fault): the newest readable one is step 4
+    for damaged in (last, tmp_path / "epoch=0-step=8.ckpt"):
+        damaged.write_bytes(damaged.read_bytes()[:300])
+    with pytest.warns(
+        UserWarning, match=r"last.ckpt' is unreadable .*'epoch=0-step=4.ckpt' \(step 4\)"
+    ):
+        assert io.load_checkpoint(last)["global_step"] == 4
+    (tmp_path / "epoch=0-step=4.ckpt").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="unreadable .* no other checkpoint beside it loads"):
+        io.load_checkpoint(last)

@@ -1,0 +1,137 @@
+"""kill -9 a real `tinyrecipe fit` at exact places (failpoints) and resume with --ckpt_path last:
+the final weights and the logged training losses equal the uninterrupted run's, bitwise."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.test_training import MICRO, final_weights, fit, scalars, write_recipe
+from tinyrecipe.data.mixture import MixtureSchedule, TokenBlocks
+
+pytestmark = pytest.mark.faults
+
+STEPS, EVERY = 8, 4  # checkpoints (and validations) at steps 4 and 8
+
+
+def killed_fit(recipe, point: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TINYRECIPE_KILL_AT=point)
+    return subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+
+
+def last_per_step(values: list[tuple[int, float]]) -> dict[int, float]:
+    """A resumed run logs the steps after its checkpoint again: keep the latest value of each."""
+    return dict(values)
+
+
+def assert_same_run(ref_dir, run_dir) -> None:
+    want, got = final_weights(ref_dir / "ckpt/last.ckpt"), final_weights(run_dir / "ckpt/last.ckpt")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+    ref, run = scalars(ref_dir / "tb"), scalars(run_dir / "tb")
+    assert last_per_step(run["train/loss"]) == last_per_step(ref["train/loss"])
+    ref_val, run_val = last_per_step(ref["val/loss"]), last_per_step(run["val/loss"])
+    assert run_val[max(run_val)] == ref_val[max(ref_val)]  # the final evaluation
+
+
+def writes_per_checkpoint(ckpt) -> int:
+    """How many write() calls torch.save makes for a checkpoint like `ckpt`."""
+
+    class Counter:
+        n = 0
+
+        def write(self, data):
+            Counter.n += 1
+            return len(data)
+
+        def flush(self):
+            pass
+
+    torch.save(torch.load(ckpt, weights_only=True), Counter())
+    return Counter.n
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    ref = tmp_path_factory.mktemp("reference")
+    result = fit(write_recipe(ref, corpus, max_steps=STEPS, every=EVERY))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return ref
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "train.after_backward:6",
+        "val.batch:6",
+        "checkpoint.write:mid-third-save",
+        "checkpoint.rename:3",
+    ],
+    ids=["mid-step", "during-validation", "mid-checkpoint-write", "checkpoint-before-rename"],
+)
+def test_kill_and_resume_equals_the_uninterrupted_run(corpus, reference, tmp_path, point):
+    recipe = write_recipe(tmp_path, corpus, max_steps=STEPS, every=EVERY)
+    if point == "checkpoint.write:mid-third-save":
+        # saves: step-4 file, last (step 4), step-8 file -> kill halfway through the third
+        per = writes_per_checkpoint(reference / "ckpt/last.ckpt")
+        point = f"checkpoint.write:{2 * per + per // 2}"
+    killed = killed_fit(recipe, point)
+    assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
+    last = tmp_path / "ckpt/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == EVERY  # the good one, whole
+    resumed = fit(recipe, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(reference, tmp_path)
+    assert not list((tmp_path / "ckpt").glob("*.tmp-*")), "a killed save left its temp file"
+
+
+def test_kill_right_after_a_mixture_epoch_boundary(corpus, tmp_path):
+    """Die in the step after the one in which a source's epoch ends: the resume starts from the
+    checkpoint right after the boundary and continues the source's second epoch exactly."""
+    block, batch, weights = 256, 64, (0.7, 0.3)
+    slim = TokenBlocks(str(corpus["root"] / "slim/train"), block)
+    schedule = MixtureSchedule(list(weights), seed=42)
+    i = 0
+    while schedule.locate(i) != (0, len(slim)):  # the first draw of slim's second epoch
+        i += 1
+    boundary_step = i // batch + 1  # 1-based step holding that draw
+    shape = {**MICRO, "block_size": block}
+    extra = ["--model.config", str(shape), "--data.block_size", str(block)]
+    extra += ["--data.batch_size", str(batch), "--data.val_max_blocks", "4"]
+
+    def recipe(root):  # a checkpoint (and a short validation) after every step
+        return write_recipe(root, corpus, max_steps=boundary_step + 3, every=1)
+
+    ref = tmp_path / "ref"
+    assert fit(recipe(ref), *extra).returncode == 0
+    run = tmp_path / "run"
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        TINYRECIPE_KILL_AT=f"train.after_backward:{boundary_step + 1}",
+    )
+    killed = subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe(run)), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=ROOT,
+    )
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert torch.load(run / "ckpt/last.ckpt", weights_only=True)["global_step"] == boundary_step
+    resumed = fit(recipe(run), *extra, "--ckpt_path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(ref, run)
