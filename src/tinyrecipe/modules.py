@@ -34,7 +34,8 @@ def val_sums(model: Llama, inputs: torch.Tensor, targets: torch.Tensor) -> torch
     mean loss of a loader is per target token."""
     _, loss = model(inputs, targets)
     n = (targets != -100).sum()
-    return torch.stack([loss.detach().float() * n, n.float()])
+    total = torch.where(n > 0, loss.detach().float() * n, 0.0)  # an all-padding batch: 0, not NaN
+    return torch.stack([total, n.float()])
 
 
 def val_metrics(rows: list[tuple[str, float, float, float]]) -> dict[str, float]:

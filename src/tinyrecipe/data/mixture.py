@@ -35,6 +35,17 @@ class TokenBlocks:
     def __init__(self, path: str, block_size: int, seed: int = 0) -> None:
         self.path, self.block_size, self.seed = str(path), block_size, seed
         self._dataset = None
+        if "://" not in self.path:  # local: say what is wrong before litdata does, in our words
+            if not Path(self.path).is_dir():
+                raise FileNotFoundError(
+                    f"data dir '{self.path}' does not exist; prepare it with "
+                    "data_prep/prepare_*.py or fix the path in the recipe"
+                )
+            if not (Path(self.path) / "index.json").is_file():
+                raise FileNotFoundError(
+                    f"data dir '{self.path}' holds no prepared data (no index.json); prepare it "
+                    "with data_prep/prepare_*.py"
+                )
         dataset = self._open()
         index_file = Path(dataset.input_dir.path or self.path) / "index.json"
         index = json.loads(index_file.read_text())

@@ -1,0 +1,299 @@
+"""The README's bad-input table, row by row: each input gives a one-line error naming the file or
+key and the fix, or a counted skip; never a bare traceback, never partial output left behind.
+`test_readme_table_matches_these_tests` keeps the table and this file in step."""
+
+import json
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import ROOT, script
+from tests.test_data import write_zst
+from tests.test_training import MICRO, write_recipe
+
+pytestmark = pytest.mark.faults
+
+GOOD = json.dumps({"text": "a fine document", "meta": {"redpajama_set_name": "RedPajamaC4"}})
+
+
+def prep_slim(tmp_path, corpus, lines: list[bytes], name="a.jsonl.zst", cut: int = 0):
+    """Run the real prep script on a train split holding `lines` (validation: one good line)."""
+    path = write_zst(tmp_path / "in/train" / name, lines)
+    if cut:
+        path.write_bytes(path.read_bytes()[:-cut])
+    write_zst(tmp_path / "in/validation/v.jsonl.zst", [GOOD.encode()])
+    return script(
+        "prepare_slimpajama.py",
+        "--input",
+        tmp_path / "in",
+        "--tokenizer",
+        corpus["root"] / "tok",
+        "--out",
+        tmp_path / "out",
+        check=False,
+    )
+
+
+def one_line_error(result, *needles: str) -> None:
+    """Exit 2, no traceback, and one `error:` line (Lightning's own info lines may precede it)."""
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if "error: " in line]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def skipped(result, reason: str, n: int) -> None:
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"{reason} {n}" in result.stdout, result.stdout
+
+
+def cli_fit(recipe, *extra: str, cwd=ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+    )
+
+
+# ---- one function per README row --------------------------------------------------------------
+
+
+def malformed_json(tmp_path, corpus):
+    skipped(prep_slim(tmp_path, corpus, [GOOD.encode(), b"{not json"]), "malformed_json", 1)
+
+
+def missing_text(tmp_path, corpus):
+    skipped(prep_slim(tmp_path, corpus, [GOOD.encode(), b'{"meta": {}}']), "missing_text", 1)
+
+
+def empty_file(tmp_path, corpus):
+    result = prep_slim(tmp_path, corpus, [b""], name="empty.jsonl.zst")
+    one_line_error(result, "no usable documents", str(tmp_path / "in/train"), "check the input")
+    assert not (tmp_path / "out/train").exists()
+
+
+def non_utf8(tmp_path, corpus):
+    skipped(prep_slim(tmp_path, corpus, [GOOD.encode(), b'{"text": "caf\xe9"}']), "non_utf8", 1)
+
+
+def zstd_truncated(tmp_path, corpus):
+    # ~400 KB: several zstd blocks, so the records of the complete blocks survive the cut
+    lines = [json.dumps({"text": f"document {i} " * 10}).encode() for i in range(3000)]
+    result = prep_slim(tmp_path, corpus, lines, cut=7)
+    skipped(result, "truncated_file", 1)
+    kept = int(re.search(r"train: ([\d,]+) documents", result.stdout)[1].replace(",", ""))
+    assert 0 < kept < 3000
+
+
+def parquet_without_content(tmp_path, corpus):
+    (tmp_path / "in/python").mkdir(parents=True)
+    code = [f"def f{i}(x):\n    return x + {i}\n" for i in range(400)]  # both splits get some
+    pq.write_table(pa.table({"content": code}), tmp_path / "in/python/a.parquet")
+    pq.write_table(pa.table({"text": ["x"]}), tmp_path / "in/python/b.parquet")
+    result = script(
+        "prepare_starcoder.py",
+        "--input",
+        tmp_path / "in",
+        "--tokenizer",
+        corpus["root"] / "tok",
+        "--out",
+        tmp_path / "out",
+        "--val-permille",
+        100,
+        check=False,
+    )
+    assert "missing_content_column 1" in result.stdout, result.stderr[-2000:]
+
+
+def tokenizer_vocab_mismatch(tmp_path, corpus):
+    recipe = write_recipe(tmp_path, corpus, max_steps=1, every=1)
+    shape = json.dumps({**MICRO, "vocab_size": 2048})
+    one_line_error(
+        cli_fit(recipe, "--model.config", shape), "tokenizer vocab 1024", "re-run data_prep"
+    )
+
+
+def missing_data_dir(tmp_path, corpus):
+    recipe = write_recipe(tmp_path, corpus, max_steps=1, every=1)
+    text = recipe.read_text().replace(str(corpus["root"] / "slim/train"), str(tmp_path / "nope"))
+    recipe.write_text(text)
+    one_line_error(cli_fit(recipe), str(tmp_path / "nope"))
+
+
+def empty_data_dir(tmp_path, corpus):
+    (tmp_path / "empty").mkdir()
+    recipe = write_recipe(tmp_path, corpus, max_steps=1, every=1)
+    text = recipe.read_text().replace(str(corpus["root"] / "slim/train"), str(tmp_path / "empty"))
+    recipe.write_text(text)
+    one_line_error(cli_fit(recipe), str(tmp_path / "empty"), "prepare")
+
+
+def unknown_yaml_key(tmp_path, corpus):
+    recipe = write_recipe(tmp_path, corpus, max_steps=1, every=1)
+    recipe.write_text(recipe.read_text() + "\nmodle:\n  lr: 1.0\n")
+    result = cli_fit(recipe)
+    assert result.returncode == 2 and "modle" in result.stderr and "Traceback" not in result.stderr
+
+
+def wrong_type(tmp_path, corpus):
+    recipe = write_recipe(tmp_path, corpus, max_steps=1, every=1)
+    result = cli_fit(recipe, "--trainer.max_steps", "many")
+    assert result.returncode == 2 and "max_steps" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def unknown_preset(tmp_path, corpus):
+    recipe = write_recipe(tmp_path, corpus, max_steps=1, every=1)
+    one_line_error(
+        cli_fit(recipe, "--model.preset", "gpt-5"), "unknown model preset 'gpt-5'", "tiny"
+    )
+
+
+def checkpoint_of_another_model(tmp_path, corpus):
+    from tinyrecipe.modules import CausalLMModule
+
+    theirs = {"hyper_parameters": {"preset": "tiny", "config": {**MICRO, "n_layer": 3}}}
+    with pytest.raises(ValueError, match=r"another model \(n_layer 3 vs 2.*resume with the recipe"):
+        CausalLMModule(preset="tiny", config=MICRO).on_load_checkpoint(theirs)
+
+
+def _nan_run(tmp_path, corpus, policy: str):
+    """A real Trainer run whose 3rd training batch gives a NaN loss."""
+    import lightning as L
+
+    from tinyrecipe.data import DataSource, MixedStreamingDataModule
+    from tinyrecipe.modules import CausalLMModule
+
+    module = CausalLMModule(preset="tiny", config=MICRO, nonfinite_loss=policy, warmup_steps=1)
+    module.configure_model()
+    forward, calls = module.model.forward, {"n": 0}
+
+    def poisoned(idx, targets=None, cache=None):
+        out = forward(idx, targets, cache)
+        if targets is not None and module.training:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                return out[0], out[1] * float("nan")
+        return out
+
+    module.model.forward = poisoned
+    data = MixedStreamingDataModule(
+        [DataSource("slim", str(corpus["root"] / "slim/train"))], block_size=64, batch_size=2
+    )
+    trainer = L.Trainer(
+        max_steps=5,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    return trainer, module
+
+
+def nan_loss_stop(tmp_path, corpus):
+    with pytest.raises(FloatingPointError, match="training loss is nan at step 2; lower model.lr"):
+        _nan_run(tmp_path, corpus, "stop")
+
+
+def nan_loss_skip(tmp_path, corpus):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, module = _nan_run(tmp_path, corpus, "skip")
+    assert any("not finite at step 2" in str(w.message) for w in caught)
+    assert trainer.global_step == 5 and module._skipped == 1  # the NaN batch updated nothing
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())
+
+
+def disk_full_checkpoint(tmp_path, corpus):
+    from tests.faults.test_checkpoint_faults import (
+        test_disk_full_is_one_clear_error_and_the_old_checkpoint_stays as check,
+    )
+
+    with pytest.MonkeyPatch.context() as mp:
+        check(tmp_path, mp)
+
+
+def unreadable_last_checkpoint(tmp_path, corpus):
+    from tests.faults.test_checkpoint_faults import (
+        test_an_unreadable_last_falls_back_to_the_newest_readable_checkpoint as check,
+    )
+
+    check(tmp_path)
+
+
+def sft_bad_records(tmp_path, corpus):
+    from tinyrecipe.data.sft import SFTDataModule
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text('{"prompt": "q", "response": "a"}\n{"prompt": "q"}\n{oops\n')
+    dm = SFTDataModule(
+        train_file=str(path), tokenizer_dir=str(corpus["root"] / "tok"), val_fraction=0
+    )
+    with pytest.warns(UserWarning, match=r"sft.jsonl: skipped 2 record\(s\)"):
+        dm.setup("fit")
+    assert dm.skipped == {"malformed JSON": 1, "missing or non-string response": 1}
+
+
+CASES = {
+    f.__name__.replace("_", "-"): f
+    for f in (
+        malformed_json,
+        missing_text,
+        empty_file,
+        non_utf8,
+        zstd_truncated,
+        parquet_without_content,
+        tokenizer_vocab_mismatch,
+        missing_data_dir,
+        empty_data_dir,
+        unknown_yaml_key,
+        wrong_type,
+        unknown_preset,
+        checkpoint_of_another_model,
+        nan_loss_stop,
+        nan_loss_skip,
+        disk_full_checkpoint,
+        unreadable_last_checkpoint,
+        sft_bad_records,
+    )
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input(case, tmp_path, corpus):
+    CASES[case](tmp_path, corpus)
+
+
+def test_readme_table_matches_these_tests():
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Bad input") :]
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.M)
+    assert rows == list(CASES), "README bad-input table and tests/faults/test_bad_inputs.py differ"
+
+
+def test_untrusted_files_are_never_unpickled_or_executed():
+    """Weights load with weights_only / safetensors; no eval/exec/pickle of user data."""
+    for path in sorted((ROOT / "src").rglob("*.py")):
+        text = path.read_text()
+        for match in re.finditer(r"torch\.load\(", text):
+            depth, end = 1, match.end()
+            while depth:  # to the matching parenthesis
+                depth += {"(": 1, ")": -1}.get(text[end], 0)
+                end += 1
+            call = text[match.start() : end]
+            assert "weights_only=True" in call, (path.name, call)
+        assert not re.search(r"(?<![.\w])(eval|exec)\(|import pickle|pickle\.load", text), path.name
+    assert Path(ROOT / "src/tinyrecipe/checkpoint.py").is_file()
