@@ -19,6 +19,32 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def tinyrecipe(*args, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """`tinyrecipe <args>` in a subprocess from the repo root, one torch thread, extra env vars."""
+    return subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **env),
+        cwd=ROOT,
+    )
+
+
+def quiet_trainer(**kwargs):
+    """A CPU Trainer without logger, checkpoints, progress bar or model summary."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **kwargs,
+    )
+
+
 def script(name: str, *args, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "data_prep" / name), *map(str, args)],

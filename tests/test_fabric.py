@@ -1,27 +1,16 @@
 """The Fabric loop trains exactly like the Trainer path, on 1 and 2 CPU processes."""
 
 import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import tinyrecipe
 from tests.test_training import fit, scalars, write_recipe
 from tinyrecipe.convert import load_tinyrecipe_checkpoint
 
 
 def fabric(recipe, *extra: str) -> subprocess.CompletedProcess:
-    import os
-
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, "-m", "tinyrecipe.cli", "fabric", "--config", str(recipe), *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-    )
+    return tinyrecipe("fabric", "--config", recipe, *extra)
 
 
 def test_fabric_loop_matches_the_trainer_loss_sequence(corpus, tmp_path):

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, quiet_trainer
 from tinyrecipe.data.sft import (
     IGNORE_INDEX,
     BadRecord,
@@ -143,8 +143,6 @@ def _tiny_hf_model(path, vocab_size):
 
 
 def test_notebook_api_fine_tunes_a_hf_model_until_it_answers(corpus, tmp_path):
-    import lightning as L
-
     from tinyrecipe.finetune import answer, load_pretrained, sft_data
 
     tok_dir = corpus["root"] / "tok"
@@ -155,14 +153,7 @@ def test_notebook_api_fine_tunes_a_hf_model_until_it_answers(corpus, tmp_path):
     ]
     module = load_pretrained(hf_dir, lr=1e-2, min_lr=1e-3, warmup_steps=2)
     data = sft_data(records * 8, tok_dir, block_size=64, batch_size=4, val_fraction=0.0)
-    trainer = L.Trainer(
-        max_steps=60,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=60)
     trainer.fit(module, data)
     assert answer(module, tok_dir, "What does len do?", max_new_tokens=12) == "It counts items."
     assert answer(module, tok_dir, "What does abs do?", max_new_tokens=12) == "It drops the sign."

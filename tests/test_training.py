@@ -3,7 +3,6 @@ DDP / FSDP2 on 2 CPU processes match the single-process run."""
 
 import io
 import json
-import os
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -17,7 +16,7 @@ from tinyrecipe.cli import main as cli_main
 from tinyrecipe.convert import config_from_hparams, load_tinyrecipe_checkpoint
 from tinyrecipe.model import Llama
 
-from .conftest import ROOT
+from .conftest import ROOT, tinyrecipe
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml")) + sorted(
     (ROOT / "recipes/finetune").glob("*.yaml")
@@ -193,16 +192,8 @@ def write_recipe(
     return path
 
 
-def fit(recipe: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe), *extra],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-    )
+def fit(recipe: Path, *extra: str, timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    return tinyrecipe("fit", "--config", recipe, *extra, timeout=timeout, **env)
 
 
 def scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -5,7 +5,6 @@ key and the fix, or a counted skip; never a bare traceback, never partial output
 import json
 import re
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import ROOT, script
+from tests.conftest import ROOT, quiet_trainer, script, tinyrecipe
 from tests.test_data import write_zst
 from tests.test_training import MICRO, write_recipe
 
@@ -56,14 +55,8 @@ def skipped(result, reason: str, n: int) -> None:
     assert f"{reason} {n}" in result.stdout, result.stdout
 
 
-def cli_fit(recipe, *extra: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe), *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
+def cli_fit(recipe, *extra: str) -> subprocess.CompletedProcess:
+    return tinyrecipe("fit", "--config", recipe, *extra)
 
 
 # ---- one function per README row --------------------------------------------------------------
@@ -170,8 +163,6 @@ def checkpoint_of_another_model(tmp_path, corpus):
 
 def _nan_run(tmp_path, corpus, policy: str):
     """A real Trainer run whose 3rd training batch gives a NaN loss."""
-    import lightning as L
-
     from tinyrecipe.data import DataSource, MixedStreamingDataModule
     from tinyrecipe.modules import CausalLMModule
 
@@ -191,14 +182,7 @@ def _nan_run(tmp_path, corpus, policy: str):
     data = MixedStreamingDataModule(
         [DataSource("slim", str(corpus["root"] / "slim/train"))], block_size=64, batch_size=2
     )
-    trainer = L.Trainer(
-        max_steps=5,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=5)
     trainer.fit(module, data)
     return trainer, module
 

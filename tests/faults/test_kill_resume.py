@@ -1,15 +1,12 @@
 """kill -9 a real `tinyrecipe fit` at exact places (failpoints) and resume with --ckpt_path last:
 the final weights and the logged training losses equal the uninterrupted run's, bitwise."""
 
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
 import yaml
 
-from tests.conftest import ROOT
 from tests.test_training import MICRO, final_weights, fit, scalars, write_recipe
 from tinyrecipe.data.mixture import MixtureSchedule, TokenBlocks
 
@@ -18,17 +15,8 @@ pytestmark = pytest.mark.faults
 STEPS, EVERY = 8, 4  # checkpoints (and validations) at steps 4 and 8
 
 
-def killed_fit(recipe, point: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", TINYRECIPE_KILL_AT=point)
-    return subprocess.run(
-        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-        start_new_session=True,
-    )
+def killed_fit(recipe, point: str, *extra: str) -> subprocess.CompletedProcess:
+    return fit(recipe, *extra, TINYRECIPE_KILL_AT=point)
 
 
 def last_per_step(values: list[tuple[int, float]]) -> dict[int, float]:
@@ -141,19 +129,7 @@ def test_kill_right_after_a_mixture_epoch_boundary(corpus, tmp_path):
     ref = tmp_path / "ref"
     assert fit(recipe(ref), *extra).returncode == 0
     run = tmp_path / "run"
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        TINYRECIPE_KILL_AT=f"train.after_backward:{boundary_step + 1}",
-    )
-    killed = subprocess.run(
-        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe(run)), *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-        cwd=ROOT,
-    )
+    killed = killed_fit(recipe(run), f"train.after_backward:{boundary_step + 1}", *extra)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert torch.load(run / "ckpt/last.ckpt", weights_only=True)["global_step"] == boundary_step
     resumed = fit(recipe(run), *extra, "--ckpt_path", "last")
