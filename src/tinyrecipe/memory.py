@@ -19,8 +19,8 @@ FSDP (world_size > 1, sharded=True) divides parameters, gradients and optimizer 
 number of devices and adds two unsharded blocks in the compute dtype (the one running and the
 one prefetched).
 
-`benchmarks/bench_train.py` prints the estimate next to the measured peak (CPU: 506 MiB
-measured vs 471 MiB estimated for the tiny preset at 8 x 256, fp32).
+`benchmarks/bench_train.py` prints the estimate next to the measured peak (CPU: 442 MiB
+measured vs 483 MiB estimated for the tiny preset at 8 x 256, fp32).
 """
 
 from __future__ import annotations
