@@ -29,12 +29,9 @@ from typing import Any
 
 import lightning as L
 import torch
-import yaml
 
-from tinyrecipe.memory import _merge
 from tinyrecipe.modules import CausalLMModule, val_metrics, val_sums
-
-DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
+from tinyrecipe.recipe import DEFAULT_DATA, load_recipe
 
 
 def _import(class_path: str):
@@ -42,7 +39,7 @@ def _import(class_path: str):
     return getattr(importlib.import_module(module), name)
 
 
-def _strategy(spec: Any, module: CausalLMModule, precision: str):
+def _strategy(spec: Any, precision: str):
     """The recipe's (Trainer) strategy as a Fabric strategy. FSDP2 shards as the Trainer does."""
     if not isinstance(spec, dict):
         return spec  # "auto", "ddp", "fsdp", ...
@@ -105,7 +102,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         accelerator=t.get("accelerator", "auto"),
         devices=t.get("devices", "auto"),
         num_nodes=t.get("num_nodes", 1),
-        strategy=_strategy(t.get("strategy", "auto"), module, precision),
+        strategy=_strategy(t.get("strategy", "auto"), precision),
         precision=precision,
         loggers=TensorBoardLogger(root_dir=root, name="fabric", version=0),
     )
@@ -184,25 +181,6 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     _atomic_save(fabric, root / "fabric" / "last.ckpt", state)
     fabric.print(f"checkpoint: {root / 'fabric' / 'last.ckpt'}")
     return losses
-
-
-def load_recipe(paths: list[str], overrides: list[str]) -> dict:
-    """Recipe files merged in order, then `a.b.c=value` overrides (values parsed as YAML)."""
-    recipe: dict = {}
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"recipe '{path}' does not exist")
-        recipe = _merge(recipe, yaml.safe_load(Path(path).read_text()) or {})
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override '{item}' is not key=value (e.g. trainer.max_steps=50)")
-        node = recipe
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return recipe
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from tinyrecipe.model import ModelConfig
 from tinyrecipe.modules import CausalLMModule
-
-DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
+from tinyrecipe.recipe import DEFAULT_DATA
 
 
 def _model_vocab(preset: str, config: dict | None) -> int:

@@ -96,14 +96,6 @@ def estimate_memory(
     return MemoryEstimate(params, grads, optimizer, blocks + head_in, loss_buffers, fsdp_buffers)
 
 
-def _merge(base: dict, overlay: dict) -> dict:
-    out = dict(base)
-    for key, value in overlay.items():
-        both = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge(out[key], value) if both else value
-    return out
-
-
 def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
     """The estimate for a parsed recipe (the `tinyrecipe fit` YAML, overlays merged), and the
     settings it was read from."""
@@ -141,22 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    import yaml
+    from tinyrecipe.recipe import load_recipe
 
     parser = argparse.ArgumentParser(
         prog="tinyrecipe memory", description="Training memory per device for a recipe."
     )
     parser.add_argument("--config", action="append", required=True, help="recipe (repeatable)")
     args = parser.parse_args(argv)
-    recipe: dict = {}
     try:
-        for path in args.config:
-            try:
-                with open(path) as f:
-                    recipe = _merge(recipe, yaml.safe_load(f) or {})
-            except FileNotFoundError:
-                raise FileNotFoundError(f"recipe '{path}' does not exist") from None
-        estimate, s = recipe_memory(recipe)
+        estimate, s = recipe_memory(load_recipe(args.config))
     except (ValueError, FileNotFoundError) as err:
         print(f"tinyrecipe memory: error: {err}", file=sys.stderr)
         return 2
