@@ -9,8 +9,10 @@ from tinyrecipe.flops import device_peak_flops
 
 
 def _inputs(batch):
-    """The input ids of a pretraining block batch (B, T+1) or an SFT dict batch."""
-    return batch["input_ids"] if isinstance(batch, dict) else batch[:, :-1]
+    """The input ids of any batch the module trains on (its own rule, one place)."""
+    from tinyrecipe.modules import CausalLMModule
+
+    return CausalLMModule.inputs_and_targets(batch)[0]
 
 
 class TokenThroughputMonitor(ThroughputMonitor):

@@ -215,11 +215,8 @@ class ShardedEvalSampler(DistributedSampler):
     real items, so a validation loss does not depend on the number of ranks."""
 
     def __init__(self, dataset: SequentialBlocks, rank: int, world_size: int) -> None:
+        # DistributedSampler already sizes the padded shares: num_samples = ceil(n / world)
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
-        self.per_rank = -(-len(dataset) // world_size) if len(dataset) else 0
 
     def __iter__(self):
-        return iter(range(self.rank, self.per_rank * self.num_replicas, self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.per_rank
+        return iter(range(self.rank, self.total_size, self.num_replicas))
