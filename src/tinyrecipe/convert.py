@@ -34,6 +34,10 @@ def config_from_hparams(hparams: dict, default_preset: str = "tiny") -> ModelCon
     )
 
 
+def _hf_config(hf_dir: Path) -> ModelConfig:
+    return from_hf_config(json.loads((hf_dir / "config.json").read_text()))
+
+
 def _load_sharded_checkpoint(path: Path) -> dict:
     """A Lightning distributed (FSDP2 / ModelParallelStrategy) checkpoint directory as one dict:
     the shards are consolidated with torch.distributed.checkpoint (on CPU, no process group) and
@@ -61,7 +65,7 @@ def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str,
     files is executed."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
-        config = from_hf_config(json.loads((path / "config.json").read_text()))
+        config = _hf_config(path)
         return config, from_hf_state_dict(load_hf_state_dict(path), config)
     if path.is_dir():
         ckpt = _load_sharded_checkpoint(path)
@@ -84,7 +88,7 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
     """The model config of a checkpoint, without reading its tensors where the format allows."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
-        return from_hf_config(json.loads((path / "config.json").read_text()))
+        return _hf_config(path)
     if path.is_dir() and (path / "meta.pt").is_file():
         meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
         return config_from_hparams(meta.get("hyper_parameters", {}))
@@ -222,8 +226,7 @@ def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
         raise FileNotFoundError(
             f"'{hf_dir}' has no config.json; pass a Hugging Face model directory"
         )
-    config = from_hf_config(json.loads((hf_dir / "config.json").read_text()))
-    state = from_hf_state_dict(load_hf_state_dict(hf_dir), config)
+    config, state = load_tinyrecipe_checkpoint(hf_dir)  # its HF-directory branch
     save_tinyrecipe_checkpoint(config, state, out)
     return Path(out)
 
