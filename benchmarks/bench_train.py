@@ -70,9 +70,8 @@ class Run:
     peak_mib: float | None = None
 
 
-def _ours(name: str, config: ModelConfig, device: str, precision: str, chunk_size: int) -> Run:
+def _ours(name: str, cfg: ModelConfig, device: str) -> Run:
     s = OURS[name]
-    cfg = dataclasses.replace(config, loss_chunk_size=chunk_size if s["chunked"] else 0)
     with torch.device(device):
         model = Llama(cfg)
     if s["ckpt"]:
@@ -154,10 +153,11 @@ def build_run(
 ) -> Run:
     torch.manual_seed(0)
     if name in OURS:
-        run = _ours(name, config, device, precision, chunk_size)
         s = OURS[name]
+        cfg = dataclasses.replace(config, loss_chunk_size=chunk_size if s["chunked"] else 0)
+        run = _ours(name, cfg, device)
         est = estimate_memory(
-            dataclasses.replace(config, loss_chunk_size=chunk_size if s["chunked"] else 0),
+            cfg,
             batch,
             config.block_size,
             precision=precision,

@@ -28,16 +28,13 @@ def prep_slim(tmp_path, corpus, lines: list[bytes], name="a.jsonl.zst", cut: int
     if cut:
         path.write_bytes(path.read_bytes()[:-cut])
     write_zst(tmp_path / "in/validation/v.jsonl.zst", [GOOD.encode()])
-    return script(
-        "prepare_slimpajama.py",
-        "--input",
-        tmp_path / "in",
-        "--tokenizer",
-        corpus["root"] / "tok",
-        "--out",
-        tmp_path / "out",
-        check=False,
-    )
+    return prep(tmp_path, corpus, "prepare_slimpajama.py")
+
+
+def prep(tmp_path, corpus, name: str, *extra) -> subprocess.CompletedProcess:
+    """A data_prep script on tmp_path/in -> tmp_path/out with the corpus tokenizer."""
+    io = ("--input", tmp_path / "in", "--out", tmp_path / "out")
+    return script(name, *io, "--tokenizer", corpus["root"] / "tok", *extra, check=False)
 
 
 def one_line_error(result, *needles: str) -> None:
@@ -94,18 +91,7 @@ def parquet_without_content(tmp_path, corpus):
     code = [f"def f{i}(x):\n    return x + {i}\n" for i in range(400)]  # both splits get some
     pq.write_table(pa.table({"content": code}), tmp_path / "in/python/a.parquet")
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "in/python/b.parquet")
-    result = script(
-        "prepare_starcoder.py",
-        "--input",
-        tmp_path / "in",
-        "--tokenizer",
-        corpus["root"] / "tok",
-        "--out",
-        tmp_path / "out",
-        "--val-permille",
-        100,
-        check=False,
-    )
+    result = prep(tmp_path, corpus, "prepare_starcoder.py", "--val-permille", 100)
     assert "missing_content_column 1" in result.stdout, result.stderr[-2000:]
 
 
