@@ -324,3 +324,15 @@ def test_sentencepiece_tokenizer_model_directory_works(corpus, tmp_path):
 def test_missing_tokenizer_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds neither tokenizer.json nor tokenizer.model"):
         load_tokenizer(tmp_path)
+
+
+def test_generated_text_keeps_the_space_after_the_prompt(corpus):
+    """The Llama-style decoder strips a text's leading space; the continuation must not lose it."""
+    from tinyrecipe.generate import continuation
+
+    tok = load_tokenizer(corpus["root"] / "tok")
+    prompt_ids, full = tok.encode("def"), tok.encode("def write(value)")
+    assert full[: len(prompt_ids)] == prompt_ids
+    new = full[len(prompt_ids) :]
+    assert tok.decode(new) == "write(value)"  # what printing the new tokens alone gave
+    assert continuation(tok, "def", prompt_ids, new) == "def write(value)"

@@ -44,7 +44,7 @@ def test_make_quickstart_small(tmp_path):
     assert "slimpajama train:" in out and "starcoderdata train:" in out
     assert "TensorBoard logs: out/quickstart/tensorboard" in out
     assert "checkpoint:       out/quickstart/checkpoints/last.ckpt" in out
-    assert "\ndef " in out and "\nThe " in out  # the generated lines
+    assert "\ndef" in out and "\nThe" in out  # the generated lines
     assert (tmp_path / "out/quickstart/checkpoints/last.ckpt").is_file()
     assert list((tmp_path / "out/quickstart/tensorboard").rglob("events.out.tfevents.*"))
 

@@ -1,7 +1,7 @@
 """`tinyrecipe generate`: sample text from a training checkpoint.
 
     tinyrecipe generate --ckpt out/quickstart/checkpoints/last.ckpt \
-        --tokenizer data/quickstart/tokenizer --prompt "def " --max-new-tokens 60
+        --tokenizer data/quickstart/tokenizer --prompt "def" --max-new-tokens 60
 """
 
 from __future__ import annotations
@@ -70,6 +70,13 @@ def generate(
     return idx
 
 
+def continuation(tok, prompt: str, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """`prompt` verbatim plus the text the new tokens add. Decoding the new tokens alone would
+    drop the space a Llama-style decoder strips from the start of a text ("def" + "write")."""
+    before = tok.decode(prompt_ids)
+    return prompt + tok.decode(prompt_ids + new_ids)[len(before) :]
+
+
 def main(argv: list[str] | None = None) -> int:
     from tinyrecipe.data.tokenizer import load_tokenizer
 
@@ -93,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:
         print(f"tinyrecipe generate: error: {err}", file=sys.stderr)
         return 2
-    idx = torch.tensor([[tok.bos_id] + tok.encode(args.prompt)])
+    prompt_ids = tok.encode(args.prompt)
+    idx = torch.tensor([[tok.bos_id] + prompt_ids])
     gen = torch.Generator().manual_seed(args.seed)
     out = generate(
         model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, tok.eos_id
     )
-    print(args.prompt + tok.decode(out[0, idx.size(1) :].tolist()))
+    print(continuation(tok, args.prompt, prompt_ids, out[0, idx.size(1) :].tolist()))
     return 0
