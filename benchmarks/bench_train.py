@@ -42,7 +42,11 @@ warnings.filterwarnings("ignore", module="torch.distributed._tools")  # MemTrack
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tinyrecipe.flops import device_peak_flops, train_flops_per_token  # noqa: E402
+from tinyrecipe.flops import (  # noqa: E402
+    device_peak_flops,
+    measure_matmul_peak,
+    train_flops_per_token,
+)
 from tinyrecipe.memory import MiB, estimate_memory  # noqa: E402
 from tinyrecipe.model import Llama, ModelConfig  # noqa: E402
 from tinyrecipe.optim import build_adamw  # noqa: E402
@@ -216,18 +220,9 @@ def peak_mib(run: Run, batch: torch.Tensor, device: str, precision: str) -> floa
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / MiB
 
 
-def cpu_matmul_peak(threads: int) -> float:
-    """This machine's fp32 matmul FLOP/s with `threads` threads: best over a few square sizes."""
-    best = 0.0
-    for n in (512, 1024, 2048):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        reps = max(2, int(2e10 / (2 * n**3)))
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
-    return best
+def cpu_matmul_peak() -> float:
+    """This machine's fp32 matmul FLOP/s now, with the threads set: best over square sizes."""
+    return measure_matmul_peak("cpu", sizes=(512, 1024, 2048), seconds=0.13)
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -238,7 +233,7 @@ def benchmark(args: argparse.Namespace) -> dict:
         config = dataclasses.replace(config, attention=args.attention)
     on_cpu = not device.startswith("cuda")
     if on_cpu:  # measured between the repeats too; the best reading is the peak
-        peak, peak_source = cpu_matmul_peak(args.threads), "measured fp32 matmul, this run"
+        peak, peak_source = cpu_matmul_peak(), "measured fp32 matmul, this run"
     else:
         name = torch.cuda.get_device_name(device)
         peak, peak_source = device_peak_flops(name), f"{name} datasheet bf16"
@@ -266,7 +261,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             for run in runs.values():
                 run.times.append(timed(run, batch, args.steps, device, args.precision))
             if on_cpu:
-                peak = max(peak, cpu_matmul_peak(args.threads))
+                peak = max(peak, cpu_matmul_peak())
         for run in runs.values():
             run.peak_mib = peak_mib(run, batch, device, args.precision)
 

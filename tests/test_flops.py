@@ -1,6 +1,12 @@
 import pytest
 
-from tinyrecipe.flops import device_peak_flops, forward_flops_per_token, mfu, train_flops_per_token
+from tinyrecipe.flops import (
+    device_peak_flops,
+    forward_flops_per_token,
+    measure_matmul_peak,
+    mfu,
+    train_flops_per_token,
+)
 from tinyrecipe.model import ModelConfig
 
 TINYLLAMA = ModelConfig.from_name("tinyllama-1.1b")
@@ -48,3 +54,18 @@ def test_unknown_device_is_refused_not_guessed():
         device_peak_flops("NVIDIA GeForce RTX 4090")
     with pytest.raises(ValueError, match="peak_flops or a device_name"):
         mfu(1000, TINYLLAMA)
+
+
+def test_measured_matmul_peak_is_the_best_size_timed():
+    """The CPU's MFU denominator: a plausible FLOP/s figure, measured with the thread count set,
+    and at least two timed repetitions even with no time budget."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = measure_matmul_peak("cpu", sizes=(256,), seconds=0.02)
+    finally:
+        torch.set_num_threads(threads)
+    assert 1e8 < one < 1e13  # between 0.1 GFLOP/s and 10 TFLOP/s on any CPU
+    assert measure_matmul_peak("cpu", sizes=(64,), seconds=0.0) > 0  # at least 2 reps timed

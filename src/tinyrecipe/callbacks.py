@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info
 
-from tinyrecipe.flops import device_peak_flops
+from tinyrecipe.flops import device_peak_flops, measure_matmul_peak
 
 
 def _inputs(batch):
@@ -16,9 +17,11 @@ def _inputs(batch):
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting tokens, with MFU against our bf16 peak table
-    (or `peak_flops` per device, e.g. a CPU's measured matmul peak). Logs
-    throughput/{batches,samples,items,flops}_per_sec and throughput/mfu (items = tokens)."""
+    """Lightning's ThroughputMonitor counting tokens, with MFU against a peak per device:
+    `peak_flops` when given; else a GPU's datasheet bf16 figure from our table; else (a CPU, which
+    has none) the matmul FLOP/s measured at setup in the run's precision, with its threads.
+    Logs train/device/{batches,samples,items,flops}_per_sec and train/device/mfu
+    (items = tokens)."""
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 100) -> None:
         super().__init__(
@@ -39,6 +42,15 @@ class TokenThroughputMonitor(ThroughputMonitor):
                 peak = device_peak_flops(torch.cuda.get_device_name(device))
             except ValueError:
                 peak = None  # unknown GPU: tokens/s still logged, MFU needs peak_flops
+        elif peak is None and device.type == "cpu":
+            from tinyrecipe.modules import compute_dtype
+
+            dtype = compute_dtype(str(trainer.precision))
+            peak = measure_matmul_peak(device, dtype)
+            rank_zero_info(
+                f"tinyrecipe: MFU is against this CPU's {str(dtype).removeprefix('torch.')} "
+                f"matmul peak measured now: {peak / 1e9:,.1f} GFLOP/s (set peak_flops to fix it)"
+            )
         self.available_flops = peak
         for key in list(self._throughputs):
             self._throughputs[key] = Throughput(

@@ -56,6 +56,33 @@ def device_peak_flops(device_name: str) -> float:
     )
 
 
+def measure_matmul_peak(
+    device="cpu", dtype=None, sizes: tuple[int, ...] = (512, 1024), seconds: float = 0.05
+) -> float:
+    """FLOP/s of square matmuls measured now on `device` in `dtype` (default fp32) with the
+    current thread count: the best over `sizes`, each timed for about `seconds`. The MFU peak
+    for a device without a datasheet figure, such as a CPU."""
+    import time
+
+    import torch
+
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
+        b = torch.randn_like(a)
+        a @ b  # warm-up
+        sync()
+        reps, start = 0, time.perf_counter()
+        while reps < 2 or time.perf_counter() - start < seconds:
+            a @ b
+            sync()
+            reps += 1
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best
+
+
 def mfu(
     tokens_per_sec: float,
     config: ModelConfig,

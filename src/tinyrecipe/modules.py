@@ -55,6 +55,13 @@ def val_metrics(rows: list[tuple[str, float, float, float]]) -> dict[str, float]
     return metrics
 
 
+def compute_dtype(precision: str) -> torch.dtype:
+    """The matmul dtype of a Lightning precision setting ("bf16-mixed" -> bfloat16, ...)."""
+    if "bf16" in precision:
+        return torch.bfloat16
+    return torch.float16 if precision.startswith("16") else torch.float32
+
+
 class CausalLMModule(L.LightningModule):
     """Next-token pretraining of a `Llama` built from a preset plus field overrides.
 
@@ -156,13 +163,7 @@ class CausalLMModule(L.LightningModule):
         from tinyrecipe.model.attention import select_backend
 
         precision = str(self.trainer.precision)
-        dtype = (
-            torch.bfloat16
-            if "bf16" in precision
-            else torch.float16
-            if precision.startswith("16")
-            else torch.float32
-        )
+        dtype = compute_dtype(precision)
         probe = torch.empty(0, device=self.trainer.strategy.root_device, dtype=dtype)
         hp, cfg = self.hparams, self.config
         rank_zero_info(
