@@ -61,17 +61,19 @@ def measure_matmul_peak(
 ) -> float:
     """FLOP/s of square matmuls measured now on `device` in `dtype` (default fp32) with the
     current thread count: the best over `sizes`, each timed for about `seconds`. The MFU peak
-    for a device without a datasheet figure, such as a CPU."""
+    for a device without a datasheet figure, such as a CPU. The global RNG is left untouched, so
+    measuring never changes a seeded run."""
     import time
 
     import torch
 
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rng = torch.Generator(device).manual_seed(0)  # never the global RNG: training must not change
     best = 0.0
     for n in sizes:
-        a = torch.randn(n, n, device=device, dtype=dtype or torch.float32)
-        b = torch.randn_like(a)
+        a = torch.randn(n, n, device=device, dtype=dtype or torch.float32, generator=rng)
+        b = torch.randn(n, n, device=device, dtype=a.dtype, generator=rng)
         a @ b  # warm-up
         sync()
         reps, start = 0, time.perf_counter()
