@@ -86,3 +86,32 @@ def test_linear_cross_entropy_under_autocast_runs_the_head_in_bf16():
     assert loss.item() == pytest.approx(ref.item(), rel=1e-2)
     loss.backward()
     assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_gradients_stay_close_to_the_fp32_reference(dtype):
+    """bf16/fp16 gradients (the GPU path) match fp32 ones: the tiny 1/(row sum x #targets)
+    scale must not underflow in 16 bits, even with many targets and a wide vocab."""
+    torch.manual_seed(0)
+    h = torch.randn(600, 16, requires_grad=True)
+    w = (torch.randn(3000, 16) * 0.3).requires_grad_()
+    targets = torch.randint(0, 3000, (600,))
+    targets[:50] = -100
+    ref = F.cross_entropy(h @ w.T, targets)
+    ref_gh, ref_gw = torch.autograd.grad(ref, (h, w))
+    hl = h.detach().to(dtype).requires_grad_()
+    wl = w.detach().clone().requires_grad_()
+    loss = linear_cross_entropy(hl, wl, targets, 256)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-2)
+    for got, want in ((hl.grad.float(), ref_gh), (wl.grad, ref_gw)):
+        assert (got - want).norm() / want.norm() < 1e-2
+
+
+def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
+    h = torch.randn(10, 8, requires_grad=True)
+    w = torch.randn(20, 8, requires_grad=True)
+    loss = linear_cross_entropy(h, w, torch.full((10,), -100), 4)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert not h.grad.any() and not w.grad.any()
