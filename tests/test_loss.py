@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.model import loss as loss_module
 from tinyrecipe.model.loss import linear_cross_entropy
 
 SMALL = ModelConfig.from_name(
@@ -14,8 +15,13 @@ SMALL = ModelConfig.from_name(
 )
 
 
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-logits", "mm-into-buffer"])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 1000])
-def test_linear_cross_entropy_matches_reference_value_and_grads(chunk):
+def test_linear_cross_entropy_matches_reference_value_and_grads(chunk, onednn, monkeypatch):
+    if not onednn:  # the path GPUs (and CPU builds without oneDNN) take in fp32
+        monkeypatch.setattr(loss_module, "_onednn_logits", lambda h: False)
+    elif not loss_module._onednn_logits(torch.zeros(1)):
+        pytest.skip("this torch build has no oneDNN linear")
     torch.manual_seed(0)
     h = torch.randn(3, 20, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
@@ -115,3 +121,14 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_gradients():
     loss.backward()
     assert loss.item() == 0.0
     assert not h.grad.any() and not w.grad.any()
+
+
+def test_chunked_loss_inside_a_whole_model_compile():
+    """torch.compile of the whole model traces the chunked loss too (the CPU oneDNN logits
+    kernel is for eager only: inductor cannot lower it outside its own graphs)."""
+    torch.manual_seed(0)
+    model = Llama(dataclasses.replace(SMALL, n_layer=1, loss_chunk_size=16))
+    idx = torch.randint(0, SMALL.vocab_size, (2, 25))
+    with torch.no_grad():  # the forward graph is where the logits kernel sits (faster to build)
+        _, loss = torch.compile(model)(idx, idx.roll(-1, 1))
+        assert loss.item() == pytest.approx(model(idx, idx.roll(-1, 1))[1].item(), rel=1e-5)

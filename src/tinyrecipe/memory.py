@@ -13,7 +13,8 @@ The activation count follows what this decoder's autograd graph keeps per token 
 
 The head keeps the final norm's tensors (~6d measured) and, with the plain loss, the fp32
 log-softmax (V) per token; backward adds two more (tokens x V) fp32 buffers. With
-`loss_chunk_size` only one chunk of fp32 logits exists at a time, plus the fp32 head gradient.
+`loss_chunk_size` only one chunk of fp32 logits exists at a time (one buffer, reused; in bf16
+also its bf16 copy), plus the fp32 head gradient and the hidden states' gradient.
 Activation checkpointing keeps each block's input and recomputes one block at a time.
 FSDP (world_size > 1, sharded=True) divides parameters, gradients and optimizer states by the
 number of devices and adds two unsharded blocks in the compute dtype (the one running and the
@@ -86,7 +87,9 @@ def estimate_memory(
     head_in = tokens * 6 * d * act
     if config.loss_chunk_size:
         chunk = min(config.loss_chunk_size, tokens)
-        loss_buffers = chunk * V * 4 * 2 + V * d * 4  # logits + softmax grad; fp32 head grad
+        # one fp32 logits buffer (plus its 16-bit copy for the gradient matmuls), the fp32
+        # head gradient and the hidden-state gradient
+        loss_buffers = chunk * V * (4 if act == 4 else 6) + V * d * 4 + tokens * d * act
     else:
         loss_buffers = tokens * V * 4 * 3  # log-softmax kept; two fp32 buffers in backward
     fsdp_buffers = 0
