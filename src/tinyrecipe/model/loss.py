@@ -13,11 +13,13 @@ memory for the head drops from O(tokens × vocab) to O(chunk × vocab), and the 
 log_softmax / NLL backward passes disappear. The result equals
 `F.cross_entropy(h @ W.T, targets, ignore_index=-100)` to float rounding (tested).
 
-What makes it fast, measured on CPU (README "Performance"): every chunk reuses one logits
-buffer, worked in place (a fresh vocab-sized tensor per chunk cost ~30k page faults a step on
-the tiny preset); the softmax stays unnormalised, exp(logit - row max), and in fp32 its 1/row-sum joins
-1/#targets as a per-row scale on the small (chunk × d) side of the two gradient matmuls, so
-the vocab-sized buffer sees one exp and no divide; no host sync (`.item()`).
+What makes it fast, measured on CPU (README "Performance"): the softmax and its gradient are
+worked in place in the chunk's logits (one buffer reused by every chunk where the kernel can
+write into it; log_softmax's extra vocab-sized tensor per chunk cost ~30k page faults a step on
+the tiny preset); the softmax stays unnormalised, exp(logit - row max), and in fp32 its
+1/row-sum joins 1/#targets as a per-row scale on the small (chunk × d) side of the two
+gradient matmuls, so the vocab-sized buffer sees one exp and no divide; on CPU in fp32 the
+logits run on oneDNN's linear kernel; no host sync (`.item()`).
 """
 
 from __future__ import annotations
