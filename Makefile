@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export LITDATA_DISABLE_VERSION_CHECK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv venv-dev quickstart quickstart-data smoke test lint format bench clean
+.PHONY: venv venv-dev quickstart quickstart-data smoke test lint format bench gpu-check clean
 
 # SKIP_SETUP=1 uses $(VENV) as it is (the quickstart test runs inside an installed venv).
 venv:
@@ -58,6 +58,10 @@ lint: venv-dev
 format: venv-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The TinyLlama recipe's real path and the GPU-only checks on one GPU (~6 min on an H100/H200).
+gpu-check: venv
+	$(PY) benchmarks/gpu_check.py
 
 bench: venv-dev
 	$(PY) benchmarks/bench_model.py

@@ -20,9 +20,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
-from tinyrecipe.flops import train_flops_per_token  # noqa: E402
-from tinyrecipe.hf import to_hf_config, to_hf_state_dict  # noqa: E402
 from tinyrecipe.model import Llama, ModelConfig  # noqa: E402
+from tinyrecipe.model.hf import to_hf_config, to_hf_state_dict  # noqa: E402
+from tinyrecipe.planning.flops import train_flops_per_token  # noqa: E402
 
 
 def step_time(fn, idx: torch.Tensor, steps: int) -> float:

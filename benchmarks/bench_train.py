@@ -42,15 +42,15 @@ warnings.filterwarnings("ignore", module="torch.distributed._tools")  # MemTrack
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from tinyrecipe.flops import (  # noqa: E402
+from tinyrecipe.model import Llama, ModelConfig  # noqa: E402
+from tinyrecipe.model.parallelize import apply_activation_checkpointing, compile_blocks  # noqa: E402
+from tinyrecipe.planning.flops import (  # noqa: E402
     device_peak_flops,
     measure_matmul_peak,
     train_flops_per_token,
 )
-from tinyrecipe.memory import MiB, estimate_memory  # noqa: E402
-from tinyrecipe.model import Llama, ModelConfig  # noqa: E402
-from tinyrecipe.optim import build_adamw  # noqa: E402
-from tinyrecipe.strategies import apply_activation_checkpointing, compile_blocks  # noqa: E402
+from tinyrecipe.planning.memory import MiB, estimate_memory  # noqa: E402
+from tinyrecipe.train.optim import build_adamw  # noqa: E402
 
 OURS = {  # name -> switches (chunked loss, compile, AdamW kernel, activation checkpointing)
     "ours": dict(chunked=False, compile=False, kernel="fused", ckpt=False),
@@ -97,7 +97,7 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _hf(name: str, config: ModelConfig, device: str) -> Run:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinyrecipe.hf import to_hf_config
+    from tinyrecipe.model.hf import to_hf_config
 
     hf = LlamaForCausalLM(LlamaConfig(**to_hf_config(config), attn_implementation="sdpa")).to(
         device

@@ -8,7 +8,7 @@ import argparse
 
 import numpy as np
 
-from tinyrecipe.scaling import CHINCHILLA, implied_inference_tokens, inference_optimal
+from tinyrecipe.planning.scaling import CHINCHILLA, implied_inference_tokens, inference_optimal
 
 TINYLLAMA_N, TINYLLAMA_D = 1_100_048_384, 3e12
 

@@ -33,8 +33,19 @@ def test_bench_train_reports_every_run_against_the_peers():
     assert table.returncode == 0 and "tokens/s" in table.stdout and "vs best" in table.stdout
 
 
-def test_gpu_script_runs_on_cpu_with_the_tiny_preset():
-    result = run("gpu_tinyllama.py", "--cpu")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "sdpa eager" in result.stdout and "sdpa compiled" in result.stdout
-    assert "flash" in result.stdout  # its row says why it did not run
+def test_gpu_check_runs_its_real_paths_on_cpu(tmp_path):
+    """`make gpu-check`'s CPU dry run: the TinyLlama recipe through the fit parser and Trainer
+    (FSDP2 strategy at world size 1, accumulation, clipping, validation, a sharded checkpoint),
+    the attention backends, bf16 against fp32 and generation, each reported."""
+    result = run("gpu_check.py", "--cpu", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    recipe = report["recipe eager"]
+    assert "compile=off" in recipe["describe"] and "precision=32-true" in recipe["describe"]
+    assert recipe["tokens_per_s"] > 0 and 0 < recipe["mfu"] < 1 and recipe["steps_timed"] >= 1
+    assert recipe["checkpoint_complete"] and recipe["val_loss"] > 0
+    assert report["attention"]["sdpa math"]["rel_error"] < 1e-5
+    assert "not installed" in report["attention"]["flash-attn"]["error"]
+    assert report["precision"]["max_abs_diff"] < 0.05
+    assert report["generate"]["batch 1"]["new_tokens_per_s"] > 0
+    assert "| recipe eager |" in result.stdout

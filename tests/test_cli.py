@@ -1,4 +1,5 @@
-from tinyrecipe import cli, smoke
+from tinyrecipe import cli
+from tinyrecipe.cli import smoke
 
 
 def test_help_lists_commands(capsys):

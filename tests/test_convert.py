@@ -7,14 +7,10 @@ import pytest
 import torch
 
 from tinyrecipe.cli import main as cli_main
-from tinyrecipe.convert import (
-    from_hf,
-    load_tinyrecipe_checkpoint,
-    save_tinyrecipe_checkpoint,
-    to_hf,
-)
-from tinyrecipe.hf import to_hf_config
+from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint, save_tinyrecipe_checkpoint
+from tinyrecipe.interop.convert import from_hf, to_hf
 from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.model.hf import to_hf_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -96,7 +92,7 @@ def test_convert_errors_are_one_line(tmp_path, capsys):
 
 
 def test_init_from_starts_training_from_converted_weights(tmp_path):
-    from tinyrecipe.modules import CausalLMModule
+    from tinyrecipe.train.module import CausalLMModule
 
     model, ckpt = checkpoint(tmp_path)
     fields = {
@@ -115,7 +111,7 @@ def test_init_from_starts_training_from_converted_weights(tmp_path):
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_kv_cache_decoding_equals_recomputing(n_kv_head):
-    from tinyrecipe.generate import generate
+    from tinyrecipe.interop.generate import generate
 
     config = ModelConfig(**{**CONFIG.to_dict(), "n_kv_head": n_kv_head})
     torch.manual_seed(0)
@@ -147,7 +143,7 @@ def test_kv_cache_decoding_equals_recomputing(n_kv_head):
 
 
 def test_greedy_generation_equals_transformers(tmp_path):
-    from tinyrecipe.generate import generate
+    from tinyrecipe.interop.generate import generate
 
     model, ckpt = checkpoint(tmp_path)
     out = to_hf(ckpt, tmp_path / "hf")

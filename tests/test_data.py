@@ -40,8 +40,10 @@ def take(loader, n):
 def test_pipeline_yields_batches_of_token_blocks(corpus):
     dm = datamodule(corpus)
     batch = take(dm.train_dataloader(), 1)[0]
-    assert batch.shape == (4, 65) and batch.dtype == torch.int64
-    assert 0 <= batch.min() and batch.max() < 1024
+    inputs, labels = batch["input_ids"], batch["labels"]
+    assert inputs.shape == labels.shape == (4, 64) and inputs.dtype == torch.int64
+    assert torch.equal(inputs[:, 1:], labels[:, :-1])  # the labels are the next tokens
+    assert 0 <= inputs.min() and inputs.max() < 1024
     val = dm.val_dataloader()
     assert len(val) == 2 and all(len(v) > 0 for v in val)
     meta = read_metadata(corpus["root"] / "slim/train")
@@ -269,7 +271,8 @@ def test_resume_is_exact_across_an_epoch_boundary(corpus, workers):
     resumed.load_state_dict(state)
     tail = take(resumed.train_dataloader(), 35)
     for got, want in zip(head + tail, full, strict=True):
-        assert torch.equal(got, want)
+        assert torch.equal(got["input_ids"], want["input_ids"])
+        assert torch.equal(got["labels"], want["labels"])
 
 
 def test_resume_refuses_other_data_settings(corpus):
@@ -328,7 +331,7 @@ def test_missing_tokenizer_is_one_clear_error(tmp_path):
 
 def test_generated_text_keeps_the_space_after_the_prompt(corpus):
     """The Llama-style decoder strips a text's leading space; the continuation must not lose it."""
-    from tinyrecipe.generate import continuation
+    from tinyrecipe.interop.generate import continuation
 
     tok = load_tokenizer(corpus["root"] / "tok")
     prompt_ids, full = tok.encode("def"), tok.encode("def write(value)")

@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import tinyrecipe
 from tests.test_training import fit, scalars, write_recipe
-from tinyrecipe.convert import load_tinyrecipe_checkpoint
+from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint
 
 
 def fabric(recipe, *extra: str) -> subprocess.CompletedProcess:
@@ -17,10 +17,10 @@ def test_fabric_loop_matches_the_trainer_loss_sequence(corpus, tmp_path):
     recipe = write_recipe(tmp_path / "trainer", corpus, max_steps=6, every=3)
     result = fit(recipe)
     assert result.returncode == 0, result.stderr[-3000:]
-    trainer = scalars(tmp_path / "trainer/tb")
+    trainer = scalars(tmp_path / "trainer/tensorboard")
 
     recipe = write_recipe(tmp_path / "fabric", corpus, max_steps=6, every=3)
-    result = fabric(recipe, "trainer.log_every_n_steps=1")
+    result = fabric(recipe, "--trainer.log_every_n_steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     loop = scalars(tmp_path / "fabric/fabric")
     assert len(trainer["train/loss"]) == len(loop["train/loss"]) == 6
@@ -38,19 +38,21 @@ def test_fabric_loop_matches_the_trainer_loss_sequence(corpus, tmp_path):
 
 @pytest.mark.parametrize(
     "strategy",
-    [
-        "ddp",
-        "{class_path: lightning.pytorch.strategies.ModelParallelStrategy, "
-        "init_args: {data_parallel_size: 2, tensor_parallel_size: 1}}",
-    ],
+    ["ddp", "fsdp2"],
     ids=["ddp", "fsdp2"],
 )
 def test_fabric_two_processes_match_one(corpus, tmp_path, strategy):
     one = write_recipe(tmp_path / "one", corpus, max_steps=3, every=100, batch_size=4)
-    assert fabric(one, "trainer.log_every_n_steps=1").returncode == 0
+    assert fabric(one, "--trainer.log_every_n_steps", "1").returncode == 0
     two = write_recipe(tmp_path / "two", corpus, max_steps=3, every=100, batch_size=2)
     result = fabric(
-        two, "trainer.log_every_n_steps=1", "trainer.devices=2", f"trainer.strategy={strategy}"
+        two,
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        strategy,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     a = scalars(tmp_path / "one/fabric")["train/loss"]

@@ -1,13 +1,13 @@
 import pytest
 
-from tinyrecipe.flops import (
+from tinyrecipe.model import ModelConfig
+from tinyrecipe.planning.flops import (
     device_peak_flops,
     forward_flops_per_token,
     measure_matmul_peak,
     mfu,
     train_flops_per_token,
 )
-from tinyrecipe.model import ModelConfig
 
 TINYLLAMA = ModelConfig.from_name("tinyllama-1.1b")
 

@@ -3,14 +3,14 @@
 import pytest
 import torch
 
-from tinyrecipe.hf import (
+from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.model.hf import (
     from_hf_config,
     from_hf_state_dict,
     permute_meta_to_hf,
     to_hf_config,
     to_hf_state_dict,
 )
-from tinyrecipe.model import Llama, ModelConfig
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,8 +8,8 @@ import torch
 
 from tests.conftest import ROOT
 from tinyrecipe.cli import main as cli
-from tinyrecipe.memory import estimate_memory
 from tinyrecipe.model import ModelConfig
+from tinyrecipe.planning.memory import estimate_memory
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_train  # noqa: E402
@@ -52,4 +52,4 @@ def test_memory_command_reads_recipes_and_overlays(capsys, tmp_path):
     assert cli(["memory", "--config", str(recipe), "--config", str(overlay)]) == 0
     assert "activation checkpointing" in capsys.readouterr().out
     assert cli(["memory", "--config", str(tmp_path / "nope.yaml")]) == 2
-    assert "recipe '" in capsys.readouterr().err
+    assert "nope.yaml" in capsys.readouterr().err

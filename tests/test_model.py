@@ -124,7 +124,7 @@ def test_flash_is_chosen_when_importable_on_cuda(monkeypatch):
         calls.append((q.shape, k.shape, causal))
         return q
 
-    monkeypatch.setattr(attention_module, "_flash_attn_func", lambda: fake_flash)
+    monkeypatch.setattr(attention_module, "load_flash_attn", lambda: fake_flash)
     monkeypatch.setattr(attention_module, "flash_supported", lambda q: True)
     q, k = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 2, 8)
     assert attention_module.select_backend(q) == "flash"
@@ -135,7 +135,7 @@ def test_flash_is_chosen_when_importable_on_cuda(monkeypatch):
 
 def test_importing_the_model_pulls_in_neither_lightning_nor_flash_attn():
     code = (
-        "import sys, tinyrecipe.model, tinyrecipe.hf, tinyrecipe.flops;"
+        "import sys, tinyrecipe.model, tinyrecipe.model.hf, tinyrecipe.planning.flops;"
         "bad = [m for m in ('lightning', 'pytorch_lightning', 'flash_attn', 'transformers') if m in sys.modules];"
         "assert not bad, bad"
     )

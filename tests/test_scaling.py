@@ -4,7 +4,7 @@ import math
 import pytest
 
 from tinyrecipe.cli import main as cli_main
-from tinyrecipe.scaling import (
+from tinyrecipe.planning.scaling import (
     CHINCHILLA,
     CostModel,
     LossFit,
@@ -145,7 +145,7 @@ def test_plan_cli_table_and_errors(capsys):
 
 def test_pick_shape_recovers_tinyllama():
     from tinyrecipe.model import ModelConfig
-    from tinyrecipe.plan import pick_shape
+    from tinyrecipe.planning.plan import pick_shape
 
     assert pick_shape(1_100_048_384) == ModelConfig.from_name("tinyllama-1.1b")
 
@@ -156,7 +156,7 @@ def test_emit_writes_a_recipe_fit_accepts(tmp_path, capsys):
 
     import yaml
 
-    from tinyrecipe.model import ModelConfig
+    from tinyrecipe.model.config import resolve_config
 
     from .conftest import ROOT
 
@@ -183,7 +183,7 @@ def test_emit_writes_a_recipe_fit_accepts(tmp_path, capsys):
         cli_main(["fit", "--config", str(out), "--print_config"])
     recipe = yaml.safe_load(buf.getvalue())
     model = recipe["model"]
-    config = ModelConfig.from_name(model["preset"], **model["config"])
+    config = resolve_config(model["preset"], model["config"])
     assert config.num_params() == pytest.approx(summary["n_params"], rel=0.02)
     tokens_per_step = summary["recipe"]["tokens_per_step"]
     assert tokens_per_step == 2_097_152

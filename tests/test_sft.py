@@ -143,7 +143,7 @@ def _tiny_hf_model(path, vocab_size):
 
 
 def test_notebook_api_fine_tunes_a_hf_model_until_it_answers(corpus, tmp_path):
-    from tinyrecipe.finetune import answer, load_pretrained, sft_data
+    from tinyrecipe.train.finetune import answer, load_pretrained, sft_data
 
     tok_dir = corpus["root"] / "tok"
     hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)
@@ -185,7 +185,7 @@ def test_finetune_recipe_runs_from_a_converted_checkpoint(corpus, tmp_path):
         + ["--data.train_file", str(sft), "--data.tokenizer_dir", str(corpus["root"] / "tok")]
         + ["--data.block_size", "128", "--trainer.max_steps", "6"]
         + ["--trainer.val_check_interval", "3", "--trainer.log_every_n_steps", "1"]
-        + ["--trainer.default_root_dir", str(out), "--trainer.logger.init_args.save_dir", str(out)],
+        + ["--trainer.default_root_dir", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -198,4 +198,4 @@ def test_finetune_recipe_runs_from_a_converted_checkpoint(corpus, tmp_path):
     steps = [s for s, _ in logged["val/loss"]]
     assert len(steps) == 3 and steps[0] == 0  # the step-0 evaluation, then every 3 steps
     assert "val/loss/sft" in logged and "train/loss" in logged
-    assert (tmp_path / "out/quickstart-sft/checkpoints/last.ckpt").is_file()  # relative to cwd
+    assert (out / "checkpoints/last.ckpt").is_file()  # under the one output directory

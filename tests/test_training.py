@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from tinyrecipe.cli import main as cli_main
-from tinyrecipe.convert import config_from_hparams, load_tinyrecipe_checkpoint
+from tinyrecipe.interop.checkpoint import config_from_hparams, load_tinyrecipe_checkpoint
 from tinyrecipe.model import Llama
 
 from .conftest import ROOT, tinyrecipe
@@ -66,27 +66,23 @@ def test_every_ablation_composes_with_its_base_and_changes_something(overlay):
 def test_tinyllama_recipe_is_the_papers():
     config = print_config(ROOT / "recipes/tinyllama-1.1b.yaml")
     trainer, model, data = config["trainer"], config["model"], config["data"]
-    sequences = (
-        trainer["num_nodes"]
-        * trainer["devices"]
-        * data["batch_size"]
-        * trainer["accumulate_grad_batches"]
-    )
-    assert sequences == 1024 and sequences * data["block_size"] == 2_097_152
+    assert config["global_batch_size"] == 1024 and 1024 * data["block_size"] == 2_097_152
+    from tinyrecipe.cli.fit import accumulation
+
+    assert accumulation(1024, data["batch_size"], trainer["devices"] * trainer["num_nodes"]) == 16
     assert trainer["max_steps"] == 1_430_512 and trainer["max_steps"] * 2_097_152 >= 3e12
     assert trainer["precision"] == "bf16-mixed" and trainer["gradient_clip_val"] == 1.0
-    assert "ModelParallelStrategy" in trainer["strategy"]["class_path"]
-    assert trainer["val_check_interval"] == 5000 * trainer["accumulate_grad_batches"]
-    ckpt = next(c for c in trainer["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
-    assert ckpt["init_args"]["every_n_train_steps"] == 5000
+    assert trainer["strategy"] == "fsdp2" and model["compile"] and model["meta_init"]
+    assert trainer["val_check_interval"] == 5000 * 16
+    assert config["checkpoint"]["every_n_train_steps"] == 5000
     assert config["seed_everything"] == 3407
     assert (model["lr"], model["min_lr"], model["warmup_steps"]) == (4e-4, 4e-5, 2000)
     assert tuple(model["betas"]) == (0.9, 0.95) and model["weight_decay"] == 0.1
-    assert model["decay_norms_and_embeddings"] and model["config"]["attention"] == "flash"
+    assert model["decay_norms_and_embeddings"] and model["config"]["loss_chunk_size"] == 4096
     weights = {s["name"]: s["weight"] for s in data["sources"]}
     assert weights == {"slimpajama": 0.7, "starcoderdata": 0.3}
     assert "vocab_size" not in data  # linked from the model's config, never set twice
-    from tinyrecipe.modules import CausalLMModule
+    from tinyrecipe.train.module import CausalLMModule
 
     module = CausalLMModule(**{k: v for k, v in model.items()})
     with torch.device("meta"):
@@ -146,28 +142,9 @@ def write_recipe(
             "enable_progress_bar": False,
             "enable_model_summary": False,
             "default_root_dir": str(tmp),
-            "plugins": [{"class_path": "tinyrecipe.checkpoint.AtomicCheckpointIO"}],
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                "init_args": {"save_dir": str(tmp), "name": "tb", "version": 0},
-            },
-            "callbacks": [
-                {
-                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {
-                        "dirpath": str(tmp / "ckpt"),
-                        "every_n_train_steps": every,
-                        "save_last": True,
-                        "save_top_k": -1,
-                    },
-                },
-                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
-                {
-                    "class_path": "tinyrecipe.callbacks.TokenThroughputMonitor",
-                    "init_args": {"window_size": 2},
-                },
-            ],
         },
+        "checkpoint": {"every_n_train_steps": every, "save_top_k": -1},
+        "throughput": {"window_size": 2},
         "model": {"preset": "tiny", "config": MICRO, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
         "data": {
             "sources": [
@@ -216,7 +193,7 @@ def test_fit_logs_checkpoints_and_generates(corpus, tmp_path):
     recipe = write_recipe(tmp_path, corpus, max_steps=8, every=4)
     result = fit(recipe)
     assert result.returncode == 0, result.stderr[-3000:]
-    logged = scalars(tmp_path / "tb")
+    logged = scalars(tmp_path / "tensorboard")
     for tag in (
         "train/loss",
         "train/grad_norm",
@@ -232,7 +209,9 @@ def test_fit_logs_checkpoints_and_generates(corpus, tmp_path):
         assert tag in logged, (tag, sorted(logged))
     assert logged["val/loss"][0][0] == 0  # the untrained model's evaluation is the first point
     assert logged["val/loss"][-1][1] < logged["val/loss"][0][1]
-    assert (tmp_path / "ckpt/last.ckpt").is_file() and not list((tmp_path / "ckpt").glob("*.tmp-*"))
+    assert (tmp_path / "checkpoints/last.ckpt").is_file() and not list(
+        (tmp_path / "checkpoints").glob("*.tmp-*")
+    )
     out = subprocess.run(
         [
             sys.executable,
@@ -240,7 +219,7 @@ def test_fit_logs_checkpoints_and_generates(corpus, tmp_path):
             "tinyrecipe.cli",
             "generate",
             "--ckpt",
-            str(tmp_path / "ckpt/last.ckpt"),
+            str(tmp_path / "checkpoints/last.ckpt"),
             "--tokenizer",
             str(corpus["root"] / "tok"),
             "--prompt",
@@ -278,7 +257,7 @@ def test_two_process_strategies_match_one_process(corpus, tmp_path, strategy):
     double = write_recipe(tmp_path / "two", corpus, max_steps=4, every=4, batch_size=2)
     result = fit(double, "--trainer.devices", "2", *strategy)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = scalars(tmp_path / "one/tb"), scalars(tmp_path / "two/tb")
+    one, two = scalars(tmp_path / "one/tensorboard"), scalars(tmp_path / "two/tensorboard")
     assert len(one["train/loss"]) == len(two["train/loss"]) == 4
     for (s1, l1), (s2, l2) in zip(one["train/loss"], two["train/loss"], strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
@@ -287,9 +266,9 @@ def test_two_process_strategies_match_one_process(corpus, tmp_path, strategy):
         [v for _, v in one["val/loss"]], abs=1e-4
     )
     # the checkpoint (a sharded directory under FSDP2) exports to Hugging Face like any other
-    ckpt = tmp_path / "two/ckpt/last.ckpt"
+    ckpt = tmp_path / "two/checkpoints/last.ckpt"
     assert ckpt.is_dir() == ("ModelParallelStrategy" in str(strategy))
-    single_state = final_weights(tmp_path / "one/ckpt/last.ckpt")
+    single_state = final_weights(tmp_path / "one/checkpoints/last.ckpt")
     _, state = load_tinyrecipe_checkpoint(ckpt)
     assert state.keys() == {k.removeprefix("model.") for k in single_state}
     for name, tensor in state.items():
@@ -356,8 +335,8 @@ def test_speed_switches_train_like_the_reference(corpus, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     said = result.stdout + result.stderr
     assert "attention=sdpa" in said and "compile=per-block" in said and "chunked(48)" in said
-    one = scalars(tmp_path / "plain/tb")["train/loss"]
-    two = scalars(tmp_path / "fast/tb")["train/loss"]
+    one = scalars(tmp_path / "plain/tensorboard")["train/loss"]
+    two = scalars(tmp_path / "fast/tensorboard")["train/loss"]
     assert len(one) == len(two) == 4
     for (s1, l1), (s2, l2) in zip(one, two, strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tinyrecipe.checkpoint import AtomicCheckpointIO
+from tinyrecipe.train.checkpoint import AtomicCheckpointIO
 
 pytestmark = pytest.mark.faults
 
@@ -39,7 +39,7 @@ def test_a_write_cut_at_any_offset_leaves_the_previous_checkpoint(tmp_path, monk
     last = tmp_path / "last.ckpt"
     io.save_checkpoint(state(1), last)
     size = last.stat().st_size
-    import tinyrecipe.checkpoint as ckpt_module
+    import tinyrecipe.train.checkpoint as ckpt_module
 
     for offset in sorted(random.Random(0).sample(range(1, size), 12)):
         monkeypatch.setattr(
@@ -57,7 +57,7 @@ def test_a_write_cut_at_any_offset_leaves_the_previous_checkpoint(tmp_path, monk
 
 
 def test_disk_full_is_one_clear_error_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
-    import tinyrecipe.checkpoint as ckpt_module
+    import tinyrecipe.train.checkpoint as ckpt_module
 
     io = AtomicCheckpointIO()
     last = tmp_path / "last.ckpt"

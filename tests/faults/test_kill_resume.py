@@ -25,11 +25,14 @@ def last_per_step(values: list[tuple[int, float]]) -> dict[int, float]:
 
 
 def assert_same_run(ref_dir, run_dir) -> None:
-    want, got = final_weights(ref_dir / "ckpt/last.ckpt"), final_weights(run_dir / "ckpt/last.ckpt")
+    want, got = (
+        final_weights(ref_dir / "checkpoints/last.ckpt"),
+        final_weights(run_dir / "checkpoints/last.ckpt"),
+    )
     assert want.keys() == got.keys()
     for key in want:
         assert torch.equal(want[key], got[key]), key
-    ref, run = scalars(ref_dir / "tb"), scalars(run_dir / "tb")
+    ref, run = scalars(ref_dir / "tensorboard"), scalars(run_dir / "tensorboard")
     assert last_per_step(run["train/loss"]) == last_per_step(ref["train/loss"])
     ref_val, run_val = last_per_step(ref["val/loss"]), last_per_step(run["val/loss"])
     assert run_val[max(run_val)] == ref_val[max(ref_val)]  # the final evaluation
@@ -65,8 +68,8 @@ def reference(corpus, tmp_path_factory):
     [
         "train.after_backward:6",
         "val.batch:6",
-        "checkpoint.write:mid-third-save",
-        "checkpoint.rename:3",
+        "checkpoint.write:mid-second-save",
+        "checkpoint.rename:2",
     ],
     ids=["mid-step", "during-validation", "mid-checkpoint-write", "checkpoint-before-rename"],
 )
@@ -74,18 +77,18 @@ def test_kill_and_resume_equals_the_uninterrupted_run(corpus, reference, tmp_pat
     # one loader worker here (the reference has none): the batch order must not depend on it
     workers = 1 if point.startswith("train.") else 0
     recipe = write_recipe(tmp_path, corpus, max_steps=STEPS, every=EVERY, workers=workers)
-    if point == "checkpoint.write:mid-third-save":
-        # saves: step-4 file, last (step 4), step-8 file -> kill halfway through the third
-        per = writes_per_checkpoint(reference / "ckpt/last.ckpt")
-        point = f"checkpoint.write:{2 * per + per // 2}"
+    if point == "checkpoint.write:mid-second-save":
+        # saves: the step-4 file (last.ckpt links to it), the step-8 file -> kill halfway through
+        per = writes_per_checkpoint(reference / "checkpoints/last.ckpt")
+        point = f"checkpoint.write:{per + per // 2}"
     killed = killed_fit(recipe, point)
     assert killed.returncode == -9, (point, killed.returncode, killed.stderr[-2000:])
-    last = tmp_path / "ckpt/last.ckpt"
+    last = tmp_path / "checkpoints/last.ckpt"
     assert torch.load(last, weights_only=True)["global_step"] == EVERY  # the good one, whole
     resumed = fit(recipe, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(reference, tmp_path)
-    assert not list((tmp_path / "ckpt").glob("*.tmp-*")), "a killed save left its temp file"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*")), "a killed save left its temp file"
 
 
 def test_kill_right_after_a_mixture_epoch_boundary(corpus, tmp_path):
@@ -131,7 +134,9 @@ def test_kill_right_after_a_mixture_epoch_boundary(corpus, tmp_path):
     run = tmp_path / "run"
     killed = killed_fit(recipe(run), f"train.after_backward:{boundary_step + 1}", *extra)
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert torch.load(run / "ckpt/last.ckpt", weights_only=True)["global_step"] == boundary_step
+    assert (
+        torch.load(run / "checkpoints/last.ckpt", weights_only=True)["global_step"] == boundary_step
+    )
     resumed = fit(recipe(run), *extra, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(ref, run)

@@ -77,7 +77,10 @@ def test_a_rank_without_validation_data_does_not_hang(corpus, tmp_path, strategy
     two = write_recipe(tmp_path / "two", corpus, max_steps=2, every=2, batch_size=2)
     result = fit(two, "--data.val_max_blocks", "1", *flags, timeout=240)  # a hang fails here
     assert result.returncode == 0, result.stderr[-3000:]
-    a, b = scalars(tmp_path / "one/tb")["val/loss"], scalars(tmp_path / "two/tb")["val/loss"]
+    a, b = (
+        scalars(tmp_path / "one/tensorboard")["val/loss"],
+        scalars(tmp_path / "two/tensorboard")["val/loss"],
+    )
     assert len(a) == len(b) == 2
     for (_, x), (_, y) in zip(a, b, strict=True):
         assert x == pytest.approx(y, abs=1e-5)  # the one block, counted once, not twice

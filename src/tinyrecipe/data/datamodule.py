@@ -33,8 +33,8 @@ class DataSource:
 class MixedStreamingDataModule(L.LightningDataModule):
     """Training batches from `sources` mixed by weight; one validation loader per source.
 
-    Training batches are int64 (batch_size, block_size + 1): inputs are `[:, :-1]`, targets
-    `[:, 1:]`. Validation batches are dicts of `input_ids` and `labels` (see val_dataloader).
+    Training and validation batches are dicts of `input_ids` and `labels`, int64
+    (batch_size, block_size); labels are the inputs shifted by one token.
     `state_dict()` is the number of micro-batches consumed; loading it resumes the exact batch
     sequence whatever `num_workers` is (see `tinyrecipe.data.mixture`).
     `vocab_size` (the model's) and `tokenizer_dir` are checked against the data's metadata.

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 from tinyrecipe.data.prep import META_KEY
+from tinyrecipe.model.loss import IGNORE_INDEX
 
 
 class TokenBlocks:
@@ -153,7 +154,8 @@ class MixedBlockStream(IterableDataset):
 
     Loader worker w of W produces micro-batches b = start + w, start + w + W, ...; PyTorch's
     DataLoader hands workers' batches out round-robin, so the batch order is the same for any W.
-    Yields int64 tensors of block_size + 1 tokens (the DataLoader's batch_size must equal ours).
+    Yields dicts of `input_ids` and `labels` (block_size tokens each, int64; labels are the
+    inputs shifted by one); the DataLoader's batch_size must equal ours.
     """
 
     def __init__(
@@ -181,7 +183,8 @@ class MixedBlockStream(IterableDataset):
         while True:
             first = (b * self.world_size + self.rank) * self.batch_size
             for i in range(first, first + self.batch_size):
-                yield self.sample(i)[1]
+                block = self.sample(i)[1]
+                yield {"input_ids": block[:-1], "labels": block[1:]}
             b += workers
 
 
@@ -203,7 +206,7 @@ class SequentialBlocks(Dataset):
             width = self.blocks.block_size
             return {
                 "input_ids": torch.zeros(width, dtype=torch.int64),
-                "labels": torch.full((width,), -100, dtype=torch.int64),
+                "labels": torch.full((width,), IGNORE_INDEX, dtype=torch.int64),
             }
         block = torch.from_numpy(self.blocks.block(j).astype(np.int64))
         return {"input_ids": block[:-1], "labels": block[1:]}

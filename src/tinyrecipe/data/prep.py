@@ -29,6 +29,7 @@ import numpy as np
 
 from tinyrecipe.data.tokenizer import TextTokenizer
 from tinyrecipe.faults import failpoint
+from tinyrecipe.io import atomic_path
 
 FORMAT_VERSION = 1
 META_KEY = "tinyrecipe"
@@ -142,9 +143,11 @@ def read_starcoder(path: Path) -> Iterator[Record]:
                 yield text, None
 
 
-def in_validation(text: str, permille: int) -> bool:
-    """Content-keyed split for corpora without a validation set: stable across runs and file order."""
-    return zlib.crc32(text.encode("utf-8", errors="replace")) % 1000 < permille
+def in_validation(key: str, permille: float) -> bool:
+    """The one validation split of tinyrecipe, for corpora without a validation set: `permille`
+    of the documents by a hash of their content, so the split is stable across runs, file order
+    and worker count."""
+    return zlib.crc32(key.encode("utf-8", errors="replace")) % 1000 < permille
 
 
 @dataclass
@@ -345,6 +348,52 @@ def prepare_split(
         tmp.rename(final)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def markov_documents(
+    n_tokens: int, vocab_size: int, doc_tokens: int = 4096, branching: int = 4, seed: int = 0
+) -> list[np.ndarray]:
+    """Documents of token ids from a random sparse Markov chain: each token is followed by one of
+    `branching` fixed successors, so a model's loss can fall from ln(vocab) to ~ln(branching).
+    Data for benchmarks and tests that need no tokenizer (`write_synthetic_split`)."""
+    rng = np.random.default_rng(seed)
+    successors = rng.integers(0, vocab_size, size=(vocab_size, branching))
+    n_docs = max(1, n_tokens // doc_tokens)
+    docs = np.empty((n_docs, doc_tokens), dtype=np.int64)
+    docs[:, 0] = rng.integers(0, vocab_size, size=n_docs)
+    choice = rng.integers(0, branching, size=(n_docs, doc_tokens))
+    for t in range(1, doc_tokens):
+        docs[:, t] = successors[docs[:, t - 1], choice[:, t]]
+    dtype = np.uint16 if vocab_size <= 65536 else np.int32
+    return [d.astype(dtype) for d in docs]
+
+
+def write_synthetic_split(
+    out_dir: str | Path, docs: list[np.ndarray], vocab_size: int, chunk_tokens: int = 2049 * 64
+) -> Path:
+    """A prepared split (litdata chunks + our metadata) holding `docs` as they are, for data that
+    comes from no tokenizer (its recorded tokenizer is "synthetic")."""
+    from litdata.streaming.item_loader import TokensLoader
+    from litdata.streaming.writer import BinaryWriter
+
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        writer = BinaryWriter(str(tmp), chunk_size=chunk_tokens, item_loader=TokensLoader())
+        for i, doc in enumerate(docs):
+            writer[i] = doc
+        writer.done()
+        writer.merge()
+        index = json.loads((tmp / "index.json").read_text())
+        index[META_KEY] = dict(
+            format=FORMAT_VERSION,
+            tokenizer_sha256=f"synthetic-{vocab_size}",
+            vocab_size=vocab_size,
+            documents=len(docs),
+            tokens=int(sum(len(d) for d in docs)),
+            dtype=np.dtype(docs[0].dtype).name,
+        )
+        (tmp / "index.json").write_text(json.dumps(index, indent=1))
+    return out_dir
 
 
 def _files(root: Path, pattern: str) -> list[Path]:

@@ -12,9 +12,11 @@ import ast
 import io
 import json
 import sysconfig
-import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+from tinyrecipe.data.prep import in_validation
+from tinyrecipe.io import atomic_write
 
 # Record labels as SlimPajama's `meta.redpajama_set_name` uses them. The GitHub records are
 # there on purpose: TinyLlama drops SlimPajama's GitHub subset (Starcoderdata replaces it).
@@ -27,11 +29,6 @@ def stdlib_sources() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
-
-
-def is_validation(text: str) -> bool:
-    """A stable, content-keyed split: the same document lands in the same split every time."""
-    return zlib.crc32(text.encode("utf-8")) % 1000 < VALIDATION_PERMILLE
 
 
 def docstrings(path: Path) -> str | None:
@@ -76,9 +73,7 @@ def _write_jsonl_zst(path: Path, records: list[dict]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     raw = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(zstandard.ZstdCompressor(level=3).compress(raw))
-    tmp.replace(path)
+    atomic_write(path, zstandard.ZstdCompressor(level=3).compress(raw))
 
 
 def _write_parquet(path: Path, rows: list[dict]) -> None:
@@ -94,9 +89,7 @@ def _write_parquet(path: Path, rows: list[dict]) -> None:
     )
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(buf.getvalue())
-    tmp.replace(path)
+    atomic_write(path, buf.getvalue())
 
 
 def _take(items: Iterator, max_bytes: float, size) -> list:
@@ -126,7 +119,9 @@ def make_sample(out: str | Path, max_mb: float | None = None, files_per_split: i
     prose = _take(prose_records(sources), limit, lambda r: len(r["text"]))
     splits = {"train": [], "validation": []}
     for record in prose:
-        splits["validation" if is_validation(record["text"]) else "train"].append(record)
+        splits[
+            "validation" if in_validation(record["text"], VALIDATION_PERMILLE) else "train"
+        ].append(record)
     names = {"train": "example_train_{}.jsonl.zst", "validation": "example_holdout_{}.jsonl.zst"}
     for split, records in splits.items():
         for i, shard in enumerate(_shard(records, files_per_split)):
@@ -202,8 +197,6 @@ def make_sft_sample(out: str | Path, max_records: int | None = None) -> int:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     records = list(sft_records(max_records))
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    tmp.replace(out)
+    atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     print(f"sft: {len(records)} records -> {out}")
     return len(records)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import json
-import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,7 +35,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-IGNORE_INDEX = -100
+from tinyrecipe.data.prep import in_validation
+from tinyrecipe.model.loss import IGNORE_INDEX
+
 HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
 
 
@@ -129,9 +130,8 @@ def read_jsonl(path: str | Path, skipped: Counter) -> Iterator[Any]:
 
 
 def is_validation(record: Any, fraction: float) -> bool:
-    """A stable split keyed on the record's content."""
-    key = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
-    return zlib.crc32(key) % 10_000 < fraction * 10_000
+    """The record's side of the content-keyed split (`tinyrecipe.data.prep.in_validation`)."""
+    return in_validation(json.dumps(record, sort_keys=True, ensure_ascii=False), fraction * 1000)
 
 
 def tokenize_records(

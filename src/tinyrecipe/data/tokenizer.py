@@ -9,6 +9,8 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+from tinyrecipe.io import atomic_path
+
 BOS, EOS, UNK = "<s>", "</s>", "<unk>"
 BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
 
@@ -108,8 +110,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in specials]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "tokenizer.json.tmp"
-    tmp.write_text(json.dumps(spec, ensure_ascii=False))
-    Tokenizer.from_file(str(tmp))  # refuse to publish a file that does not load
-    tmp.replace(out / "tokenizer.json")
+    with atomic_path(out / "tokenizer.json") as tmp:
+        tmp.write_text(json.dumps(spec, ensure_ascii=False))
+        Tokenizer.from_file(str(tmp))  # refuse to publish a file that does not load
     return out / "tokenizer.json"

@@ -5,7 +5,6 @@ flash-attn is imported lazily, on the first call that could use it, never at mod
 
 from __future__ import annotations
 
-import functools
 import logging
 
 import torch
@@ -14,21 +13,27 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
-@functools.cache
-def _flash_attn_func():
-    """`flash_attn.flash_attn_func`, or None when flash-attn is not installed or fails to import."""
-    try:
-        from flash_attn import flash_attn_func
-    except Exception as err:  # ImportError, or a CUDA/ABI mismatch raised at import
-        log.info("flash-attn unavailable (%s); using torch SDPA", err)
-        return None
-    return flash_attn_func
+_FLASH: list = []  # [flash_attn_func or None] once looked up
+
+
+def load_flash_attn():
+    """`flash_attn.flash_attn_func`, or None when flash-attn is not installed or fails to import.
+    Looked up once, eagerly: `compile_blocks` calls this before compiling, so a compiled graph
+    reads the cached answer instead of tracing an import."""
+    if not _FLASH:
+        try:
+            from flash_attn import flash_attn_func
+        except Exception as err:  # ImportError, or a CUDA/ABI mismatch raised at import
+            log.info("flash-attn unavailable (%s); using torch SDPA", err)
+            flash_attn_func = None
+        _FLASH.append(flash_attn_func)
+    return _FLASH[0]
 
 
 def flash_supported(q: torch.Tensor) -> bool:
     """True when FlashAttention-2 can take `q`: a CUDA fp16/bf16 tensor and flash-attn importable."""
     return (
-        q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _flash_attn_func() is not None
+        q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and load_flash_attn() is not None
     )
 
 
@@ -62,7 +67,7 @@ def causal_attention(
         _logged.add(chosen)
         log.info("tinyrecipe: attention kernel %s (%s, %s)", chosen, q.device.type, q.dtype)
     if chosen == "flash":  # flash-attn aligns the causal mask to the last query itself
-        return _flash_attn_func()(q, k, v, causal=True)
+        return load_flash_attn()(q, k, v, causal=True)
     T, S = q.size(1), k.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     gqa = k.size(1) != q.size(1)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Any
+from dataclasses import asdict, dataclass, field, fields, make_dataclass, replace
+from typing import Any, get_type_hints
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,37 @@ class ModelConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
         return replace(PRESETS[name], **overrides)
+
+
+# ModelConfig's fields, each optional: what a recipe's `model.config` may change in a preset.
+# None keeps the preset's value, so recipe overlays merge key by key and a misspelt key is
+# refused by name (jsonargparse validates against these fields).
+ModelOverrides = make_dataclass(
+    "ModelOverrides",
+    [
+        (f.name, get_type_hints(ModelConfig)[f.name] | None, field(default=None))
+        for f in fields(ModelConfig)
+    ],
+)
+ModelOverrides.__module__ = __name__
+ModelOverrides.__doc__ = "ModelConfig fields replacing a preset's (None: the preset's value)."
+
+
+DEFAULT_PRESET = "tiny"  # a recipe's model.preset when it names none
+
+
+def resolve_config(preset: str = DEFAULT_PRESET, overrides: Any = None) -> ModelConfig:
+    """The one place a preset and its overrides (a dict, a ModelOverrides, or None) become a
+    ModelConfig; fields given as None keep the preset's value."""
+    return ModelConfig.from_name(preset, **overrides_dict(overrides))
+
+
+def overrides_dict(overrides: Any = None) -> dict[str, Any]:
+    """The fields a dict or ModelOverrides sets (None values dropped), as a plain dict."""
+    if overrides is None:
+        return {}
+    items = overrides.items() if isinstance(overrides, dict) else asdict(overrides).items()
+    return {k: v for k, v in items if v is not None}
 
 
 # The fields that decide the parameters' shapes (two configs that agree on these share weights).

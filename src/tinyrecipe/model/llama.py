@@ -2,7 +2,7 @@
 
 Plain PyTorch, readable top to bottom. The RoPE layout is "rotate half" (the first half of each
 head's dims pairs with the second half), the same layout Hugging Face's `LlamaForCausalLM` uses,
-so HF weights map onto this model by renaming and concatenation alone (`tinyrecipe.hf`).
+so HF weights map onto this model by renaming and concatenation alone (`tinyrecipe.model.hf`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from tinyrecipe.model.attention import causal_attention
 from tinyrecipe.model.config import ModelConfig
-from tinyrecipe.model.loss import linear_cross_entropy
+from tinyrecipe.model.loss import IGNORE_INDEX, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -186,7 +186,7 @@ class Llama(nn.Module):
         cache: list[KVCache] | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
-        cross-entropy over positions whose target is not -100 (logits are None when
+        cross-entropy over positions whose target is not IGNORE_INDEX (-100) (logits are None when
         `config.loss_chunk_size` > 0: the loss is then computed chunk by chunk). With `cache` (one KVCache per
         block, from `new_kv_cache`), idx continues the cached sequence (generation)."""
         start = cache[0].length if cache else 0
@@ -206,5 +206,7 @@ class Llama(nn.Module):
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+        )
         return logits, loss

@@ -1,7 +1,7 @@
 """Fine-tuning from Python (a notebook): pretrained weights in, SFT data, `Trainer.fit`, answers.
 
     import lightning as L
-    from tinyrecipe.finetune import answer, load_pretrained, sft_data
+    from tinyrecipe.train.finetune import answer, load_pretrained, sft_data
 
     module = load_pretrained("out/quickstart/checkpoints/last.ckpt", lr=3e-4, warmup_steps=10)
     data = sft_data(records, tokenizer_dir="data/quickstart/tokenizer", block_size=256)
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from tinyrecipe.convert import checkpoint_config
 from tinyrecipe.data.sft import SFTDataModule, format_prompt
-from tinyrecipe.modules import CausalLMModule
+from tinyrecipe.interop.checkpoint import checkpoint_config
+from tinyrecipe.train.module import CausalLMModule
 
 # Fine-tuning defaults: a lower peak LR than pretraining and a short warmup.
 FINETUNE_DEFAULTS: dict[str, Any] = dict(
@@ -65,7 +65,7 @@ def answer(
 ) -> str:
     """The model's reply to `prompt` in the SFT template (greedy by default), up to `</s>`."""
     from tinyrecipe.data.tokenizer import load_tokenizer
-    from tinyrecipe.generate import generate
+    from tinyrecipe.interop.generate import generate
 
     if module.model is None:
         module.configure_model()

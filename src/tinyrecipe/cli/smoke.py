@@ -1,4 +1,5 @@
-"""`tinyrecipe smoke`: a one-minute check that an install trains.
+"""`tinyrecipe smoke`: a one-minute check that an install trains (the shared training step on a
+byte-level model, no prepared data needed).
 
 Trains the `tiny` decoder shape with a byte vocabulary (256) on the running Python's own
 documentation text (`pydoc_data.topics`, present wherever Python is), prints the loss falling,
@@ -12,7 +13,10 @@ import time
 
 import torch
 
+from tinyrecipe.interop.generate import generate
 from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.train.optim import build_adamw
+from tinyrecipe.train.step import finish_step, micro_batch_loss
 
 
 def stdlib_text_bytes() -> torch.Tensor:
@@ -36,19 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     data = stdlib_text_bytes().long()
     config = ModelConfig.from_name("tiny", vocab_size=256, block_size=args.block)
     model = Llama(config)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1
-    )
+    params = list(model.parameters())
+    optimizer = build_adamw(model, args.lr)
     print(f"tiny decoder: {config.num_params():,} parameters, {len(data):,} bytes of stdlib docs")
     start, first = time.perf_counter(), None
     for step in range(1, args.steps + 1):
         offsets = torch.randint(0, len(data) - args.block - 1, (args.batch,))
         window = torch.stack([data[o : o + args.block + 1] for o in offsets])
-        _, loss = model(window[:, :-1], window[:, 1:])
-        optimizer.zero_grad(set_to_none=True)
+        loss = micro_batch_loss(model, {"input_ids": window[:, :-1], "labels": window[:, 1:]})
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        finish_step(params, loss.detach(), 1, max_norm=1.0, optimizer=optimizer)
         optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
         first = loss.item() if first is None else first
         if step % 10 == 0 or step == 1:
             print(f"step {step:4d}  loss {loss.item():.3f}")
@@ -56,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{args.steps * args.batch * args.block / elapsed:,.0f} tokens/s; loss {first:.3f} -> {loss.item():.3f}"
     )
-
-    from tinyrecipe.generate import generate
 
     sample = generate(model.eval(), torch.tensor([list(b"The ")]), 60, temperature=0)
     print("sample:", bytes(sample[0].tolist()).decode("utf-8", errors="replace"))

@@ -1,24 +1,18 @@
-"""`tinyrecipe generate`: sample text from a training checkpoint.
-
-    tinyrecipe generate --ckpt out/quickstart/checkpoints/last.ckpt \
-        --tokenizer data/quickstart/tokenizer --prompt "def" --max-new-tokens 60
-"""
+"""Generation with the KV cache: greedy, temperature, top-k and top-p sampling, from any
+checkpoint tinyrecipe reads (`tinyrecipe generate` is its command line)."""
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import torch
 
+from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint
 from tinyrecipe.model import Llama
 
 
 def load_checkpoint_model(path: str | Path) -> Llama:
     """The decoder of a tinyrecipe checkpoint, in eval mode (weights_only loading)."""
-    from tinyrecipe.convert import load_tinyrecipe_checkpoint
-
     config, state = load_tinyrecipe_checkpoint(path)
     model = Llama(config)
     model.load_state_dict(state)
@@ -75,36 +69,3 @@ def continuation(tok, prompt: str, prompt_ids: list[int], new_ids: list[int]) ->
     drop the space a Llama-style decoder strips from the start of a text ("def" + "write")."""
     before = tok.decode(prompt_ids)
     return prompt + tok.decode(prompt_ids + new_ids)[len(before) :]
-
-
-def main(argv: list[str] | None = None) -> int:
-    from tinyrecipe.data.tokenizer import load_tokenizer
-
-    parser = argparse.ArgumentParser(
-        prog="tinyrecipe generate", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--ckpt", required=True)
-    parser.add_argument(
-        "--tokenizer", required=True, help="directory with tokenizer.json or tokenizer.model"
-    )
-    parser.add_argument("--prompt", default="")
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=50)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=1234)
-    args = parser.parse_args(argv)
-    try:
-        model = load_checkpoint_model(args.ckpt)
-        tok = load_tokenizer(args.tokenizer)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"tinyrecipe generate: error: {err}", file=sys.stderr)
-        return 2
-    prompt_ids = tok.encode(args.prompt)
-    idx = torch.tensor([[tok.bos_id] + prompt_ids])
-    gen = torch.Generator().manual_seed(args.seed)
-    out = generate(
-        model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, tok.eos_id
-    )
-    print(continuation(tok, args.prompt, prompt_ids, out[0, idx.size(1) :].tolist()))
-    return 0

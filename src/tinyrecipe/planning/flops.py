@@ -56,6 +56,15 @@ def device_peak_flops(device_name: str) -> float:
     )
 
 
+def compute_dtype(precision: str):
+    """The matmul dtype of a Lightning precision setting ("bf16-mixed" -> torch.bfloat16, ...)."""
+    import torch
+
+    if "bf16" in precision:
+        return torch.bfloat16
+    return torch.float16 if precision.startswith("16") else torch.float32
+
+
 def measure_matmul_peak(
     device="cpu", dtype=None, sizes: tuple[int, ...] = (512, 1024), seconds: float = 0.05
 ) -> float:
@@ -83,6 +92,27 @@ def measure_matmul_peak(
             reps += 1
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
     return best
+
+
+def device_peak(device, precision: str = "bf16-mixed", peak_flops: float | None = None):
+    """(peak FLOP/s, where it comes from) for MFU on `device`: `peak_flops` when given; a GPU's
+    datasheet bf16 figure from our table; a CPU's matmul rate measured now in the run's dtype with
+    its threads; (None, why) for an unknown GPU."""
+    import torch
+
+    device = torch.device(device)
+    if peak_flops:
+        return peak_flops, "given"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        try:
+            return device_peak_flops(name), f"{name} datasheet bf16"
+        except ValueError:
+            return None, f"{name}: unknown peak (pass peak_flops)"
+    dtype = compute_dtype(precision)
+    return measure_matmul_peak(
+        device, dtype
+    ), f"measured {str(dtype).removeprefix('torch.')} matmul"
 
 
 def mfu(

@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from tinyrecipe.model import ModelConfig
+from tinyrecipe.model.config import DEFAULT_PRESET, resolve_config
 
 MiB = 2**20
 
@@ -60,12 +61,15 @@ def estimate_memory(
     world_size: int = 1,
     sharded: bool = False,
     activation_checkpointing: bool = False,
+    accumulation: int = 1,
 ) -> MemoryEstimate:
     """Peak bytes per device for one training step of `config` at `micro_batch` x `seq_len`.
 
     `precision`: "32-true", "bf16-mixed" (fp32 weights, grads and states, bf16 activations) or
     "bf16-true" (everything bf16 except AdamW's fp32 states). `sharded`: FSDP/FSDP2 over
-    `world_size` devices (DDP keeps full copies)."""
+    `world_size` devices (DDP keeps full copies). Sharded with `accumulation` > 1, each device
+    holds the unsharded fp32 gradients between micro-batches (FSDP2 reduces them once per step,
+    `tinyrecipe.train.strategy`)."""
     T = config.block_size if seq_len is None else seq_len
     tokens = micro_batch * T
     d, f, L, V = config.d_model, config.d_ff, config.n_layer, config.vocab_size
@@ -77,6 +81,8 @@ def estimate_memory(
 
     params = n * weight // shards
     grads = n * weight // shards
+    if sharded and world_size > 1 and accumulation > 1:
+        grads = n * 4  # the unsharded gradients accumulated in fp32 until the step's reduction
     optimizer = n * 8 // shards  # AdamW exp_avg + exp_avg_sq, fp32
 
     per_layer = (10 * d + 3 * kv + 4 * f) * act + 4 * H
@@ -103,7 +109,8 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
     """The estimate for a parsed recipe (the `tinyrecipe fit` YAML, overlays merged), and the
     settings it was read from."""
     model, data, trainer = (recipe.get(k) or {} for k in ("model", "data", "trainer"))
-    config = ModelConfig.from_name(model.get("preset", "tiny"), **(model.get("config") or {}))
+    data = data.get("init_args", data)  # a class_path + init_args form
+    config = resolve_config(model.get("preset", DEFAULT_PRESET), model.get("config"))
     strategy = trainer.get("strategy", "auto")
     strategy_name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy)
     devices = trainer.get("devices", 1)
@@ -111,13 +118,15 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         "num_nodes", 1
     )
     settings = {
-        "preset": model.get("preset", "tiny"),
+        "preset": model.get("preset", DEFAULT_PRESET),
+        "params": config.num_params(),
         "micro_batch": data.get("batch_size", 8),
         "seq_len": data.get("block_size", config.block_size),
         "precision": str(trainer.get("precision", "32-true")),
         "world_size": world,
         "sharded": any(s in strategy_name.lower() for s in ("fsdp", "modelparallel")),
         "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
+        "accumulation": int(trainer.get("accumulate_grad_batches") or 1),
     }
     estimate = estimate_memory(
         config,
@@ -127,31 +136,6 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         world_size=world,
         sharded=settings["sharded"],
         activation_checkpointing=settings["activation_checkpointing"],
+        accumulation=settings["accumulation"],
     )
     return estimate, settings
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`tinyrecipe memory --config recipes/X.yaml [--config overlay.yaml]`"""
-    import argparse
-    import sys
-
-    from tinyrecipe.recipe import load_recipe
-
-    parser = argparse.ArgumentParser(
-        prog="tinyrecipe memory", description="Training memory per device for a recipe."
-    )
-    parser.add_argument("--config", action="append", required=True, help="recipe (repeatable)")
-    args = parser.parse_args(argv)
-    try:
-        estimate, s = recipe_memory(load_recipe(args.config))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"tinyrecipe memory: error: {err}", file=sys.stderr)
-        return 2
-    how = f"FSDP over {s['world_size']}" if s["sharded"] else f"{s['world_size']} full copies"
-    print(
-        f"{s['preset']}, micro-batch {s['micro_batch']} x {s['seq_len']}, {s['precision']}, {how}"
-        f"{', activation checkpointing' if s['activation_checkpointing'] else ''}: per device"
-    )
-    print(estimate.table())
-    return 0

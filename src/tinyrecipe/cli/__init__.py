@@ -1,0 +1,91 @@
+"""The `tinyrecipe` command: one entry point, one error wrapper. Each subcommand's module is
+imported only when it runs (so `tinyrecipe plan` does not pay for Lightning)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+
+# subcommand -> (module with a `main(argv)`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("tinyrecipe.cli.fit", "train a recipe: tinyrecipe fit --config recipes/X.yaml"),
+    "validate": ("tinyrecipe.cli.fit", "evaluate a recipe's model on its validation data"),
+    "fabric": (
+        "tinyrecipe.cli.fit",
+        "train a recipe with the plain Lightning Fabric loop (same model, data, step)",
+    ),
+    "generate": ("tinyrecipe.cli.generate", "sample text from a checkpoint"),
+    "convert": (
+        "tinyrecipe.cli.convert",
+        "Hugging Face Llama <-> tinyrecipe checkpoint (to-hf / from-hf)",
+    ),
+    "memory": (
+        "tinyrecipe.cli.memory",
+        "training memory per device for a recipe (parameters, grads, AdamW, activations)",
+    ),
+    "plan": (
+        "tinyrecipe.cli.plan",
+        "inference-aware model size and training length for a target loss",
+    ),
+    "smoke": (
+        "tinyrecipe.cli.smoke",
+        "train the tiny decoder briefly on stdlib text (checks an install)",
+    ),
+}
+
+# What a user can cause (a bad path, key or value, a damaged file, a full disk, a diverged run):
+# one line on stderr and exit status 2. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (
+    ValueError,
+    OSError,
+    FloatingPointError,
+    argparse.ArgumentError,  # a recipe key or value the parser refuses
+)
+
+
+SPECIFIC = re.compile(
+    r"not accepted|not expected|does not exist|unrecognized|Expected a <class '(?!NoneType)"
+)
+
+
+def fail(command: str, err: BaseException | str) -> int:
+    """Print `tinyrecipe <command>: error: <err>` on stderr, as one line; the exit status of a
+    user error."""
+    lines = [line.strip(" -") for line in str(err).splitlines() if line.strip()]
+    message = lines[0] if lines else repr(err)
+    if isinstance(err, argparse.ArgumentError):
+        # jsonargparse explains a refused value over many lines; keep the one that names it
+        reason = next((line for line in lines[1:] if SPECIFIC.search(line)), None)
+        message = f"{message.rstrip(':')}: {reason}" if reason else message
+        message += f" (tinyrecipe {command} --help lists the options)"
+    else:
+        message = " ".join(lines)
+    print(f"tinyrecipe {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch `tinyrecipe <command> ...`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+        print("usage: tinyrecipe <command> [options]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\ntinyrecipe: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    command = argv[0]
+    module = importlib.import_module(COMMANDS[command][0])
+    # The recipe commands parse their subcommand themselves (LightningCLI's form).
+    args = argv if module.__name__ == "tinyrecipe.cli.fit" else argv[1:]
+    os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+    try:
+        return module.main(args) or 0
+    except USER_ERRORS as err:
+        if os.environ.get("TINYRECIPE_DEBUG"):
+            raise
+        return fail(command, err)

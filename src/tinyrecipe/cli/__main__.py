@@ -1,0 +1,5 @@
+import sys
+
+from tinyrecipe.cli import main
+
+sys.exit(main())

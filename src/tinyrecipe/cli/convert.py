@@ -1,0 +1,29 @@
+"""`tinyrecipe convert`: Hugging Face Llama directories <-> tinyrecipe checkpoints
+(`tinyrecipe.interop.convert`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from tinyrecipe.interop.convert import from_hf, to_hf
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tinyrecipe convert", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    to = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory")
+    to.add_argument("ckpt")
+    to.add_argument("out_dir")
+    to.add_argument(
+        "--tokenizer", help="directory with tokenizer.json / tokenizer.model to include"
+    )
+    to.add_argument("--max-shard-gb", type=float, default=5.0)
+    frm = sub.add_parser("from-hf", help="Hugging Face directory -> checkpoint")
+    frm.add_argument("hf_dir")
+    frm.add_argument("out")
+    args = parser.parse_args(argv)
+    if args.direction == "to-hf":
+        print(f"wrote {to_hf(args.ckpt, args.out_dir, args.tokenizer, args.max_shard_gb)}")
+    else:
+        print(f"wrote {from_hf(args.hf_dir, args.out)}")
+    return 0

@@ -1,0 +1,200 @@
+"""`tinyrecipe fit | validate | fabric --config recipes/X.yaml`: one recipe parser (LightningCLI over
+`CausalLMModule` and a DataModule) for the Trainer and the Fabric loop.
+
+Several --config files compose key by key (a base recipe, then an ablation overlay that states
+only what it changes, `model.config` included); dotted overrides (`--trainer.max_steps 50`) and
+`--print_config` work as in any LightningCLI. What every run needs is a default, so a recipe
+states only what differs:
+
+* `trainer.default_root_dir` is the one output directory: TensorBoard logs in `<root>/tensorboard`
+  (one version per directory, a resume continues it) and checkpoints in `<root>/checkpoints`;
+* `checkpoint:` configures the always-present checkpoint callback (`Checkpoints`: every
+  `every_n_train_steps`, the newest `save_top_k` kept, `last.ckpt` a link to the newest);
+* `throughput:` the tokens/s and MFU monitor; the learning rate is logged every step;
+* `global_batch_size:` (sequences per optimizer step) derives `trainer.accumulate_grad_batches`
+  from the world size and `data.batch_size`;
+* `trainer.strategy: fsdp2` is `tinyrecipe.train.strategy.FSDP2Strategy`; checkpoint files are
+  written atomically (`AtomicCheckpointIO`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningCLI
+
+import tinyrecipe.train.strategy  # noqa: F401  (registers trainer.strategy: fsdp2)
+from tinyrecipe.model.config import resolve_config
+from tinyrecipe.train.callbacks import Checkpoints, TokenThroughputMonitor
+from tinyrecipe.train.module import CausalLMModule
+
+DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
+# A bad recipe raises (the `tinyrecipe` wrapper prints one line) instead of a usage dump.
+PARSER_KWARGS = {"exit_on_error": False}
+
+
+def _model_vocab(preset: str, config) -> int | None:
+    config = getattr(config, "init_args", config)  # jsonargparse's Namespace of ModelOverrides
+    if hasattr(config, "as_dict"):
+        config = config.as_dict()
+    try:
+        return resolve_config(preset, config).vocab_size
+    except (ValueError, TypeError):
+        return None  # the module refuses the preset itself, in one line
+
+
+def world_size(devices: Any, num_nodes: int, accelerator: str | None) -> int:
+    """Processes a Trainer with these settings runs (devices 'auto'/-1 counted like Lightning)."""
+    if isinstance(devices, list):
+        n = len(devices)
+    elif isinstance(devices, str) and devices.isdigit():
+        n = int(devices)
+    elif isinstance(devices, int) and devices > 0:
+        n = devices
+    else:  # "auto" or -1: every visible GPU, else one CPU process
+        import torch
+
+        cuda = accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available()
+        n = torch.cuda.device_count() if cuda else 1
+    return n * (num_nodes or 1)
+
+
+def accumulation(global_batch: int, micro_batch: int, world: int) -> int:
+    """Micro-batches per optimizer step for `global_batch` sequences; refused unless exact."""
+    per_pass = micro_batch * world
+    if global_batch <= 0 or global_batch % per_pass:
+        raise ValueError(
+            f"global_batch_size {global_batch} is not a multiple of data.batch_size {micro_batch} "
+            f"x {world} process(es) = {per_pass}; change one of them"
+        )
+    return global_batch // per_pass
+
+
+class TinyRecipeCLI(LightningCLI):
+    """`data:` is any LightningDataModule (`class_path:` + `init_args:`); without a class_path
+    it is the pretraining `MixedStreamingDataModule`, so plain `data: {sources: ...}` works."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(Checkpoints, "checkpoint")
+        parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_argument(
+            "--global_batch_size",
+            type=int | None,
+            default=None,
+            help="sequences per optimizer step; sets trainer.accumulate_grad_batches",
+        )
+        parser.set_defaults(
+            {
+                "data": {"class_path": DEFAULT_DATA},
+                "lr_monitor.logging_interval": "step",
+                "trainer.check_val_every_n_epoch": None,  # training streams are endless
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "", "name": "tensorboard", "version": ""},
+                },
+                "trainer.plugins": [
+                    {"class_path": "tinyrecipe.train.checkpoint.AtomicCheckpointIO"}
+                ],
+            }
+        )
+        # The data must match the model's vocabulary: one source of truth, the model's config.
+        parser.link_arguments(
+            ("model.preset", "model.config"), "data.init_args.vocab_size", compute_fn=_model_vocab
+        )
+
+    def before_instantiate_classes(self) -> None:
+        resolve_recipe(self.config[self.subcommand] if self.subcommand else self.config)
+
+
+def resolve_recipe(cfg) -> None:
+    """The settings derived from others, in place on a parsed recipe: the output directory's
+    logger path, and the accumulation of global_batch_size."""
+    trainer = cfg.trainer
+    root = trainer.default_root_dir or "out"
+    trainer.default_root_dir = root
+    logger = trainer.logger
+    if hasattr(logger, "init_args") and getattr(logger.init_args, "save_dir", None) == "":
+        logger.init_args.save_dir = root
+    if cfg.get("checkpoint") is not None and not cfg.checkpoint.dirpath:
+        # set before the Trainer starts: `--ckpt_path last` is looked up in it at once
+        cfg.checkpoint.dirpath = str(Path(root) / "checkpoints")
+    if cfg.get("global_batch_size"):
+        world = world_size(trainer.devices, trainer.num_nodes, trainer.accelerator)
+        trainer.accumulate_grad_batches = accumulation(
+            cfg.global_batch_size, cfg.data.init_args.batch_size, world
+        )
+
+
+class _ParseOnly(TinyRecipeCLI):
+    """The recipe parsed and resolved, nothing instantiated (the Fabric loop builds its own)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        super().add_arguments_to_parser(parser)
+        parser.add_argument("--resume", type=str | None, default=None, help="a Fabric checkpoint")
+
+    def instantiate_classes(self) -> None:
+        pass
+
+    def _set_seed(self) -> None:
+        pass  # the Fabric loop seeds itself
+
+
+def parse_recipe(argv: list[str]) -> tuple[dict, str | None]:
+    """(the recipe as a plain dict, --resume) from `--config ... --a.b value ...` arguments,
+    validated and merged exactly as `tinyrecipe fit` does."""
+    with warnings.catch_warnings():  # "args= and sys.argv both given": on purpose here
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _ParseOnly(
+            CausalLMModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            run=False,
+            args=argv,
+            save_config_callback=None,
+            parser_kwargs=PARSER_KWARGS,
+        )
+    resume = cli.config.pop("resume", None)
+    return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)), resume
+
+
+def _show_tinyrecipe_info() -> None:
+    """Print tinyrecipe's INFO lines (which attention kernel runs, ...): never a silent slow path."""
+    log = logging.getLogger("tinyrecipe")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def main(argv: list[str]) -> int:
+    """`argv` starts with the subcommand: fit, validate or fabric."""
+    _show_tinyrecipe_info()
+    if argv[:1] == ["fabric"]:
+        from tinyrecipe.train.fabric import train
+
+        recipe, resume = parse_recipe(argv[1:])
+        train(recipe, resume=resume)
+        return 0
+    TinyRecipeCLI(
+        CausalLMModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        args=None if argv == sys.argv[1:] else argv,  # from the console LightningCLI reads sys.argv
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs=PARSER_KWARGS,
+    )
+    return 0
+
+
+os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")

@@ -1,0 +1,43 @@
+"""`tinyrecipe generate`: text from any checkpoint tinyrecipe reads (`tinyrecipe.interop.generate`).
+
+    tinyrecipe generate --ckpt out/quickstart/checkpoints/last.ckpt \
+        --tokenizer data/quickstart/tokenizer --prompt "def" --max-new-tokens 60
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from tinyrecipe.data.tokenizer import load_tokenizer
+from tinyrecipe.interop.generate import continuation, generate, load_checkpoint_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tinyrecipe generate",
+        description="Sample a continuation of --prompt (top-k sampling at temperature 0.8 by "
+        "default; --temperature 0 is greedy).",
+    )
+    parser.add_argument("--ckpt", required=True, help="checkpoint file or directory")
+    parser.add_argument(
+        "--tokenizer", required=True, help="directory with tokenizer.json or tokenizer.model"
+    )
+    parser.add_argument("--prompt", default="")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=1234)
+    args = parser.parse_args(argv)
+    model = load_checkpoint_model(args.ckpt)
+    tok = load_tokenizer(args.tokenizer)
+    prompt_ids = tok.encode(args.prompt)
+    idx = torch.tensor([[tok.bos_id] + prompt_ids])
+    gen = torch.Generator().manual_seed(args.seed)
+    out = generate(
+        model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, tok.eos_id
+    )
+    print(continuation(tok, args.prompt, prompt_ids, out[0, idx.size(1) :].tolist()))
+    return 0

@@ -1,0 +1,1 @@
+"""Checkpoints in and out: loading any checkpoint form, Hugging Face conversion, generation."""

@@ -1,0 +1,120 @@
+"""Reading and writing tinyrecipe checkpoints, whatever wrote them: a Lightning checkpoint of
+`CausalLMModule` (one file, or a sharded FSDP2 directory), a Fabric-loop checkpoint, a
+`convert from-hf` checkpoint, or a Hugging Face Llama directory. Weights load with
+`weights_only` / safetensors: nothing in the files is executed."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from tinyrecipe.io import atomic_path
+from tinyrecipe.model import ModelConfig
+from tinyrecipe.model.config import DEFAULT_PRESET, resolve_config
+from tinyrecipe.model.hf import from_hf_config, from_hf_state_dict
+
+
+def config_from_hparams(hparams: dict) -> ModelConfig:
+    """The ModelConfig a checkpoint's `hyper_parameters` (CausalLMModule's preset + config) describe."""
+    return resolve_config(hparams.get("preset", DEFAULT_PRESET), hparams.get("config"))
+
+
+def _hf_config(hf_dir: Path) -> ModelConfig:
+    return from_hf_config(json.loads((hf_dir / "config.json").read_text()))
+
+
+def _load_sharded_checkpoint(path: Path) -> dict:
+    """A Lightning distributed (FSDP2 / ModelParallelStrategy) checkpoint directory as one dict:
+    the shards are consolidated with torch.distributed.checkpoint (on CPU, no process group) and
+    Lightning's meta.pt adds the hyper-parameters. Needs the whole model in CPU memory."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(
+            f"checkpoint directory '{path}' is neither a sharded checkpoint (no .metadata) nor a "
+            "Hugging Face model (no config.json)"
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        ckpt = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+    meta = path / "meta.pt"
+    if meta.is_file():
+        ckpt.update(torch.load(meta, map_location="cpu", weights_only=True))
+    return ckpt
+
+
+def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, decoder state dict) from any checkpoint tinyrecipe reads: a Lightning checkpoint
+    of `CausalLMModule` (a file, or a sharded FSDP2 directory), a `from-hf` checkpoint, or a
+    Hugging Face Llama directory. Weights load with weights_only / safetensors: nothing in the
+    files is executed."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        config = _hf_config(path)
+        return config, from_hf_state_dict(load_hf_state_dict(path), config)
+    if path.is_dir():
+        ckpt = _load_sharded_checkpoint(path)
+    elif path.is_file():
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(
+            f"checkpoint '{path}' is not a tinyrecipe checkpoint (no state_dict/hyper_parameters)"
+        )
+    config = config_from_hparams(ckpt["hyper_parameters"])
+    state = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
+    return config, state
+
+
+def checkpoint_config(path: str | Path) -> ModelConfig:
+    """The model config of a checkpoint, without reading its tensors where the format allows."""
+    path = Path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _hf_config(path)
+    if path.is_dir() and (path / "meta.pt").is_file():
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        return config_from_hparams(meta.get("hyper_parameters", {}))
+    if path.is_file():  # mmap: the tensors are not read
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if "hyper_parameters" in ckpt:
+            return config_from_hparams(ckpt["hyper_parameters"])
+    return load_tinyrecipe_checkpoint(path)[0]
+
+
+def save_tinyrecipe_checkpoint(
+    config: ModelConfig, state: dict[str, torch.Tensor], path: str | Path
+) -> None:
+    """A checkpoint `load_tinyrecipe_checkpoint`, `generate` and `init_from` read."""
+    payload = {
+        "state_dict": {f"model.{k}": v for k, v in state.items()},
+        "hyper_parameters": {"preset": "tinyllama-1.1b", "config": asdict(config)},
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_hf_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a HF model directory: safetensors (single or sharded) or pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    hf_dir = Path(hf_dir)
+    if (hf_dir / "model.safetensors").is_file():
+        return load_file(hf_dir / "model.safetensors")
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        state = {}
+        for name in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            state.update(load_file(hf_dir / name))
+        return state
+    if (hf_dir / "pytorch_model.bin").is_file():
+        return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(
+        f"'{hf_dir}' has no model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )

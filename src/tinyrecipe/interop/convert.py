@@ -1,0 +1,109 @@
+"""Hugging Face Llama directories <-> tinyrecipe checkpoints (`tinyrecipe convert`).
+
+    tinyrecipe convert to-hf out/quickstart/checkpoints/last.ckpt out/hf --tokenizer data/quickstart/tokenizer
+    tinyrecipe convert from-hf path/to/TinyLlama-1.1B out/tinyllama.ckpt
+
+`to-hf` writes model.safetensors (sharded past --max-shard-gb), config.json, generation_config.json
+and the tokenizer files, so `AutoModelForCausalLM.from_pretrained(OUT)` and
+`AutoTokenizer.from_pretrained(OUT)` load it offline. `from-hf` writes a checkpoint that
+`CausalLMModule(init_from=...)` (recipe key `model.init_from`) starts from. Weights are read
+with safetensors or `torch.load(weights_only=True)` only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint, save_tinyrecipe_checkpoint
+from tinyrecipe.io import atomic_path
+from tinyrecipe.model.hf import to_hf_config, to_hf_state_dict
+
+
+def to_hf(
+    ckpt: str | Path,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    max_shard_gb: float = 5.0,
+) -> Path:
+    """Export a checkpoint as a Hugging Face Llama directory (written to a temp dir, then renamed)."""
+    config, state = load_tinyrecipe_checkpoint(ckpt)
+    hf_state = {k: v.contiguous().clone() for k, v in to_hf_state_dict(state, config).items()}
+    with atomic_path(out_dir) as work:
+        work.mkdir()
+        _write_hf_dir(work, config, hf_state, tokenizer_dir, max_shard_gb)
+    return Path(out_dir)
+
+
+def _write_hf_dir(work: Path, config, hf_state: dict, tokenizer_dir, max_shard_gb: float) -> None:
+    from safetensors.torch import save_file
+
+    bos, eos = 1, 2
+    if tokenizer_dir is not None:
+        from tinyrecipe.data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer_dir)
+        bos, eos = tok.bos_id, tok.eos_id
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy(Path(tokenizer_dir) / name, work / name)
+        (work / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizerFast"
+                    if (work / "tokenizer.json").exists()
+                    else "LlamaTokenizer",
+                    "bos_token": "<s>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                    "add_bos_token": True,
+                    "add_eos_token": False,
+                    "model_max_length": config.block_size,
+                },
+                indent=2,
+            )
+        )
+    dtype = next(iter(hf_state.values())).dtype
+    hf_config = to_hf_config(
+        config, bos_token_id=bos, eos_token_id=eos, torch_dtype=str(dtype).removeprefix("torch.")
+    )
+    (work / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (work / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": bos, "eos_token_id": eos}, indent=2)
+    )
+
+    limit = max_shard_gb * 1e9
+    shards, current, size = [], {}, 0
+    for key, tensor in hf_state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], work / "model.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, work / name, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in hf_state.values())
+        (work / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        )
+
+
+def from_hf(hf_dir: str | Path, out: str | Path) -> Path:
+    """Convert a HF Llama directory into a tinyrecipe checkpoint."""
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"'{hf_dir}' has no config.json; pass a Hugging Face model directory"
+        )
+    config, state = load_tinyrecipe_checkpoint(hf_dir)  # its HF-directory branch
+    save_tinyrecipe_checkpoint(config, state, out)
+    return Path(out)

@@ -1,0 +1,145 @@
+"""What Lightning's callbacks lack for us: MFU from our FLOPs formula and our peak table, timed
+once per optimizer step; checkpoint defaults for step-based runs."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.throughput import Throughput
+from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
+
+from tinyrecipe.io import remove, temp_sibling
+from tinyrecipe.planning.flops import device_peak
+
+
+class TokenThroughputMonitor(ThroughputMonitor):
+    """Lightning's ThroughputMonitor counting tokens, with MFU against a peak per device:
+    `peak_flops` when given; else a GPU's datasheet bf16 figure from our table; else (a CPU, which
+    has none) the matmul FLOP/s measured at setup in the run's precision, with its threads.
+    Logs train/device/{batches,samples,items,flops}_per_sec and train/device/mfu
+    (items = tokens; batches = micro-batches), over the last `window_size` optimizer steps.
+
+    Lightning's monitor synchronises the device after every micro-batch to time it; this one adds
+    up a step's micro-batches on the host and synchronises once, when the optimizer step is done
+    (which also puts the optimizer's time into the figure)."""
+
+    def __init__(self, peak_flops: float | None = None, window_size: int = 100) -> None:
+        super().__init__(
+            batch_size_fn=lambda batch: batch["input_ids"].size(0),
+            length_fn=lambda batch: batch["input_ids"].numel(),
+            window_size=window_size,
+        )
+        self.peak_flops = peak_flops
+        self._step = [0, 0, 0, 0.0]  # micro-batches, samples, tokens, FLOPs of the running step
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        device = trainer.strategy.root_device
+        peak, source = device_peak(device, str(trainer.precision), self.peak_flops)
+        if device.type != "cuda" or peak is None:
+            rank_zero_info(f"tinyrecipe: MFU peak {peak or 0:,.3g} FLOP/s ({source})")
+        self.available_flops = peak
+        for key in list(self._throughputs):
+            self._throughputs[key] = Throughput(
+                available_flops=peak, world_size=trainer.world_size, **self.kwargs
+            )
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, *_) -> None:
+        step = self._step
+        step[0] += 1
+        step[1] += self.batch_size_fn(batch)
+        step[2] += self.length_fn(batch)
+        step[3] += pl_module.flops_per_batch
+        # Lightning's own monitor asks the fit loop the same question (a private method).
+        if trainer.fit_loop._should_accumulate():
+            return
+        stage = trainer.state.stage
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()  # once per optimizer step: the time must include its work
+        self._batches[stage] += step[0]
+        self._samples[stage] += step[1]
+        self._lengths[stage] += step[2]
+        self._throughputs[stage].update(
+            time=time.perf_counter() - self._t0s[stage],
+            batches=self._batches[stage],
+            samples=self._samples[stage],
+            lengths=self._lengths[stage],
+            flops=step[3],
+        )
+        self._step = [0, 0, 0, 0.0]
+        self._compute(trainer)
+
+
+class Checkpoints(ModelCheckpoint):
+    """Lightning's ModelCheckpoint with a step-based run's defaults: every `every_n_train_steps`
+    optimizer steps into `<default_root_dir>/checkpoints` (`dirpath` unset), the newest
+    `save_top_k` kept, `last.ckpt` a link to the newest (never a second full copy), and a final
+    checkpoint when the run ends between two periodic ones."""
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_train_steps: int = 1000,
+        save_top_k: int = 2,
+        save_last: bool | str = "link",
+        filename: str | None = None,
+        monitor: str | None = "step",
+        mode: str = "max",
+        enable_version_counter: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        # No "-v1" versions: a directory holds one run (`on_fit_start`), so `last.ckpt` is
+        # always the one name `--ckpt_path last`, `generate` and `eval` read.
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            every_n_train_steps=every_n_train_steps,
+            save_top_k=save_top_k,
+            save_last=save_last,
+            monitor=monitor,
+            mode=mode,
+            enable_version_counter=enable_version_counter,
+            **kwargs,
+        )
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.dirpath is None:
+            self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # A new run into a directory of another run's checkpoints would interleave the two
+        # (Lightning writes last-v1.ckpt beside last.ckpt, and `last` then means either).
+        if trainer.ckpt_path is None and any(Path(self.dirpath).glob("*.ckpt")):
+            raise ValueError(
+                f"'{self.dirpath}' holds checkpoints of an earlier run; resume it with "
+                "--ckpt_path last, or set another trainer.default_root_dir (or delete them)"
+            )
+        super().on_fit_start(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step and self._last_global_step_saved != trainer.global_step:
+            monitor = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, monitor)
+            self._save_last_checkpoint(trainer, monitor)
+        super().on_train_end(trainer, pl_module)
+
+    @staticmethod
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        # Lightning removes the old link, then makes the new one; here the new link is made
+        # beside it and renamed over it, so `last.ckpt` always exists.
+        if trainer.is_global_zero:
+            link = Path(linkpath)
+            tmp = temp_sibling(link)
+            remove(tmp)
+            os.symlink(os.path.relpath(filepath, link.parent), tmp)
+            if link.is_dir() and not link.is_symlink():
+                remove(link)
+            os.replace(tmp, link)
+        trainer.strategy.barrier()

@@ -1,0 +1,134 @@
+"""Checkpoint files that are whole or absent: a save killed mid-write never leaves a broken
+`last.ckpt` (Lightning's own writer opens the final path directly), a full disk is one clear
+error with the previous checkpoint intact, and an unreadable `last.ckpt` (a disk fault, a copy
+cut short) falls back to the newest readable checkpoint beside it, saying so."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_warn
+
+from tinyrecipe.faults import failpoint
+from tinyrecipe.io import atomic_path, remove_stale
+
+T = TypeVar("T")
+
+
+class _Failpointed:
+    """A file whose every write() is a failpoint (the fault suite kills mid-write there), and
+    which keeps the OSError of a failed write (torch.save reports it as a RuntimeError)."""
+
+    def __init__(self, f) -> None:
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        failpoint("checkpoint.write")
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint file I/O through a temporary file, an fsync and a rename
+    (`tinyrecipe.io`), loading with `weights_only` and the fall-back above."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
+    ) -> None:
+        path = Path(path)
+        remove_stale(path)  # left by a save that was killed
+        try:
+            with atomic_path(path) as tmp, open(tmp, "wb") as f:
+                out = _Failpointed(f)
+                try:
+                    torch.save(checkpoint, out)
+                except RuntimeError:
+                    if out.error is not None:  # the disk's error, not torch's rewording of it
+                        raise out.error from None
+                    raise
+                f.flush()
+                os.fsync(f.fileno())
+                failpoint("checkpoint.rename")
+        except OSError as err:
+            raise _disk_error(err, path) from None
+
+    def load_checkpoint(
+        self, path, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        # Checkpoints may come from elsewhere: never unpickle arbitrary objects.
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        return load_with_fallback(
+            Path(path),
+            lambda p: super(AtomicCheckpointIO, self).load_checkpoint(
+                p, weights_only=True, **kwargs
+            ),
+        )
+
+
+def _disk_error(err: OSError, path: Path) -> OSError:
+    """A full disk as one clear sentence; any other OSError as it is."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OSError(
+            err.errno,
+            f"no space left to write checkpoint '{path}' (the previous checkpoints are intact); "
+            "free disk space or lower ModelCheckpoint save_top_k, then resume with --ckpt_path last",
+        )
+    return err
+
+
+def is_complete(path: Path) -> bool:
+    """A checkpoint file, or a sharded checkpoint directory holding its index and Lightning's
+    metadata (DCP `.metadata` and `meta.pt`)."""
+    if path.is_dir():
+        return (path / ".metadata").is_file() and (path / "meta.pt").is_file()
+    return path.is_file()
+
+
+def load_with_fallback(path: Path, load: Callable[[Path], T]) -> T:
+    """`load(path)`; if `path` is unreadable (a disk fault, a copy cut short, a directory missing
+    its shards), `load` of the newest other checkpoint beside it that loads, with a warning. A
+    missing `path` is an error: nothing to fall back from."""
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        if not is_complete(path):
+            raise ValueError("incomplete sharded checkpoint (no .metadata or meta.pt)")
+        return load(path)
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        others = sorted(
+            (
+                p
+                for p in path.parent.glob("*.ckpt")
+                if p.resolve() != path.resolve() and is_complete(p)
+            ),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+        for other in others:
+            try:
+                result = load(other)
+            except Exception:  # unreadable too: try the next older one
+                continue
+            step = result.get("global_step") if isinstance(result, dict) else None
+            rank_zero_warn(
+                f"checkpoint '{path}' is unreadable ({type(err).__name__}: {err}); resuming from "
+                f"the newest readable one beside it, '{other.name}' (step {step})"
+            )
+            return result
+        raise ValueError(
+            f"checkpoint '{path}' is unreadable ({type(err).__name__}: {err}) and no other "
+            "checkpoint beside it loads; start without --ckpt_path"
+        ) from None

@@ -1,0 +1,213 @@
+"""The same training as `tinyrecipe fit`, written out as one loop on Lightning Fabric (TinyLlama's
+own trainer is such a loop), for researchers who want to own it or run it from a notebook.
+
+Everything but the loop is shared with the Trainer path: the recipe (read by `tinyrecipe fabric`
+with the same parser as `fit`), `CausalLMModule` (`build_model`: the decoder, checkpointing,
+compile, FSDP2 sharding from the meta device; `build_optimizer`: AdamW and the schedule), the
+step (`tinyrecipe.train.step`: loss, one all-reduce for norm and loss, clipping, the non-finite
+skip), the DataModules, the evaluation sums, the FLOPs formula and MFU peak, and the checkpoint
+layout (`state_dict` with `model.` keys + `hyper_parameters`, so `generate`, `convert`, `eval`
+and `init_from` read its checkpoints). On the same seed and data its losses equal the Trainer's
+(tested, fp32 CPU).
+
+    tinyrecipe fabric --config recipes/quickstart.yaml --trainer.max_steps 50
+    tinyrecipe fabric --config recipes/quickstart.yaml --resume out/quickstart/fabric/last.ckpt
+
+From Python: `losses = tinyrecipe.train.fabric.train(recipe_dict)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from tinyrecipe.io import publish, remove_stale, temp_sibling
+from tinyrecipe.planning.flops import device_peak, train_flops_per_token
+from tinyrecipe.train.module import CausalLMModule, describe
+from tinyrecipe.train.step import finish_step, micro_batch_loss, val_metrics, val_sums
+
+DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
+FSDP2_NAMES = ("fsdp2", "FSDP2Strategy", "ModelParallelStrategy")
+
+
+def _import(class_path: str):
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def _is_fsdp2(spec: Any) -> bool:
+    name = spec.get("class_path", "") if isinstance(spec, dict) else str(spec)
+    return name.rpartition(".")[2] in FSDP2_NAMES
+
+
+def _strategy(spec: Any, module: CausalLMModule, precision: str):
+    """The recipe's (Trainer) strategy as a Fabric strategy; FSDP2 shards in `build_model`."""
+    if not _is_fsdp2(spec):
+        if isinstance(spec, dict):
+            name, args = spec["class_path"].rpartition(".")[2], spec.get("init_args") or {}
+            return getattr(importlib.import_module("lightning.fabric.strategies"), name)(**args)
+        return spec  # "auto", "ddp", ...
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    args = dict(spec.get("init_args") or {}) if isinstance(spec, dict) else {}
+    args.setdefault("data_parallel_size", "auto")
+    args.setdefault("tensor_parallel_size", 1)
+    for unused in ("process_group_backend", "timeout"):
+        args.pop(unused, None)
+
+    def parallelize_fn(m: CausalLMModule, mesh) -> CausalLMModule:
+        cuda = mesh.device_type == "cuda"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        m.model = m.build_model(mesh=mesh["data_parallel"], bf16="bf16" in precision, device=device)
+        return m
+
+    return ModelParallelStrategy(parallelize_fn=parallelize_fn, **args)
+
+
+def _save(fabric: L.Fabric, path: Path, state: dict) -> None:
+    """fabric.save into a temporary sibling every rank agrees on, renamed into place by rank 0
+    once all have written: a killed save never replaces a good `path`."""
+    tmp = temp_sibling(path, "fabric")
+    if fabric.global_rank == 0:
+        remove_stale(path)
+    fabric.barrier()
+    fabric.save(tmp, state)
+    fabric.barrier()
+    if fabric.global_rank == 0:
+        publish(tmp, path)
+    fabric.barrier()
+
+
+def evaluate(fabric: L.Fabric, model, loaders: list, sources: list[tuple[str, float]]) -> dict:
+    """val/loss[/<source>] and val/ppl[/<source>], every rank in one reduction for all loaders."""
+    model.eval()
+    sums = torch.zeros(len(loaders), 2, device=fabric.device)
+    with torch.no_grad():
+        for i, loader in enumerate(loaders):
+            for batch in loader:
+                sums[i] += val_sums(model, batch)
+    model.train()
+    totals = fabric.all_reduce(sums, reduce_op="sum").tolist()
+    return val_metrics([(n, w, *t) for (n, w), t in zip(sources, totals, strict=True)])
+
+
+def train(recipe: dict, resume: str | None = None) -> list[float]:
+    """Train `recipe` (a parsed recipe dict); returns the training loss of every optimizer step
+    (the mean over its micro-batches and ranks, as the Trainer logs it)."""
+    t, m = recipe.get("trainer") or {}, dict(recipe.get("model") or {})
+    data_spec = dict(recipe.get("data") or {})
+    data_class = _import(data_spec.pop("class_path", DEFAULT_DATA))
+    data_args = dict(data_spec.pop("init_args", {}), **data_spec)
+    root = Path(t.get("default_root_dir") or "out")
+    precision = str(t.get("precision") or "32-true")
+    spec = t.get("strategy") or "auto"
+
+    module = CausalLMModule(**m)
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    strategy = _strategy(spec, module, precision)
+    fabric = L.Fabric(
+        accelerator=t.get("accelerator") or "auto",
+        devices=t.get("devices") or "auto",
+        num_nodes=t.get("num_nodes") or 1,
+        strategy=strategy,
+        precision=precision,
+        loggers=TensorBoardLogger(root_dir=root, name="fabric", version=0),
+    )
+    if getattr(strategy, "_data_parallel_size", None) == "auto":
+        # every rank shards, as FSDP2Strategy does (Fabric's "auto" is one shard group per node)
+        strategy._data_parallel_size = fabric.world_size // strategy._tensor_parallel_size
+    fabric.launch()
+    fabric.seed_everything(recipe.get("seed_everything") or 0)
+    data = data_class(**data_args, vocab_size=module.config.vocab_size)
+    if not _is_fsdp2(spec):
+        module.model = module.build_model(device=fabric.device)
+    model = fabric.setup(module)
+    max_steps = int(t.get("max_steps") or -1)
+    optimizer, scheduler = module.build_optimizer(max_steps)
+    optimizer = fabric.setup_optimizers(optimizer)
+    fabric.print(describe(module, precision, fabric.device))
+
+    data.setup("fit")
+    if hasattr(data, "set_rank_world"):
+        data.set_rank_world(fabric.global_rank, fabric.world_size)
+    state = {
+        "state_dict": model,
+        "optimizer": optimizer,
+        "lr_scheduler": scheduler,
+        "datamodule": data,
+        "hyper_parameters": dict(module.hparams),
+        "global_step": 0,
+    }
+    step = 0
+    if resume:
+        remainder = fabric.load(resume, state)
+        step = state["global_step"] = int(remainder.get("global_step", state["global_step"]))
+    train_loader = fabric.setup_dataloaders(data.train_dataloader(), use_distributed_sampler=False)
+    val_loaders = [fabric.setup_dataloaders(v) for v in (data.val_dataloader() or [])]
+    sources = data.val_sources() if hasattr(data, "val_sources") else []
+
+    accumulate = int(t.get("accumulate_grad_batches") or 1)
+    clip = t.get("gradient_clip_val")
+    every = int(t.get("val_check_interval") or 0) // accumulate  # micro-batches -> steps
+    log_every = int(t.get("log_every_n_steps") or 50)
+    save_every = int((recipe.get("checkpoint") or {}).get("every_n_train_steps") or 0)
+    peak, _ = device_peak(fabric.device, precision)
+    params = [p for p in module.model.parameters()]
+    fabric.print(f"tinyrecipe fabric: {fabric.world_size} process(es), {precision}, {root}")
+    if val_loaders and t.get("num_sanity_val_steps") == -1 and step == 0:
+        fabric.log_dict(evaluate(fabric, model, val_loaders, sources), step=0)
+
+    losses: list[torch.Tensor] = []
+    batches = iter(train_loader)
+    start, start_step, tokens_per_step = time.perf_counter(), step, 0
+    while step < max_steps:
+        loss_sum = None
+        for micro in range(accumulate):
+            batch = next(batches)
+            with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
+                loss = micro_batch_loss(model, batch)
+                fabric.backward(loss / accumulate)
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            tokens_per_step = batch["labels"].numel() * accumulate * fabric.world_size
+        stats = finish_step(
+            params, loss_sum, accumulate, max_norm=clip, optimizer=optimizer.optimizer
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        module.guard.record(stats, step)
+        step += 1
+        losses.append(stats.loss)
+        if step % log_every == 0 or step == max_steps:
+            tokens_per_sec = tokens_per_step * (step - start_step) / (time.perf_counter() - start)
+            flops_per_sec = tokens_per_sec * train_flops_per_token(
+                module.config, batch["labels"].size(1)
+            )
+            metrics = {
+                "train/loss": stats.loss.item(),
+                "train/grad_norm": stats.grad_norm.item(),
+                "lr": scheduler.get_last_lr()[0],
+                "train/tokens_seen": float(step * tokens_per_step),
+                "train/tokens_per_sec": tokens_per_sec,
+                "train/skipped_steps": float(module.guard.skipped),
+            }
+            if peak:
+                metrics["train/mfu"] = flops_per_sec / fabric.world_size / peak
+            fabric.log_dict(metrics, step=step)
+            fabric.print(f"step {step}: loss {metrics['train/loss']:.4f}")
+        if val_loaders and every and (step % every == 0 or step == max_steps):
+            fabric.log_dict(evaluate(fabric, model, val_loaders, sources), step=step)
+        if save_every and step % save_every == 0 and step < max_steps:
+            state["global_step"] = step
+            _save(fabric, root / "fabric" / "last.ckpt", state)
+    module.guard.flush()
+    state["global_step"] = step
+    _save(fabric, root / "fabric" / "last.ckpt", state)
+    fabric.print(f"checkpoint: {root / 'fabric' / 'last.ckpt'}")
+    return [loss.item() for loss in losses]

@@ -1,0 +1,327 @@
+"""`CausalLMModule`: the LightningModule that trains the decoder. Thin by design: the model, its
+parallelisation, the step (`tinyrecipe.train.step`, shared with the Fabric loop), the optimizer
+and schedule live in their own modules; strategy and precision are Trainer arguments chosen by
+the recipe."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.optim.lr_scheduler import LambdaLR
+
+from tinyrecipe.faults import failpoint
+from tinyrecipe.interop.checkpoint import config_from_hparams, load_tinyrecipe_checkpoint
+from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.model.attention import select_backend
+from tinyrecipe.model.config import (
+    DEFAULT_PRESET,
+    SHAPE_FIELDS,
+    ModelOverrides,
+    overrides_dict,
+    resolve_config,
+)
+from tinyrecipe.model.parallelize import parallelize
+from tinyrecipe.planning.flops import (
+    compute_dtype,
+    forward_flops_per_token,
+    train_flops_per_token,
+)
+from tinyrecipe.train.optim import build_adamw, warmup_cosine_lr
+from tinyrecipe.train.step import (
+    NonFiniteGuard,
+    finish_step,
+    micro_batch_loss,
+    val_metrics,
+    val_sums,
+)
+
+
+def _shape_diff(theirs: ModelConfig, ours: ModelConfig) -> str:
+    """'n_layer 2 vs 3, ...' over the shape fields that differ; '' when the weights fit."""
+    return ", ".join(
+        f"{k} {getattr(theirs, k)} vs {getattr(ours, k)}"
+        for k in SHAPE_FIELDS
+        if getattr(theirs, k) != getattr(ours, k)
+    )
+
+
+def describe(module: CausalLMModule, precision: str, device: torch.device) -> str:
+    """The one line a run prints about which speed paths it takes."""
+    probe = torch.empty(0, device=device, dtype=compute_dtype(precision))
+    hp, cfg = module.hparams, module.config
+    return (
+        f"tinyrecipe: {cfg.num_params() / 1e6:.1f}M params, "
+        f"attention={select_backend(probe, cfg.attention)}, "
+        f"compile={'per-block' if hp.compile else 'off'}, "
+        f"activation_checkpointing={hp.activation_checkpointing}, "
+        f"loss={f'chunked({cfg.loss_chunk_size})' if cfg.loss_chunk_size else 'plain'}, "
+        f"adamw={hp.optimizer_kernel}, precision={precision}"
+    )
+
+
+class CausalLMModule(L.LightningModule):
+    """Next-token pretraining of a `Llama` built from a preset plus field overrides.
+
+    Args:
+        preset: a `ModelConfig` preset name ("tiny", "tinyllama-1.1b", ...).
+        config: `ModelConfig` fields replacing the preset's (e.g. {"vocab_size": 8192}).
+        lr, min_lr, warmup_steps, max_steps: the warmup + cosine schedule, in optimizer steps
+            (max_steps None: the Trainer's max_steps).
+        betas, eps, weight_decay: AdamW.
+        decay_norms_and_embeddings: True decays every parameter (TinyLlama); False exempts
+            norms and embeddings.
+        meta_init: build on the meta device and materialise already sharded (large models).
+        activation_checkpointing: recompute each block's activations in backward.
+        compile: `torch.compile` each decoder block (torchtitan's way: short compile, one graph
+            reused by every layer). Speed switches are all off or "auto" by default; the
+            chunked loss is `config: {loss_chunk_size: N}`.
+        optimizer_kernel: AdamW's kernel: "auto" (fused), "fused", "foreach" or "for-loop".
+        nonfinite_loss: a step whose loss or gradient is NaN/inf is skipped (no update); then
+            "stop" ends the run with the step in the message (weights and the last checkpoint
+            are intact), "skip" warns and goes on (train/skipped_steps counts them).
+        init_from: a tinyrecipe checkpoint (e.g. from `tinyrecipe convert from-hf`) whose
+            weights the model starts from; its shape must match preset + config.
+
+    Logged per optimizer step, without a host sync or a collective beyond the step's one
+    all-reduce (`tinyrecipe.train.step.finish_step`): train/loss (mean over the step's
+    micro-batches and ranks), train/grad_norm (before clipping), train/tokens_seen,
+    train/skipped_steps.
+    """
+
+    def __init__(
+        self,
+        preset: str = DEFAULT_PRESET,
+        config: ModelOverrides | None = None,
+        lr: float = 4e-4,
+        min_lr: float = 4e-5,
+        warmup_steps: int = 2000,
+        max_steps: int | None = None,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.1,
+        decay_norms_and_embeddings: bool = True,
+        meta_init: bool = False,
+        activation_checkpointing: bool = False,
+        init_from: str | None = None,
+        compile: bool = False,
+        optimizer_kernel: str = "auto",
+        nonfinite_loss: str = "stop",
+    ) -> None:
+        super().__init__()
+        self.guard = NonFiniteGuard(nonfinite_loss)
+        self.save_hyperparameters(ignore=["config"])
+        # A plain dict in the checkpoint (weights_only loading reads no dataclasses): the fields
+        # the recipe changed.
+        self.hparams["config"] = overrides_dict(config)
+        self.config = resolve_config(preset, config)
+        self.model: Llama | None = None
+        self._val_sums: dict[int, torch.Tensor] = {}
+        self._flops_per_batch = 0.0
+        self._tokens = 0  # of the last micro-batch
+        self._loss_sum: torch.Tensor | None = None
+        self._micro_batches = 0
+        self._skipped: torch.Tensor | None = None
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def build_model(self, mesh=None, bf16: bool = False, device=None) -> Llama:
+        """The decoder of this module's config, with init_from's weights, activation
+        checkpointing, compile and FSDP2 over `mesh` as the hyper-parameters say (the Trainer
+        path and the Fabric loop both build it here)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "trainer.strategy FSDPStrategy (FSDP1) is not supported; use 'fsdp2' "
+                "(tinyrecipe.train.strategy.FSDP2Strategy)"
+            )
+        hp = self.hparams
+        if hp.init_from and hp.meta_init:
+            raise ValueError(
+                "model.init_from needs model.meta_init: false (weights load before sharding)"
+            )
+        with torch.device("meta") if hp.meta_init else nullcontext():
+            model = Llama(self.config)
+        if hp.init_from:
+            config, state = load_tinyrecipe_checkpoint(hp.init_from)
+            if detail := _shape_diff(config, self.config):
+                raise ValueError(
+                    f"model.init_from '{hp.init_from}' holds a different model ({detail}, "
+                    "checkpoint vs recipe); set model.preset/model.config to its shape"
+                )
+            model.load_state_dict(state)
+        return parallelize(
+            model,
+            activation_checkpointing=hp.activation_checkpointing,
+            compile=hp.compile,
+            mesh=mesh,
+            bf16=bf16,
+            device=device,
+        )
+
+    def configure_model(self) -> None:
+        """Build (and, under FSDP2, shard) the decoder. Called by Lightning on every strategy."""
+        if self.model is not None:
+            return
+        mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy
+        on_trainer = self._trainer is not None
+        self.model = self.build_model(
+            mesh=mesh["data_parallel"] if mesh is not None else None,
+            bf16=on_trainer and "bf16" in str(self.trainer.precision),
+            device=self.trainer.strategy.root_device if on_trainer else None,
+        )
+
+    def on_fit_start(self) -> None:
+        """Say which speed paths run (never a silent slow path)."""
+        precision = str(self.trainer.precision)
+        rank_zero_info(describe(self, precision, self.trainer.strategy.root_device))
+
+    @property
+    def flops_per_batch(self) -> float:
+        """FLOPs of the last micro-batch, training or evaluation (read by the throughput monitor)."""
+        return self._flops_per_batch
+
+    def _count_flops(self, batch: dict[str, torch.Tensor], training: bool) -> None:
+        per_token = train_flops_per_token if training else forward_flops_per_token
+        labels = batch["labels"]
+        self._tokens = labels.numel()
+        self._flops_per_batch = self._tokens * per_token(self.config, labels.size(1))
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None):
+        """The decoder's forward (logits, or (logits, loss) with targets)."""
+        return self.model(inputs, targets)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        self._count_flops(batch, training=True)
+        loss = micro_batch_loss(self.model, batch)
+        detached = loss.detach()
+        self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        self._micro_batches += 1
+        return loss
+
+    def on_after_backward(self) -> None:
+        failpoint("train.after_backward")
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """The end of every optimizer step (Lightning calls it even without clipping): the
+        shared `finish_step` (norm, loss, clipping by norm, non-finite skip), then the logs."""
+        max_norm = gradient_clip_val
+        if gradient_clip_val and gradient_clip_algorithm == "value":
+            self.clip_gradients(optimizer, gradient_clip_val, "value")
+            max_norm = None
+        stats = finish_step(
+            list(self.model.parameters()),
+            self._loss_sum,
+            self._micro_batches,
+            max_norm=max_norm,
+            optimizer=getattr(optimizer, "_optimizer", optimizer),
+        )
+        self._loss_sum, self._micro_batches = None, 0
+        self.guard.record(stats, self.global_step)
+        self._skipped = (
+            stats.nonfinite if self._skipped is None else self._skipped + stats.nonfinite
+        )
+        per_step = self._tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        self.log("train/loss", stats.loss)
+        self.log("train/grad_norm", stats.grad_norm)
+        self.log("train/skipped_steps", self._skipped)
+        self.log("train/tokens_seen", float((self.global_step + 1) * per_step))
+
+    def on_train_end(self) -> None:
+        self.guard.flush()
+
+    def validation_step(self, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        failpoint("val.batch")
+        self._count_flops(batch, training=False)
+        labels = batch["labels"]
+        sums = self._val_sums.setdefault(dataloader_idx, torch.zeros(2, device=labels.device))
+        sums += val_sums(self.model, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        names, weights = self._val_sources()
+        # Every rank reduces every loader's sums, in the same order, even a rank that got no
+        # batch of some loader (else the others wait for it forever: litgpt #2319).
+        loaders = (
+            self.trainer.num_sanity_val_batches
+            if self.trainer.sanity_checking
+            else self.trainer.num_val_batches
+        )
+        device = self.trainer.strategy.root_device
+        zeros = torch.zeros(2, device=device)
+        packed = torch.stack([self._val_sums.get(i, zeros) for i in range(len(loaders))])
+        packed = self.trainer.strategy.reduce(packed, reduce_op="sum").tolist()  # one collective
+        rows = [
+            (
+                names[i] if i < len(names) else f"source{i}",
+                weights[i] if i < len(weights) else 1.0,
+                *packed[i],
+            )
+            for i in range(len(loaders))
+        ]
+        metrics = val_metrics(rows)
+        self._val_sums.clear()
+        if self.trainer.sanity_checking:
+            # Lightning drops metrics logged during the sanity check; with num_sanity_val_steps=-1
+            # it is a full evaluation of the untrained model, so record it as step 0.
+            if self.logger is not None and self.global_step == 0 and metrics:
+                self.logger.log_metrics(metrics, step=0)
+            return
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key == "val/loss")
+
+    def _val_sources(self) -> tuple[list[str], list[float]]:
+        dm = getattr(self.trainer, "datamodule", None)
+        pairs = dm.val_sources() if hasattr(dm, "val_sources") else []
+        return [name for name, _ in pairs], [weight for _, weight in pairs]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, a checkpoint of another model shape (before load_state_dict fails)."""
+        theirs = config_from_hparams(checkpoint.get("hyper_parameters", {}))
+        if detail := _shape_diff(theirs, self.config):
+            raise ValueError(
+                f"checkpoint holds another model ({detail}, checkpoint vs recipe); resume with the "
+                "recipe that wrote it or start without --ckpt_path"
+            )
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def build_optimizer(
+        self, max_steps: int | None = None
+    ) -> tuple[torch.optim.Optimizer, LambdaLR]:
+        """AdamW over the decoder and its warmup + cosine schedule (stepped per optimizer step):
+        what `configure_optimizers` gives the Trainer and `tinyrecipe.train.fabric` uses itself."""
+        hp = self.hparams
+        optimizer = build_adamw(
+            self.model,
+            hp.lr,
+            hp.betas,
+            hp.eps,
+            hp.weight_decay,
+            hp.decay_norms_and_embeddings,
+            hp.optimizer_kernel,
+        )
+        max_steps = hp.max_steps or max_steps
+        if max_steps is None or max_steps < 0:
+            raise ValueError(
+                "set trainer.max_steps (or model.max_steps): the cosine schedule needs its length"
+            )
+
+        def factor(step: int) -> float:
+            return warmup_cosine_lr(step, hp.lr, hp.min_lr, hp.warmup_steps, max_steps) / hp.lr
+
+        return optimizer, LambdaLR(optimizer, factor)
+
+    def configure_optimizers(self) -> dict:
+        optimizer, scheduler = self.build_optimizer(self.trainer.max_steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

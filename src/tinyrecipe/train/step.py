@@ -1,0 +1,190 @@
+"""The training step and the evaluation sums, shared by the Trainer path (`CausalLMModule`) and
+the Fabric loop, so both train and measure identically.
+
+A step is `micro_batch_loss` on each micro-batch (backward by the caller), then `finish_step`:
+
+* the gradient norm from each rank's local gradient shards and the step's mean loss, reduced
+  together in **one** scalar all-reduce (torchtitan's way: no full gradient is ever gathered);
+* clipping to `max_norm` by that norm;
+* a non-finite loss or gradient marks the step bad on the device, and the fused AdamW kernel
+  skips a bad step on the device too (`found_inf`, the mechanism `GradScaler` uses), so the
+  weights never take a NaN and no host sync is needed to decide;
+* the host learns of a bad step one step later (`NonFiniteGuard`, a copy that has long finished
+  by then), to stop the run or count the skip.
+
+Nothing here blocks the host on the device, and nothing but the one all-reduce (and the
+sharding's own gradient reduce-scatter) talks to other ranks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tinyrecipe.model import Llama
+from tinyrecipe.model.loss import IGNORE_INDEX
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def micro_batch_loss(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss of one batch: a dict of `input_ids` and `labels` (B, T), labels
+    IGNORE_INDEX where no loss is taken (the one batch type of pretraining, SFT and validation)."""
+    _, loss = model(batch["input_ids"], batch["labels"])
+    return loss
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _local_sq_norm(grads: list[torch.Tensor], world: int) -> torch.Tensor:
+    """This rank's share of the squared gradient norm, so that the sum over all ranks is the full
+    squared norm: each gradient's local squares are divided by the number of ranks that hold the
+    same values (every rank for a gradient held whole, as on one device or under DDP; world / S
+    for an FSDP2 DTensor sharded S ways)."""
+    total = None
+    for g in grads:
+        replicas = world
+        if hasattr(g, "to_local"):  # a DTensor: its local shard, and how many ranks share it
+            shards = 1
+            for size, placement in zip(g.device_mesh.shape, g.placements, strict=True):
+                if placement.is_shard():
+                    shards *= size
+            replicas = world // shards
+            g = g.to_local()
+        sq = torch.linalg.vector_norm(g, dtype=torch.float32).square() / replicas
+        total = sq if total is None else total + sq
+    return total
+
+
+@dataclass
+class StepStats:
+    """Device tensors of one optimizer step (read them only when logging)."""
+
+    loss: torch.Tensor  # mean over micro-batches and ranks
+    grad_norm: torch.Tensor  # before clipping
+    nonfinite: torch.Tensor  # 1.0 when the loss or a gradient was NaN/inf (the step is skipped)
+
+
+@torch.no_grad()
+def finish_step(
+    params: list[torch.nn.Parameter],
+    loss_sum: torch.Tensor,
+    micro_batches: int,
+    *,
+    max_norm: float | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> StepStats:
+    """After the last backward of a step and before `optimizer.step()`: reduce the norm and the
+    loss in one all-reduce, clip, and arm the optimizer to skip a non-finite step on the device.
+
+    `loss_sum` is this rank's sum of the micro-batch losses (detached). An optimizer without the
+    fused kernel cannot skip on the device; then a bad step's gradients are dropped on the host
+    (one device sync, only for that kernel)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    world = _world_size()
+    device = loss_sum.device
+    sq = _local_sq_norm(grads, world) if grads else torch.zeros((), device=device)
+    packed = torch.stack(
+        [sq.to(device), loss_sum.float(), torch.tensor(float(micro_batches), device=device)]
+    )
+    if world > 1:
+        dist.all_reduce(packed)
+    grad_norm = packed[0].sqrt()
+    loss = packed[1] / packed[2]
+    nonfinite = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss)).float()
+    if max_norm is not None and max_norm > 0 and grads:
+        scale = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
+        scale = torch.where(nonfinite > 0, torch.ones_like(scale), scale)
+        torch._foreach_mul_(grads, scale)
+    if optimizer is not None:
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = nonfinite  # the fused kernel skips the whole update on device
+        elif nonfinite.item():
+            for p in params:
+                p.grad = None  # AdamW leaves a parameter without a gradient untouched
+    return StepStats(loss=loss, grad_norm=grad_norm, nonfinite=nonfinite)
+
+
+class NonFiniteGuard:
+    """What the host does about skipped steps: "stop" raises (the weights and the last checkpoint
+    are untouched: the bad update was skipped on the device), "skip" warns and counts.
+
+    `record(stats, step)` copies the step's flag to the host without waiting; the flag is read at
+    the next `record` (or `flush`), when the copy has long finished, so the device never waits."""
+
+    def __init__(self, policy: str = "stop") -> None:
+        if policy not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"model.nonfinite_loss={policy!r} is unknown; use one of {', '.join(NONFINITE_POLICIES)}"
+            )
+        self.policy = policy
+        self.skipped = 0
+        self._pending: tuple[torch.Tensor, int, object] | None = None
+
+    def record(self, stats: StepStats, step: int) -> None:
+        self.flush()
+        flag, loss = stats.nonfinite.detach(), stats.loss.detach()
+        if flag.is_cuda:
+            host = torch.empty(2, pin_memory=True)
+            host.copy_(torch.stack([flag, loss]), non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = torch.stack([flag, loss]), None
+        self._pending = (host, step, event)
+
+    def flush(self) -> None:
+        """Act on the recorded step, if any (waits for its copy only if it has not finished)."""
+        if self._pending is None:
+            return
+        host, step, event = self._pending
+        self._pending = None
+        if event is not None:
+            event.synchronize()
+        if host[0].item() == 0:
+            return
+        loss = host[1].item()
+        if self.policy == "stop":
+            raise FloatingPointError(
+                f"training loss is {loss} at step {step} (the update was skipped; weights and "
+                "checkpoints are intact); lower model.lr or check the data, then resume from the "
+                "last checkpoint (or set model.nonfinite_loss: skip to skip such steps)"
+            )
+        self.skipped += 1
+        warnings.warn(
+            f"training loss is {loss} at step {step}; that optimizer step was skipped "
+            f"(model.nonfinite_loss: skip; {self.skipped} so far)",
+            stacklevel=2,
+        )
+
+
+def val_sums(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[loss x target tokens, target tokens] of one batch: summed over batches (and ranks), the
+    mean loss of a loader is per target token."""
+    loss = micro_batch_loss(model, batch)
+    n = (batch["labels"] != IGNORE_INDEX).sum()
+    total = torch.where(n > 0, loss.detach().float() * n, 0.0)  # an all-padding batch: 0, not NaN
+    return torch.stack([total, n.float()])
+
+
+def val_metrics(rows: list[tuple[str, float, float, float]]) -> dict[str, float]:
+    """val/loss/<name> and val/ppl/<name> per loader from (name, weight, loss sum, tokens), and
+    val/loss, val/ppl of the mixture (weighted as in training). Loaders without tokens are left
+    out."""
+    metrics, mixed, total_weight = {}, 0.0, 0.0
+    for name, weight, loss_sum, tokens in rows:
+        if tokens == 0:  # no batch of this loader on any rank
+            continue
+        loss = loss_sum / tokens
+        metrics[f"val/loss/{name}"], metrics[f"val/ppl/{name}"] = loss, math.exp(loss)
+        mixed, total_weight = mixed + weight * loss, total_weight + weight
+    if total_weight:
+        metrics["val/loss"] = mixed / total_weight
+        metrics["val/ppl"] = math.exp(mixed / total_weight)
+    return metrics

@@ -1,0 +1,160 @@
+"""`FSDP2Strategy` (recipe: `trainer.strategy: fsdp2`): Lightning's `ModelParallelStrategy` set up
+for data-parallel FSDP2 training, with what a long multi-GPU run needs and Lightning lacks.
+
+* **One gradient reduction per optimizer step.** Lightning blocks gradient sync during
+  accumulation only for DDP; here the non-final micro-batches run with FSDP2's
+  `set_requires_gradient_sync(False)`, so the fp32 gradients are reduce-scattered once per step,
+  not once per micro-batch. The price: each rank keeps the unsharded fp32 gradients between
+  micro-batches (4.4 GB at 1.1B parameters), counted by `tinyrecipe memory`.
+* **Atomic sharded checkpoints.** Every rank writes its shards into `.<name>.tmp-sharded`; rank 0
+  renames the directory into place once all ranks have finished. A killed save leaves the
+  previous checkpoint as it was, and loading an unreadable checkpoint falls back to the newest
+  readable one beside it (`tinyrecipe.train.checkpoint.load_with_fallback`), as for files.
+* **Validation without `torch.inference_mode`**, in which FSDP2's unsharding has failed on some
+  torch versions: the Trainer's evaluation loops run under `no_grad` instead.
+* **Defaults that mean FSDP**: all devices of all nodes shard the model (`data_parallel_size`
+  "auto" = world size, `tensor_parallel_size` 1). Lightning's own "auto" for both would make the
+  devices of a node a tensor-parallel group.
+
+The decoder is sharded by `CausalLMModule.configure_model` (`tinyrecipe.model.parallelize`).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+
+from tinyrecipe.faults import failpoint
+from tinyrecipe.io import publish, remove, remove_stale, temp_sibling
+from tinyrecipe.train.checkpoint import load_with_fallback
+
+SHARDED_TAG = "sharded"  # the temporary directory name all ranks agree on
+
+
+def _failpoint_writer(path: Path):
+    """torch.distributed.checkpoint's file writer with a failpoint before each rank's writes (the
+    fault suite kills a sharded save there)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    class Writer(FileSystemWriter):
+        def write_data(self, plan, planner):
+            failpoint("checkpoint.write")
+            return super().write_data(plan, planner)
+
+    return Writer(path)
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """FSDP2 over every device (see the module docstring). `trainer.strategy: fsdp2` in a recipe,
+    `--trainer.strategy fsdp2` on the command line."""
+
+    strategy_name = "fsdp2"
+
+    def __init__(
+        self,
+        data_parallel_size: Literal["auto"] | int = "auto",
+        tensor_parallel_size: int = 1,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":  # every rank shards (Lightning: one per node)
+            self._data_parallel_size = (
+                self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
+            )
+        super().setup_environment()
+
+    def setup(self, trainer) -> None:
+        # The evaluation loops' own flag (Trainer(inference_mode=...) sets it at construction).
+        for loop in (
+            trainer.fit_loop.epoch_loop.val_loop,
+            trainer.validate_loop,
+            trainer.test_loop,
+        ):
+            loop.inference_mode = False
+        super().setup(trainer)
+
+    # -- accumulation --------------------------------------------------------------------------
+
+    def _fsdp_modules(self) -> list:
+        from torch.distributed.fsdp import FSDPModule
+
+        return [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+
+    @contextmanager
+    def block_backward_sync(self):
+        """Lightning enters this for every micro-batch but the last of an optimizer step."""
+        modules = self._fsdp_modules()
+        for m in modules:
+            m.set_requires_gradient_sync(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.set_requires_gradient_sync(True, recurse=False)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None
+    ) -> None:
+        if not self._save_distributed_checkpoint:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint import save
+
+        path = Path(self.broadcast(str(filepath)))
+        tmp = temp_sibling(path, SHARDED_TAG)
+        if self.is_global_zero:
+            remove_stale(path)
+            tmp.mkdir(parents=True)
+        self.barrier("tinyrecipe_ckpt_start")
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        for i, optimizer_state in enumerate(checkpoint.pop("optimizer_states", [])):
+            state[f"optimizer_{i}"] = optimizer_state
+        try:
+            save(state, storage_writer=_failpoint_writer(tmp))
+            if self.is_global_zero:
+                torch.save(checkpoint, tmp / _METADATA_FILENAME)
+            self.barrier("tinyrecipe_ckpt_written")
+            if self.is_global_zero:
+                failpoint("checkpoint.rename")
+                publish(tmp, path)
+        finally:
+            if self.is_global_zero:
+                remove(tmp)
+        self.barrier("tinyrecipe_ckpt_done")
+
+    def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if path.is_file():  # a consolidated single file (save_distributed_checkpoint=False)
+            return super().load_checkpoint(path, weights_only)
+        return load_with_fallback(
+            path, lambda p: super(FSDP2Strategy, self).load_checkpoint(p, weights_only)
+        )
+
+    def remove_checkpoint(self, filepath) -> None:
+        if self.is_global_zero:
+            remove(filepath)
+
+
+StrategyRegistry.register(
+    FSDP2Strategy.strategy_name,
+    FSDP2Strategy,
+    description="FSDP2 over every device: no gradient sync during accumulation, atomic sharded checkpoints",
+)
