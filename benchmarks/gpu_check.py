@@ -1,0 +1,525 @@
+"""`make gpu-check`: the TinyLlama-1.1B recipe's real path on one GPU, and the GPU-only checks.
+
+Sections (each reported even when another fails; results in <out>/gpu_check.json):
+
+  recipe     `recipes/tinyllama-1.1b.yaml` through the same parser and Trainer as `tinyrecipe fit`
+             (FSDP2 strategy at world size 1, bf16-mixed, micro-batch 8 x 2048, the recipe's 16
+             micro-batches per step, clipping, logging, chunked loss, meta init), compiled and
+             eager, on synthetic data of the recipe's vocabulary: tokens/s and MFU per optimizer
+             step, peak allocated and reserved memory against `tinyrecipe memory`'s estimate,
+             one validation and one atomic sharded checkpoint of the compiled run.
+  attention  FlashAttention-2 (when installed) and every SDPA backend against an fp64 reference,
+             bf16, the 1.1B shape: error and forward+backward time.
+  precision  bf16-mixed against fp32: the loss over 50 steps of the llama-60m preset.
+  generate   1.1B greedy decoding with the KV cache, bf16: tokens/s at batch 1 and 8.
+
+    python benchmarks/gpu_check.py                     # one H100 / H200, ~6 minutes
+    python benchmarks/gpu_check.py --peak-flops 989e12  # a GPU missing from the peak table
+    python benchmarks/gpu_check.py --cpu                # the same code paths, tiny, on CPU (tested)
+
+Targets: MFU >= 55% for the compiled recipe (the paper: 56% on A100s), the memory estimate
+within 15% of the measured peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MFU_TARGET, MEMORY_TOLERANCE = 0.55, 0.15
+GiB = 2**30
+
+
+# ---- settings per mode -------------------------------------------------------------------------
+
+
+def settings(cpu: bool) -> dict:
+    if cpu:  # the same code paths at a size 2 CPU cores run in seconds
+        return dict(
+            preset="tiny",
+            vocab=8192,
+            seq=128,
+            micro=2,
+            accumulate=2,
+            steps=3,
+            warm=1,
+            precision="32-true",
+            accelerator="cpu",
+            chunk=64,
+            compiled=(False,),
+            prec_preset="tiny",
+            prec_steps=4,
+            prec_batch=2,
+            prec_seq=64,
+            gen_new=8,
+            gen_prompt=8,
+        )
+    return dict(
+        preset="tinyllama-1.1b",
+        vocab=32000,
+        seq=2048,
+        micro=8,
+        accumulate=16,
+        steps=5,
+        warm=2,
+        precision="bf16-mixed",
+        accelerator="gpu",
+        chunk=4096,
+        compiled=(True, False),
+        prec_preset="llama-60m",
+        prec_steps=50,
+        prec_batch=8,
+        prec_seq=1024,
+        gen_new=256,
+        gen_prompt=128,
+    )
+
+
+# ---- data --------------------------------------------------------------------------------------
+
+
+def make_data(out: Path, vocab: int, tokens: int) -> list[dict]:
+    """Two synthetic sources of the recipe's vocabulary (random Markov chains), prepared splits."""
+    from tinyrecipe.data.prep import markov_documents, write_synthetic_split
+
+    sources = []
+    for i, (name, weight) in enumerate((("slimpajama", 0.7), ("starcoderdata", 0.3))):
+        docs = markov_documents(tokens, vocab, seed=i)
+        val = markov_documents(64 * 2049, vocab, seed=100 + i)
+        sources.append(
+            {
+                "name": name,
+                "train": str(write_synthetic_split(out / name / "train", docs, vocab)),
+                "validation": str(write_synthetic_split(out / name / "validation", val, vocab)),
+                "weight": weight,
+            }
+        )
+    return sources
+
+
+# ---- the recipe path -----------------------------------------------------------------------------
+
+
+def run_recipe(out: Path, s: dict, compiled: bool, peak_flops: float | None) -> dict:
+    """One `tinyrecipe fit` of the TinyLlama recipe at world size 1 (in this process)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from tinyrecipe.cli.fit import TinyRecipeCLI
+    from tinyrecipe.planning.flops import device_peak, train_flops_per_token
+    from tinyrecipe.planning.memory import estimate_memory
+    from tinyrecipe.train.callbacks import Checkpoints
+    from tinyrecipe.train.module import CausalLMModule, describe
+
+    sources = make_data(
+        out / "data", s["vocab"], (s["steps"] + 1) * s["accumulate"] * s["micro"] * 2049
+    )
+    root = out / ("compiled" if compiled else "eager")
+    steps, accumulate = s["steps"], s["accumulate"]
+    args = [
+        "--config",
+        str(ROOT / "recipes/tinyllama-1.1b.yaml"),
+        "--trainer.accelerator",
+        s["accelerator"],
+        "--trainer.devices",
+        "1",
+        "--trainer.precision",
+        s["precision"],
+        "--global_batch_size",
+        str(s["micro"] * accumulate),
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        str(steps * accumulate),
+        "--trainer.limit_val_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.default_root_dir",
+        str(root),
+        "--checkpoint.every_n_train_steps",
+        str(steps if compiled else 10**9),
+        "--model.preset",
+        s["preset"],
+        "--model.compile",
+        str(compiled).lower(),
+        "--model.config.loss_chunk_size",
+        str(s["chunk"]),
+        "--model.warmup_steps",
+        "2",
+        "--data.sources",
+        json.dumps(sources),
+        "--data.tokenizer_dir",
+        "null",
+        "--data.block_size",
+        str(s["seq"]),
+        "--data.batch_size",
+        str(s["micro"]),
+        "--data.num_workers",
+        "2",
+        "--data.val_max_blocks",
+        "8",
+    ]
+    if s["accelerator"] == "cpu":
+        args += [
+            "--model.config.vocab_size",
+            str(s["vocab"]),
+            "--model.config.block_size",
+            str(s["seq"]),
+        ]
+
+    times: list[float] = []
+
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.last = None
+
+        def on_train_batch_end(self, trainer, *_):
+            if trainer.fit_loop._should_accumulate():
+                return
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            if self.last is not None:
+                times.append(now - self.last)
+            self.last = now
+
+    cli = TinyRecipeCLI(
+        CausalLMModule,
+        L.LightningDataModule,
+        subclass_mode_data=True,
+        run=False,
+        args=args,
+        save_config_callback=None,
+    )
+    trainer, module = cli.trainer, cli.model
+    trainer.callbacks.insert(0, StepTimer())
+    if not compiled and len(s["compiled"]) > 1:  # one checkpoint (the compiled run's): 13 GB
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoints)]
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    trainer.fit(module, cli.datamodule)
+    wall = time.perf_counter() - start
+    cfg = module.config
+    tokens_per_step = s["micro"] * s["seq"] * accumulate
+    timed = times[s["warm"] - 1 :] if len(times) >= s["warm"] else times
+    step_s = statistics.median(timed)
+    tps = tokens_per_step / step_s
+    peak, source = device_peak(trainer.strategy.root_device, s["precision"], peak_flops)
+    est = estimate_memory(
+        cfg, s["micro"], s["seq"], precision=s["precision"], accumulation=accumulate
+    )
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    ckpt = root / "checkpoints" / "last.ckpt"
+    row = {
+        "describe": describe(module, s["precision"], trainer.strategy.root_device),
+        "steps_timed": len(timed),
+        "step_s": step_s,
+        "step_s_all": times,
+        "tokens_per_s": tps,
+        "mfu": tps * train_flops_per_token(cfg, s["seq"]) / peak if peak else None,
+        "peak_source": source,
+        "wall_s": wall,
+        "estimate_gib": est.total / GiB,
+        "loss": logged.get("train/loss"),
+        "grad_norm": logged.get("train/grad_norm"),
+        "val_loss": logged.get("val/loss"),
+        "checkpoint": str(ckpt.resolve()) if ckpt.exists() else None,
+        "checkpoint_complete": (ckpt / ".metadata").is_file() if ckpt.is_dir() else ckpt.is_file(),
+    }
+    if torch.cuda.is_available():
+        row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
+        row["estimate_error"] = row["estimate_gib"] / row["peak_allocated_gib"] - 1
+    return row
+
+
+# ---- kernels and numerics ------------------------------------------------------------------------
+
+
+def _timed(fn, reps: int = 10) -> float:
+    fn()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / reps
+
+
+def check_attention(s: dict) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from tinyrecipe.model.attention import causal_attention, load_flash_attn
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    B, T, H, KV, D = (4, s["seq"], 32, 4, 64) if device == "cuda" else (2, 64, 8, 2, 32)
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(B, T, h, D, device=device, generator=g) for h in (H, KV, KV))
+    ref = causal_attention(q.double(), k.double(), v.double(), "sdpa")
+    rows = {}
+
+    def measure(name, fn):
+        qq, kk, vv = (t.to(dtype).requires_grad_() for t in (q, k, v))
+        try:
+            out = fn(qq, kk, vv)
+            err = ((out.double() - ref).norm() / ref.norm()).item()
+            seconds = _timed(lambda: fn(qq, kk, vv).sum().backward())
+            rows[name] = {"rel_error": err, "fwd_bwd_ms": seconds * 1e3}
+        except Exception as exc:  # a backend that cannot run this shape or dtype
+            rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
+
+    if device == "cuda" and load_flash_attn() is not None:
+        measure("flash-attn", lambda a, b, c: causal_attention(a, b, c, "flash"))
+    else:
+        rows["flash-attn"] = {"error": "flash-attn not installed (pip install 'tinyrecipe[gpu]')"}
+    backends = {
+        "sdpa (auto)": None,
+        "sdpa flash": SDPBackend.FLASH_ATTENTION,
+        "sdpa cudnn": SDPBackend.CUDNN_ATTENTION,
+        "sdpa efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "sdpa math": SDPBackend.MATH,
+    }
+    for name, backend in backends.items():
+        if backend is None:
+            measure(name, lambda a, b, c: causal_attention(a, b, c, "sdpa"))
+        else:
+
+            def run(a, b, c, backend=backend):
+                with sdpa_kernel(backend):
+                    return causal_attention(a, b, c, "sdpa")
+
+            measure(name, run)
+    return rows
+
+
+def check_precision(s: dict) -> dict:
+    """The shared step (tinyrecipe.train.step) in fp32 and bf16 autocast from the same init."""
+    from tinyrecipe.data.prep import markov_documents
+    from tinyrecipe.model import Llama
+    from tinyrecipe.model.config import resolve_config
+    from tinyrecipe.train.optim import build_adamw
+    from tinyrecipe.train.step import finish_step, micro_batch_loss
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    config = resolve_config(
+        s["prec_preset"], {"block_size": s["prec_seq"], "vocab_size": min(s["vocab"], 8192)}
+    )
+    docs = markov_documents(
+        s["prec_steps"] * s["prec_batch"] * (s["prec_seq"] + 1),
+        config.vocab_size,
+        s["prec_seq"] + 1,
+    )
+    data = torch.from_numpy(__import__("numpy").stack(docs).astype("int64")).to(device)
+    curves = {}
+    for name, dtype in (("fp32", None), ("bf16-mixed", torch.bfloat16)):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Llama(config)
+        opt = build_adamw(model, 1e-3)
+        params = list(model.parameters())
+        losses = []
+        for step in range(s["prec_steps"]):
+            rows = data[step * s["prec_batch"] : (step + 1) * s["prec_batch"]]
+            batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+            with torch.autocast(device, dtype=dtype, enabled=dtype is not None):
+                loss = micro_batch_loss(model, batch)
+            loss.backward()
+            finish_step(params, loss.detach(), 1, max_norm=1.0, optimizer=opt)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves[name] = losses
+    diff = [abs(a - b) for a, b in zip(curves["fp32"], curves["bf16-mixed"], strict=True)]
+    return {
+        "preset": s["prec_preset"],
+        "steps": s["prec_steps"],
+        "fp32_first_last": [curves["fp32"][0], curves["fp32"][-1]],
+        "bf16_first_last": [curves["bf16-mixed"][0], curves["bf16-mixed"][-1]],
+        "max_abs_diff": max(diff),
+        "final_rel_diff": diff[-1] / curves["fp32"][-1],
+    }
+
+
+def check_generate(s: dict) -> dict:
+    from tinyrecipe.interop.generate import generate
+    from tinyrecipe.model import Llama
+    from tinyrecipe.model.config import resolve_config
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    config = resolve_config(s["preset"], {"vocab_size": s["vocab"]} if device == "cpu" else None)
+    with torch.device(device):
+        model = Llama(config).to(dtype).eval()
+    rows = {}
+    for batch in (1, 8):
+        idx = torch.randint(0, config.vocab_size, (batch, s["gen_prompt"]), device=device)
+        generate(model, idx, 4, temperature=0)  # warm-up
+        seconds = _timed(lambda idx=idx: generate(model, idx, s["gen_new"], temperature=0), reps=2)
+        rows[f"batch {batch}"] = {"new_tokens_per_s": batch * s["gen_new"] / seconds}
+    return rows
+
+
+# ---- driver ------------------------------------------------------------------------------------
+
+
+def _save(out: Path, report: dict) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str))
+
+
+def table(report: dict) -> str:
+    env = report.get("env", {})
+    lines = [
+        f"gpu-check: {env.get('device')}, torch {env.get('torch')}, lightning {env.get('lightning')}, "
+        f"peak {env.get('peak_flops') or 0:.3g} FLOP/s ({env.get('peak_source')})",
+        "",
+        "| recipe run | tokens/s | MFU | step s | peak alloc GiB | reserved GiB | estimate GiB | est. error | loss | val loss | ckpt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    for name in ("recipe compiled", "recipe eager"):
+        r = report.get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][:150]} |")
+            continue
+        lines.append(
+            f"| {name} | {r['tokens_per_s']:,.0f} | {f(r['mfu'], '.1%')} | {r['step_s']:.3f} | "
+            f"{f(r.get('peak_allocated_gib'), '.1f')} | {f(r.get('peak_reserved_gib'), '.1f')} | "
+            f"{r['estimate_gib']:.1f} | {f(r.get('estimate_error'), '+.0%')} | {f(r['loss'], '.3f')} | "
+            f"{f(r['val_loss'], '.3f')} | {'yes' if r['checkpoint_complete'] else '-'} |"
+        )
+    att = report.get("attention", {})
+    if att and "error" not in att:
+        lines += [
+            "",
+            "| attention (bf16, 1.1B shape) | rel. error vs fp64 | fwd+bwd ms |",
+            "|---|---|---|",
+        ]
+        for name, r in att.items():
+            if "error" in r:
+                lines.append(f"| {name} | {r['error'][:80]} | |")
+            else:
+                lines.append(f"| {name} | {r['rel_error']:.2e} | {r['fwd_bwd_ms']:.2f} |")
+    p = report.get("precision", {})
+    if p and "error" not in p:
+        lines += [
+            "",
+            f"precision ({p['preset']}, {p['steps']} steps): fp32 loss {p['fp32_first_last'][0]:.3f} -> "
+            f"{p['fp32_first_last'][1]:.3f}, bf16-mixed {p['bf16_first_last'][0]:.3f} -> "
+            f"{p['bf16_first_last'][1]:.3f}; max |diff| {p['max_abs_diff']:.4f}, final {p['final_rel_diff']:.2%}",
+        ]
+    g = report.get("generate", {})
+    if g and "error" not in g:
+        lines += [
+            "",
+            "generate (greedy, KV cache): "
+            + ", ".join(f"{k}: {v['new_tokens_per_s']:,.0f} new tokens/s" for k, v in g.items()),
+        ]
+    for name in ("attention", "precision", "generate"):
+        if "error" in report.get(name, {}):
+            lines.append(f"{name} failed: {report[name]['error'][:300]}")
+    c = report.get("recipe compiled", {})
+    if c.get("mfu") is not None:
+        lines.append(
+            f"\ntargets: MFU >= {MFU_TARGET:.0%} -> {c['mfu']:.1%}; estimate within "
+            f"{MEMORY_TOLERANCE:.0%} of the peak -> {f(c.get('estimate_error'), '+.1%')}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cpu", action="store_true", help="tiny sizes on CPU (tests this script)")
+    p.add_argument("--peak-flops", type=float, help="bf16 peak FLOP/s of a GPU not in the table")
+    p.add_argument("--out", default=os.environ.get("OUT", "out/gpu-check"))
+    p.add_argument("--only", help="comma-separated sections: recipe,attention,precision,generate")
+    p.add_argument("--_recipe", choices=["compiled", "eager"], help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.cpu and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device; run with --cpu for the CPU check", file=sys.stderr)
+        return 2
+    s = settings(args.cpu)
+    if args._recipe:  # a child process: one recipe run, its own CUDA memory statistics
+        row = run_recipe(out, s, args._recipe == "compiled", args.peak_flops)
+        (out / f"recipe-{args._recipe}.json").write_text(json.dumps(row, indent=2))
+        return 0
+
+    import lightning
+
+    from tinyrecipe.planning.flops import device_peak
+
+    device = torch.device("cuda" if not args.cpu else "cpu")
+    peak, source = device_peak(device, s["precision"], args.peak_flops)
+    report: dict = {
+        "env": {
+            "device": torch.cuda.get_device_name() if not args.cpu else "cpu",
+            "torch": torch.__version__,
+            "lightning": lightning.__version__,
+            "peak_flops": peak,
+            "peak_source": source,
+        }
+    }
+    only = set((args.only or "recipe,attention,precision,generate").split(","))
+    if "recipe" in only:
+        for compiled in s["compiled"]:
+            name = "compiled" if compiled else "eager"
+            cmd = [sys.executable, __file__, "--out", str(out), "--_recipe", name]
+            cmd += ["--cpu"] if args.cpu else []
+            cmd += ["--peak-flops", str(args.peak_flops)] if args.peak_flops else []
+            started = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            (out / f"recipe-{name}.log").write_text(proc.stdout + proc.stderr)
+            result = out / f"recipe-{name}.json"
+            if proc.returncode == 0 and result.is_file():
+                report[f"recipe {name}"] = json.loads(result.read_text())
+            else:
+                report[f"recipe {name}"] = {"error": (proc.stderr or proc.stdout)[-1500:]}
+            report[f"recipe {name}"]["process_s"] = time.perf_counter() - started
+            print(f"recipe {name}: {time.perf_counter() - started:.0f} s", flush=True)
+            _save(out, report)
+    for name, fn in (
+        ("attention", check_attention),
+        ("precision", check_precision),
+        ("generate", check_generate),
+    ):
+        if name not in only:
+            continue
+        started = time.perf_counter()
+        try:
+            report[name] = fn(s)
+        except Exception:
+            report[name] = {"error": traceback.format_exc()[-1500:]}
+        print(f"{name}: {time.perf_counter() - started:.0f} s", flush=True)
+        _save(out, report)
+    text = table(report)
+    (out / "gpu_check.md").write_text(text + "\n")
+    print(text)
+    failed = [k for k, v in report.items() if isinstance(v, dict) and "error" in v]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
