@@ -113,15 +113,15 @@ class Checkpoints(ModelCheckpoint):
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
         super().setup(trainer, pl_module, stage)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
-        # A new run into a directory of another run's checkpoints would interleave the two
-        # (Lightning writes last-v1.ckpt beside last.ckpt, and `last` then means either).
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A new run into a directory of another run's checkpoints would interleave the two.
+        # (Here, not in on_fit_start: FSDP2 restores a checkpoint after that hook.)
         if trainer.ckpt_path is None and any(Path(self.dirpath).glob("*.ckpt")):
             raise ValueError(
                 f"'{self.dirpath}' holds checkpoints of an earlier run; resume it with "
                 "--ckpt_path last, or set another trainer.default_root_dir (or delete them)"
             )
-        super().on_fit_start(trainer, pl_module)
+        super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step and self._last_global_step_saved != trainer.global_step:

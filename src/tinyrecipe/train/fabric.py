@@ -66,7 +66,15 @@ def _strategy(spec: Any, module: CausalLMModule, precision: str):
         m.model = m.build_model(mesh=mesh["data_parallel"], bf16="bf16" in precision, device=device)
         return m
 
-    return ModelParallelStrategy(parallelize_fn=parallelize_fn, **args)
+    class FSDP2(ModelParallelStrategy):
+        def setup_environment(self) -> None:
+            if self._data_parallel_size == "auto":  # every rank shards, as FSDP2Strategy does
+                self._data_parallel_size = (
+                    self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
+                )
+            super().setup_environment()
+
+    return FSDP2(parallelize_fn=parallelize_fn, **args)
 
 
 def _save(fabric: L.Fabric, path: Path, state: dict) -> None:
@@ -119,9 +127,6 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         precision=precision,
         loggers=TensorBoardLogger(root_dir=root, name="fabric", version=0),
     )
-    if getattr(strategy, "_data_parallel_size", None) == "auto":
-        # every rank shards, as FSDP2Strategy does (Fabric's "auto" is one shard group per node)
-        strategy._data_parallel_size = fabric.world_size // strategy._tensor_parallel_size
     fabric.launch()
     fabric.seed_everything(recipe.get("seed_everything") or 0)
     data = data_class(**data_args, vocab_size=module.config.vocab_size)

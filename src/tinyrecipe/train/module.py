@@ -63,6 +63,24 @@ def describe(module: CausalLMModule, precision: str, device: torch.device) -> st
     )
 
 
+def _sigterm_check_per_step(trainer) -> None:
+    """Lightning (2.6) broadcasts a SIGTERM flag from rank 0 and reads it on the host before
+    every micro-batch: a collective and a device sync per micro-batch. Once per optimizer step
+    (before its first micro-batch) stops a run as surely. Wraps a private method of the epoch
+    loop; a Lightning without it is left as it is."""
+    loop = trainer.fit_loop.epoch_loop
+    check = getattr(loop, "_broadcast_sigterm_tensor", None)
+    if check is None or getattr(check, "_per_step", False):
+        return
+
+    def at_step_start() -> None:
+        if loop.batch_progress.current.ready % trainer.accumulate_grad_batches == 0:
+            check()
+
+    at_step_start._per_step = True
+    loop._broadcast_sigterm_tensor = at_step_start
+
+
 class CausalLMModule(L.LightningModule):
     """Next-token pretraining of a `Llama` built from a preset plus field overrides.
 
@@ -179,6 +197,7 @@ class CausalLMModule(L.LightningModule):
         """Say which speed paths run (never a silent slow path)."""
         precision = str(self.trainer.precision)
         rank_zero_info(describe(self, precision, self.trainer.strategy.root_device))
+        _sigterm_check_per_step(self.trainer)
 
     @property
     def flops_per_batch(self) -> float:
