@@ -204,6 +204,50 @@ def unreadable_last_checkpoint(tmp_path, corpus):
     check(tmp_path)
 
 
+def checkpoint_cut_short(tmp_path, corpus):
+    from tinyrecipe.interop.checkpoint import save_tinyrecipe_checkpoint
+    from tinyrecipe.model import Llama, ModelConfig
+
+    config = ModelConfig(**MICRO)
+    ckpt = tmp_path / "cut.ckpt"
+    save_tinyrecipe_checkpoint(config, Llama(config).state_dict(), ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    tok = corpus["root"] / "tok"
+    for args in (
+        ("generate", "--ckpt", ckpt, "--tokenizer", tok),
+        ("convert", "to-hf", ckpt, tmp_path / "hf"),
+    ):
+        one_line_error(tinyrecipe(*args), str(ckpt), "cut short or damaged")
+    assert not (tmp_path / "hf").exists()
+
+
+def _copied_split(tmp_path, corpus) -> Path:
+    import shutil
+
+    split = tmp_path / "slim-train"
+    shutil.copytree(corpus["root"] / "slim/train", split)
+    return split
+
+
+def _fit_on(tmp_path, corpus, split):
+    recipe = write_recipe(tmp_path, corpus, max_steps=1, every=1, workers=2)
+    recipe.write_text(recipe.read_text().replace(str(corpus["root"] / "slim/train"), str(split)))
+    return cli_fit(recipe)
+
+
+def missing_chunk_file(tmp_path, corpus):
+    split = _copied_split(tmp_path, corpus)
+    chunk = sorted(split.glob("chunk-*.bin"))[-1]
+    chunk.unlink()
+    one_line_error(_fit_on(tmp_path, corpus, split), str(split), chunk.name, "prepare the split")
+
+
+def unreadable_index(tmp_path, corpus):
+    split = _copied_split(tmp_path, corpus)
+    (split / "index.json").write_text('{"chunks": [')
+    one_line_error(_fit_on(tmp_path, corpus, split), str(split / "index.json"), "unreadable")
+
+
 def sft_bad_records(tmp_path, corpus):
     from tinyrecipe.data.sft import SFTDataModule
 
@@ -237,6 +281,9 @@ CASES = {
         nan_loss_skip,
         disk_full_checkpoint,
         unreadable_last_checkpoint,
+        checkpoint_cut_short,
+        missing_chunk_file,
+        unreadable_index,
         sft_bad_records,
     )
 }

@@ -47,6 +47,7 @@ class TokenBlocks:
                     f"data dir '{self.path}' holds no prepared data (no index.json); prepare it "
                     "with data_prep/prepare_*.py"
                 )
+            _check_local_split(Path(self.path))
         dataset = self._open()
         index_file = Path(dataset.input_dir.path or self.path) / "index.json"
         index = json.loads(index_file.read_text())
@@ -111,6 +112,27 @@ class TokenBlocks:
             rng = np.random.default_rng([self.seed, epoch, chunk])
             self._chunk_cache = (epoch, chunk, rng.permutation(int(self.blocks_per_chunk[chunk])))
         return self.block(int(self.chunk_start[chunk] + self._chunk_cache[2][within]))
+
+
+def _check_local_split(path: Path) -> None:
+    """A local prepared split whose index.json is unreadable or lists a chunk file that is not
+    there is refused here, in the main process, in one line (litdata would wait for the chunk as
+    for a hung download, in every loader worker)."""
+    index_file = path / "index.json"
+    try:
+        index = json.loads(index_file.read_text())
+        files = [c["filename"] for c in index["chunks"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"data index '{index_file}' is unreadable ({type(err).__name__}); prepare the split "
+            "again with data_prep/prepare_*.py"
+        ) from None
+    missing = [f for f in files if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"data dir '{path}' lacks {len(missing)} of the {len(files)} chunk files its index "
+            f"lists (first: {missing[0]}); copy them back or prepare the split again"
+        )
 
 
 class MixtureSchedule:

@@ -53,15 +53,25 @@ def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str,
     Hugging Face Llama directory. Weights load with weights_only / safetensors: nothing in the
     files is executed."""
     path = Path(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        config = _hf_config(path)
-        return config, from_hf_state_dict(load_hf_state_dict(path), config)
-    if path.is_dir():
-        ckpt = _load_sharded_checkpoint(path)
-    elif path.is_file():
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    else:
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    try:
+        if path.is_dir() and (path / "config.json").is_file():
+            config = _hf_config(path)
+            return config, from_hf_state_dict(load_hf_state_dict(path), config)
+        ckpt = (
+            _load_sharded_checkpoint(path)
+            if path.is_dir()
+            else torch.load(path, map_location="cpu", weights_only=True)
+        )
+    except (FileNotFoundError, ValueError):
+        raise
+    except Exception as err:  # a file cut short, a shard missing, a damaged header...
+        raise ValueError(
+            f"checkpoint '{path}' is unreadable ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); it was cut short or damaged: use "
+            "another checkpoint (an earlier one beside it) or write it again"
+        ) from err
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(
             f"checkpoint '{path}' is not a tinyrecipe checkpoint (no state_dict/hyper_parameters)"
