@@ -166,6 +166,7 @@ def build_run(
             config.block_size,
             precision=precision,
             activation_checkpointing=s["ckpt"],
+            compiled=s["compile"],
         )
         run.estimate_mib = est.total / MiB
         return run

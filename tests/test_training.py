@@ -340,3 +340,17 @@ def test_speed_switches_train_like_the_reference(corpus, tmp_path):
     assert len(one) == len(two) == 4
     for (s1, l1), (s2, l2) in zip(one, two, strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
+
+
+def test_fsdp1_is_refused_in_one_line():
+    """Lightning's FSDPStrategy (FSDP1) would clip and reduce differently; the recipe uses fsdp2."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from tinyrecipe.train.module import CausalLMModule
+
+    module = CausalLMModule(preset="tiny", config=MICRO)
+    module._trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match="FSDPStrategy \\(FSDP1\\) is not supported; use 'fsdp2'"):
+        module.build_model()

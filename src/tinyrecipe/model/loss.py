@@ -13,10 +13,9 @@ memory for the head drops from O(tokens × vocab) to O(chunk × vocab), and the 
 log_softmax / NLL backward passes disappear. The result equals
 `F.cross_entropy(h @ W.T, targets, ignore_index=-100)` to float rounding (tested).
 
-What makes it fast, measured on CPU (README "Performance"): the softmax and its gradient are
-worked in place in the chunk's logits (one buffer reused by every chunk where the kernel can
-write into it; log_softmax's extra vocab-sized tensor per chunk cost ~30k page faults a step on
-the tiny preset); the softmax stays unnormalised, exp(logit - row max), and in fp32 its
+What makes it fast (docs/performance.md): the softmax and its gradient are worked in place in
+the chunk's logits (one buffer reused by every chunk where the kernel can write into it, no
+log_softmax copy); the softmax stays unnormalised, exp(logit - row max), and in fp32 its
 1/row-sum joins 1/#targets as a per-row scale on the small (chunk × d) side of the two
 gradient matmuls, so the vocab-sized buffer sees one exp and no divide; on CPU in fp32 the
 logits run on oneDNN's linear kernel; no host sync (`.item()`).
@@ -32,10 +31,9 @@ IGNORE_INDEX = -100
 def _onednn_logits(h: torch.Tensor) -> bool:
     """Whether the head's logits for `h` run on oneDNN's linear kernel: CPU fp32, when present.
 
-    oneDNN's linear is the kernel inductor emits for CPU linears. For the head's shape (K = d
-    small, a vocab-wide output) it reached 112-120 GFLOP/s on the 2-core development machine
-    where MKL's sgemm behind `torch.mm` reached 77: a step of the tiny preset 9% faster.
-    Inside a compiled graph inductor picks the kernel.
+    oneDNN's linear is the kernel inductor emits for CPU linears; for the head's shape (K = d
+    small, a vocab-wide output) it is faster than MKL's sgemm behind `torch.mm`
+    (docs/performance.md). Inside a compiled graph inductor picks the kernel.
     """
     return (
         h.device.type == "cpu"

@@ -15,6 +15,11 @@ The head keeps the final norm's tensors (~6d measured) and, with the plain loss,
 log-softmax (V) per token; backward adds two more (tokens x V) fp32 buffers. With
 `loss_chunk_size` only one chunk of fp32 logits exists at a time (one buffer, reused; in bf16
 also its bf16 copy), plus the fp32 head gradient and the hidden states' gradient.
+Compiled blocks (`model.compile`) keep 2d + f values fewer per token per layer: inductor
+recomputes the norms' and SwiGLU's elementwise outputs in backward instead of saving them
+(saved-tensor hooks on compiled and eager blocks, parameters left out, fitted over four
+shapes: 6d + 2kv + 3f against 8d + 2kv + 4f, + H fp32 each). On an H200 the compiled
+TinyLlama recipe peaked at 39.9 GiB, this estimate 40.7 (docs/performance.md).
 Activation checkpointing keeps each block's input and recomputes one block at a time.
 FSDP (world_size > 1, sharded=True) divides parameters, gradients and optimizer states by the
 number of devices and adds two unsharded blocks in the compute dtype (the one running and the
@@ -62,6 +67,7 @@ def estimate_memory(
     sharded: bool = False,
     activation_checkpointing: bool = False,
     accumulation: int = 1,
+    compiled: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per device for one training step of `config` at `micro_batch` x `seq_len`.
 
@@ -85,7 +91,7 @@ def estimate_memory(
         grads = n * 4  # the unsharded gradients accumulated in fp32 until the step's reduction
     optimizer = n * 8 // shards  # AdamW exp_avg + exp_avg_sq, fp32
 
-    per_layer = (10 * d + 3 * kv + 4 * f) * act + 4 * H
+    per_layer = (10 * d + 3 * kv + 4 * f - (2 * d + f if compiled else 0)) * act + 4 * H
     if activation_checkpointing:  # block inputs, plus one block recomputed in backward
         blocks = tokens * (L * d * act + per_layer)
     else:
@@ -127,6 +133,7 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         "sharded": any(s in strategy_name.lower() for s in ("fsdp", "modelparallel")),
         "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
         "accumulation": int(trainer.get("accumulate_grad_batches") or 1),
+        "compiled": bool(model.get("compile", False)),
     }
     estimate = estimate_memory(
         config,
@@ -137,5 +144,6 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         sharded=settings["sharded"],
         activation_checkpointing=settings["activation_checkpointing"],
         accumulation=settings["accumulation"],
+        compiled=settings["compiled"],
     )
     return estimate, settings

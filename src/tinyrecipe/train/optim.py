@@ -59,7 +59,7 @@ def build_adamw(
 ) -> torch.optim.AdamW:
     """AdamW with the chosen kernel: "fused" (one kernel for all parameters; CUDA and CPU),
     "foreach" (batched ops), "for-loop" (PyTorch's per-parameter reference), or "auto" = fused.
-    On CPU, fused is ~4x faster than foreach (9 vs 36 ms a step for the tiny preset)."""
+    Only the fused kernel skips a non-finite step on the device (`tinyrecipe.train.step`)."""
     kwargs = {
         "auto": {"fused": True},
         "fused": {"fused": True},
