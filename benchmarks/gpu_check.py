@@ -114,8 +114,26 @@ def make_data(out: Path, vocab: int, tokens: int) -> list[dict]:
 # ---- the recipe path -----------------------------------------------------------------------------
 
 
-def run_recipe(out: Path, s: dict, compiled: bool, peak_flops: float | None) -> dict:
+VARIANTS = {  # name -> (compile, extra recipe arguments)
+    "compiled": (True, []),
+    "eager": (False, []),
+    "compiled-zero2": (
+        True,
+        [
+            "--trainer.strategy",
+            "FSDP2Strategy",
+            "--trainer.strategy.reshard_after_forward",
+            "false",
+        ],
+    ),
+}
+
+
+def run_recipe(
+    out: Path, s: dict, variant: str, peak_flops: float | None, profile: bool = False
+) -> dict:
     """One `tinyrecipe fit` of the TinyLlama recipe at world size 1 (in this process)."""
+    compiled, extra = VARIANTS[variant]
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
@@ -128,7 +146,7 @@ def run_recipe(out: Path, s: dict, compiled: bool, peak_flops: float | None) -> 
     sources = make_data(
         out / "data", s["vocab"], (s["steps"] + 1) * s["accumulate"] * s["micro"] * 2049
     )
-    root = out / ("compiled" if compiled else "eager")
+    root = out / variant
     steps, accumulate = s["steps"], s["accumulate"]
     args = [
         "--config",
@@ -187,8 +205,10 @@ def run_recipe(out: Path, s: dict, compiled: bool, peak_flops: float | None) -> 
     times: list[float] = []
 
     class StepTimer(Callback):
+        """Optimizer-step times; with `profile`, the last step under torch.profiler (untimed)."""
+
         def __init__(self) -> None:
-            self.last = None
+            self.last, self.profiler = None, None
 
         def on_train_batch_end(self, trainer, *_):
             if trainer.fit_loop._should_accumulate():
@@ -196,9 +216,27 @@ def run_recipe(out: Path, s: dict, compiled: bool, peak_flops: float | None) -> 
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             now = time.perf_counter()
-            if self.last is not None:
+            if self.profiler is not None:
+                self.profiler.stop()
+                table = self.profiler.key_averages().table(
+                    sort_by="self_device_time_total"
+                    if torch.cuda.is_available()
+                    else "self_cpu_time_total",
+                    row_limit=40,
+                )
+                (out / f"recipe-{variant}-profile.txt").write_text(table)
+                self.profiler = None
+            elif self.last is not None:
                 times.append(now - self.last)
             self.last = now
+            if profile and trainer.global_step == steps - 1:
+                from torch.profiler import ProfilerActivity
+                from torch.profiler import profile as torch_profile
+
+                activities = [ProfilerActivity.CPU]
+                activities += [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+                self.profiler = torch_profile(activities=activities)
+                self.profiler.start()
 
     cli = TinyRecipeCLI(
         CausalLMModule,
@@ -210,7 +248,7 @@ def run_recipe(out: Path, s: dict, compiled: bool, peak_flops: float | None) -> 
     )
     trainer, module = cli.trainer, cli.model
     trainer.callbacks.insert(0, StepTimer())
-    if not compiled and len(s["compiled"]) > 1:  # one checkpoint (the compiled run's): 13 GB
+    if variant != "compiled" and s["accelerator"] == "gpu":  # one 13 GB checkpoint is enough
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Checkpoints)]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -219,7 +257,7 @@ def run_recipe(out: Path, s: dict, compiled: bool, peak_flops: float | None) -> 
     wall = time.perf_counter() - start
     cfg = module.config
     tokens_per_step = s["micro"] * s["seq"] * accumulate
-    timed = times[s["warm"] - 1 :] if len(times) >= s["warm"] else times
+    timed = times[s["warm"] - 1 :] if len(times) >= s["warm"] else times  # compile left out
     step_s = statistics.median(timed)
     tps = tokens_per_step / step_s
     peak, source = device_peak(trainer.strategy.root_device, s["precision"], peak_flops)
@@ -396,10 +434,8 @@ def table(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-    for name in ("recipe compiled", "recipe eager"):
-        r = report.get(name)
-        if r is None:
-            continue
+    for name in [k for k in report if k.startswith("recipe ")]:
+        r = report[name]
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error'][:150]} |")
             continue
@@ -454,7 +490,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-flops", type=float, help="bf16 peak FLOP/s of a GPU not in the table")
     p.add_argument("--out", default=os.environ.get("OUT", "out/gpu-check"))
     p.add_argument("--only", help="comma-separated sections: recipe,attention,precision,generate")
-    p.add_argument("--_recipe", choices=["compiled", "eager"], help=argparse.SUPPRESS)
+    p.add_argument("--runs", help=f"recipe variants to run, comma-separated: {', '.join(VARIANTS)}")
+    p.add_argument("--profile", action="store_true", help="profile one step of the first run")
+    p.add_argument("--_recipe", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -463,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     s = settings(args.cpu)
     if args._recipe:  # a child process: one recipe run, its own CUDA memory statistics
-        row = run_recipe(out, s, args._recipe == "compiled", args.peak_flops)
+        row = run_recipe(out, s, args._recipe, args.peak_flops, args.profile)
         (out / f"recipe-{args._recipe}.json").write_text(json.dumps(row, indent=2))
         return 0
 
@@ -484,10 +522,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     only = set((args.only or "recipe,attention,precision,generate").split(","))
     if "recipe" in only:
-        for compiled in s["compiled"]:
-            name = "compiled" if compiled else "eager"
+        runs = args.runs.split(",") if args.runs else list(s["runs"])
+        for i, name in enumerate(runs):
             cmd = [sys.executable, __file__, "--out", str(out), "--_recipe", name]
             cmd += ["--cpu"] if args.cpu else []
+            cmd += ["--profile"] if args.profile and i == 0 else []
             cmd += ["--peak-flops", str(args.peak_flops)] if args.peak_flops else []
             started = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -71,6 +71,7 @@ def parallelize(
     compile: bool = False,
     mesh=None,
     bf16: bool = False,
+    reshard_after_forward: bool = True,
     device: torch.device | str | None = None,
 ) -> Llama:
     """Checkpointing, then compile, then FSDP2 over `mesh` (bf16 compute when `bf16`), then, for a
@@ -81,7 +82,8 @@ def parallelize(
     if compile:
         compile_blocks(model)
     if mesh is not None:
-        apply_fsdp2(model, mesh, mp_policy=bf16_mixed_policy() if bf16 else None)
+        policy = bf16_mixed_policy() if bf16 else None
+        apply_fsdp2(model, mesh, reshard_after_forward, mp_policy=policy)
     if model.embed.weight.is_meta:
         model.to_empty(device=device or "cpu")
         model.init_weights()

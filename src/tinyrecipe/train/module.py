@@ -146,7 +146,9 @@ class CausalLMModule(L.LightningModule):
 
     # -- model ---------------------------------------------------------------------------------
 
-    def build_model(self, mesh=None, bf16: bool = False, device=None) -> Llama:
+    def build_model(
+        self, mesh=None, bf16: bool = False, device=None, reshard_after_forward: bool = True
+    ) -> Llama:
         """The decoder of this module's config, with init_from's weights, activation
         checkpointing, compile and FSDP2 over `mesh` as the hyper-parameters say (the Trainer
         path and the Fabric loop both build it here)."""
@@ -178,6 +180,7 @@ class CausalLMModule(L.LightningModule):
             compile=hp.compile,
             mesh=mesh,
             bf16=bf16,
+            reshard_after_forward=reshard_after_forward,
             device=device,
         )
 
@@ -187,10 +190,12 @@ class CausalLMModule(L.LightningModule):
             return
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy
         on_trainer = self._trainer is not None
+        strategy = self.trainer.strategy if on_trainer else None
         self.model = self.build_model(
             mesh=mesh["data_parallel"] if mesh is not None else None,
             bf16=on_trainer and "bf16" in str(self.trainer.precision),
-            device=self.trainer.strategy.root_device if on_trainer else None,
+            device=strategy.root_device if strategy is not None else None,
+            reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
         )
 
     def on_fit_start(self) -> None:

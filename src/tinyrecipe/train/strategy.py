@@ -12,6 +12,9 @@ for data-parallel FSDP2 training, with what a long multi-GPU run needs and Light
   readable one beside it (`tinyrecipe.train.checkpoint.load_with_fallback`), as for files.
 * **Validation without `torch.inference_mode`**, in which FSDP2's unsharding has failed on some
   torch versions: the Trainer's evaluation loops run under `no_grad` instead.
+* `reshard_after_forward` (default True, ZeRO-3): free each block's gathered weights after its
+  forward; False (ZeRO-2) keeps them to backward: one all-gather per block and micro-batch less,
+  the bf16 weights unsharded in memory (2.2 GB at 1.1B).
 * **Defaults that mean FSDP**: all devices of all nodes shard the model (`data_parallel_size`
   "auto" = world size, `tensor_parallel_size` 1). Lightning's own "auto" for both would make the
   devices of a node a tensor-parallel group.
@@ -52,7 +55,8 @@ def _failpoint_writer(path: Path):
 
 class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 over every device (see the module docstring). `trainer.strategy: fsdp2` in a recipe,
-    `--trainer.strategy fsdp2` on the command line."""
+    `--trainer.strategy fsdp2` on the command line; options as
+    `--trainer.strategy.reshard_after_forward false`."""
 
     strategy_name = "fsdp2"
 
@@ -63,7 +67,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         save_distributed_checkpoint: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        reshard_after_forward: bool = True,
     ) -> None:
+        self.reshard_after_forward = reshard_after_forward
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
