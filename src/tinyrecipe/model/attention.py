@@ -73,6 +73,8 @@ def causal_attention(
     gqa = k.size(1) != q.size(1)
     if T == S:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    elif T == 1:  # one new token (decoding) sees every cached key: no mask, the fast kernels
+        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
