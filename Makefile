@@ -44,6 +44,8 @@ quickstart-data: venv
 	  --out $(Q)/prepared/slimpajama
 	$(PY) data_prep/prepare_starcoder.py --input $(Q)/raw/starcoderdata --tokenizer $(Q)/tokenizer \
 	  --out $(Q)/prepared/starcoderdata --val-permille $(VAL_PERMILLE)
+	[ -f $(Q)/eval/stdlib_mc.yaml ] || $(PY) data_prep/make_eval_sample.py --raw $(Q)/raw --out $(Q)/eval \
+	  --val-permille $(VAL_PERMILLE)
 
 smoke: venv
 	$(VENV)/bin/tinyrecipe smoke

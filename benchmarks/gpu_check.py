@@ -262,7 +262,12 @@ def run_recipe(
     tps = tokens_per_step / step_s
     peak, source = device_peak(trainer.strategy.root_device, s["precision"], peak_flops)
     est = estimate_memory(
-        cfg, s["micro"], s["seq"], precision=s["precision"], accumulation=accumulate, compiled=compiled
+        cfg,
+        s["micro"],
+        s["seq"],
+        precision=s["precision"],
+        accumulation=accumulate,
+        compiled=compiled,
     )
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     ckpt = root / "checkpoints" / "last.ckpt"

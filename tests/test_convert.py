@@ -53,6 +53,8 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, corpus, tied):
     ours = load_tokenizer(corpus["root"] / "tok")
     text = "def main():\n    return 42"
     assert tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
+    # plain tok(text) starts with BOS, exactly the ids `tinyrecipe generate` feeds the model
+    assert tok(text)["input_ids"] == [ours.bos_id, *ours.encode(text)]
     assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 2
 
 

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "train a recipe with the plain Lightning Fabric loop (same model, data, step)",
     ),
     "generate": ("tinyrecipe.cli.generate", "sample text from a checkpoint"),
+    "eval": ("tinyrecipe.cli.eval", "score a checkpoint on lm-evaluation-harness tasks"),
     "convert": (
         "tinyrecipe.cli.convert",
         "Hugging Face Llama <-> tinyrecipe checkpoint (to-hf / from-hf)",

@@ -11,6 +11,7 @@ states only what differs:
 * `checkpoint:` configures the always-present checkpoint callback (`Checkpoints`: every
   `every_n_train_steps`, the newest `save_top_k` kept, `last.ckpt` a link to the newest);
 * `throughput:` the tokens/s and MFU monitor; the learning rate is logged every step;
+* `downstream_eval:` lm-evaluation-harness tasks scored during training (off without `tasks`);
 * `global_batch_size:` (sequences per optimizer step) derives `trainer.accumulate_grad_batches`
   from the world size and `data.batch_size`;
 * `trainer.strategy: fsdp2` is `tinyrecipe.train.strategy.FSDP2Strategy`; checkpoint files are
@@ -33,7 +34,7 @@ from lightning.pytorch.cli import LightningCLI
 
 import tinyrecipe.train.strategy  # noqa: F401  (registers trainer.strategy: fsdp2)
 from tinyrecipe.model.config import resolve_config
-from tinyrecipe.train.callbacks import Checkpoints, TokenThroughputMonitor
+from tinyrecipe.train.callbacks import Checkpoints, DownstreamEval, TokenThroughputMonitor
 from tinyrecipe.train.module import CausalLMModule
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
@@ -86,6 +87,7 @@ class TinyRecipeCLI(LightningCLI):
         parser.add_lightning_class_args(Checkpoints, "checkpoint")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(DownstreamEval, "downstream_eval")
         parser.add_argument(
             "--global_batch_size",
             type=int | None,

@@ -200,3 +200,106 @@ def make_sft_sample(out: str | Path, max_records: int | None = None) -> int:
     atomic_write(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     print(f"sft: {len(records)} records -> {out}")
     return len(records)
+
+
+EVAL_TASK = "stdlib_mc"
+
+
+def _eval_items(texts: list[str], kind: str) -> list[tuple[str, str]]:
+    """(context, true continuation) pairs: a prose sentence or a line of code cut at a space
+    near its middle, with the sentence or up to three lines before it as context."""
+    import re
+
+    items = []
+    for text in texts:
+        if kind == "prose":
+            units = [s for s in re.split(r"(?<=[.!?])\s+", " ".join(text.split())) if s]
+            joiner, keep = " ", 1
+        else:
+            units = [line.rstrip() for line in text.splitlines() if line.strip()]
+            joiner, keep = "\n", 3
+        for i, unit in enumerate(units):
+            body = unit.lstrip()
+            if len(body.split()) < 6 or len(body) > 200 or body.startswith("#"):
+                continue
+            cut = unit.find(" ", len(unit) - len(body) + len(body) // 2)
+            if cut <= 0:
+                continue
+            before = joiner.join(units[max(0, i - keep) : i])
+            context = (before + joiner if before else "") + unit[:cut]
+            items.append((context, unit[cut:]))
+    return items
+
+
+def make_eval_sample(
+    raw: str | Path,
+    out: str | Path,
+    n_items: int = 400,
+    seed: int = 0,
+    val_permille: int = VALIDATION_PERMILLE,
+) -> Path:
+    """A multiple-choice task from the held-out half of the sample corpus: pick the true rest of a
+    docstring sentence or of a line of code among four (the other three are the rests of other
+    sentences or lines of the same kind). Writes `<out>/stdlib_mc.jsonl` and the lm-eval task
+    `<out>/stdlib_mc.yaml` (`tinyrecipe eval --include-path <out> --tasks stdlib_mc`); chance
+    is 25%. `val_permille` is the code held out by `prepare_starcoder.py --val-permille`.
+    Returns the YAML's path."""
+    import random
+
+    from tinyrecipe.data.prep import read_slimpajama, read_starcoder
+
+    raw, out = Path(raw), Path(out)
+    prose_files = sorted((raw / "slimpajama" / "validation").rglob("*.jsonl*"))
+    code_files = sorted((raw / "starcoderdata").rglob("*.parquet"))
+    if not prose_files or not code_files:
+        raise FileNotFoundError(
+            f"'{raw}' holds no sample corpus (slimpajama/validation, starcoderdata); "
+            "build it with data_prep/make_sample.py"
+        )
+    prose = [t for f in prose_files for t, r in read_slimpajama(f) if r is None]
+    code = [
+        t
+        for f in code_files
+        for t, r in read_starcoder(f)
+        if r is None and in_validation(t, val_permille)  # the documents prep holds out
+    ]
+    rng = random.Random(seed)
+    docs = []
+    for kind, texts in (("prose", prose), ("code", code)):
+        pairs = _eval_items(texts, kind)
+        rng.shuffle(pairs)
+        chosen, others = pairs[: n_items // 2], pairs[n_items // 2 :] or pairs
+        for context, truth in chosen:
+            pool = [c for _, c in others if c != truth]
+            choices = [truth, *rng.sample(pool, 3)]
+            rng.shuffle(choices)
+            docs.append({"context": context, "choices": choices, "label": choices.index(truth)})
+    data = out / f"{EVAL_TASK}.jsonl"
+    atomic_write(data, "".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    task = out / f"{EVAL_TASK}.yaml"
+    atomic_write(
+        task,
+        "\n".join(
+            [
+                f"task: {EVAL_TASK}",
+                "dataset_path: json",
+                "dataset_kwargs:",
+                "  data_files:",
+                f"    test: {json.dumps(str(data.resolve()))}",
+                "test_split: test",
+                "output_type: multiple_choice",
+                "doc_to_text: context",
+                "doc_to_choice: choices",
+                "doc_to_target: label",
+                'target_delimiter: ""',
+                "metric_list:",
+                "  - metric: acc",
+                "  - metric: acc_norm",
+                "",
+            ]
+        ),
+    )
+    print(
+        f"{EVAL_TASK}: {len(docs)} questions ({len(prose)} prose, {len(code)} code documents) -> {task}"
+    )
+    return task

@@ -21,6 +21,21 @@ from tinyrecipe.io import atomic_path
 from tinyrecipe.model.hf import to_hf_config, to_hf_state_dict
 
 
+def _write_tokenizer_json(source: Path, target: Path, bos_id: int) -> None:
+    """tokenizer.json with a post-processor that starts every encoding with BOS, as the Llama
+    tokenizer does: `AutoTokenizer(...)(text)` then gives the ids `tinyrecipe generate` feeds the
+    model, under transformers 4.x and 5.x (which ignore tokenizer_config's add_bos_token for a
+    fast tokenizer's own file)."""
+    from tokenizers import Tokenizer, processors
+
+    tok = Tokenizer.from_file(str(source))
+    bos = tok.id_to_token(bos_id)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+    )
+    tok.save(str(target))
+
+
 def to_hf(
     ckpt: str | Path,
     out_dir: str | Path,
@@ -45,9 +60,12 @@ def _write_hf_dir(work: Path, config, hf_state: dict, tokenizer_dir, max_shard_g
 
         tok = load_tokenizer(tokenizer_dir)
         bos, eos = tok.bos_id, tok.eos_id
-        for name in ("tokenizer.json", "tokenizer.model"):
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, work / name)
+        if (Path(tokenizer_dir) / "tokenizer.model").is_file():
+            shutil.copy(Path(tokenizer_dir) / "tokenizer.model", work / "tokenizer.model")
+        if (Path(tokenizer_dir) / "tokenizer.json").is_file():
+            _write_tokenizer_json(
+                Path(tokenizer_dir) / "tokenizer.json", work / "tokenizer.json", bos
+            )
         (work / "tokenizer_config.json").write_text(
             json.dumps(
                 {

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.throughput import Throughput
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from tinyrecipe.io import remove, temp_sibling
@@ -143,3 +143,89 @@ class Checkpoints(ModelCheckpoint):
                 remove(link)
             os.replace(tmp, link)
         trainer.strategy.barrier()
+
+
+class DownstreamEval(Callback):
+    """lm-evaluation-harness tasks scored inside `fit` every `every_n_steps` optimizer steps, at
+    the end, and before the first step with `at_start`, on every rank with the requests split between them (a
+    sharded model steps together), logged as `eval/<task>/<metric>` and printed on rank 0. The
+    score at a step equals `tinyrecipe eval` of that step's checkpoint (tested). No `tasks`: off.
+
+    The tokenizer is `tokenizer_dir`, else the DataModule's `tokenizer_dir`."""
+
+    def __init__(
+        self,
+        tasks: str | list[str] | None = None,
+        every_n_steps: int = 5000,
+        limit: int | None = None,
+        include_path: str | None = None,
+        tokenizer_dir: str | None = None,
+        batch_size: int = 8,
+        num_fewshot: int | None = None,
+        at_start: bool = False,
+        add_bos_token: bool = True,
+    ) -> None:
+        self.tasks, self.every_n_steps, self.limit = tasks, every_n_steps, limit
+        self.include_path, self.tokenizer_dir, self.batch_size = (
+            include_path,
+            tokenizer_dir,
+            batch_size,
+        )
+        self.num_fewshot, self.at_start, self.add_bos_token = num_fewshot, at_start, add_bos_token
+        self.seconds = 0.0  # spent evaluating, for the overhead
+        self._last_step: int | None = None
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # Load the tasks now: a task whose data cannot be had fails in one line at the start,
+        # not hours into the run at the first evaluation.
+        if self.tasks:
+            from tinyrecipe.interop.evaluate import load_tasks, task_manager
+
+            names = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
+            load_tasks([n.strip() for n in names if n.strip()], task_manager(self.include_path))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.tasks and self.at_start and trainer.global_step == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *_) -> None:
+        if not self.tasks or trainer.fit_loop._should_accumulate():
+            return
+        if trainer.global_step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.tasks and trainer.global_step and self._last_step != trainer.global_step:
+            self.run(trainer, pl_module)  # the final weights are always scored
+
+    def run(self, trainer, pl_module) -> dict[str, float] | None:
+        from tinyrecipe.interop.evaluate import downstream_metrics
+
+        tokenizer_dir = self.tokenizer_dir or getattr(trainer.datamodule, "tokenizer_dir", None)
+        if tokenizer_dir is None:
+            raise ValueError(
+                "downstream_eval needs a tokenizer: set downstream_eval.tokenizer_dir or "
+                "data.tokenizer_dir"
+            )
+        start = time.perf_counter()
+        metrics = downstream_metrics(
+            pl_module.model,
+            tokenizer_dir,
+            self.tasks,
+            limit=self.limit,
+            include_path=self.include_path,
+            batch_size=self.batch_size,
+            num_fewshot=self.num_fewshot,
+            add_bos_token=self.add_bos_token,
+            autocast=trainer.precision_plugin.forward_context,
+            distributed=trainer.world_size > 1,
+        )
+        self.seconds += time.perf_counter() - start
+        self._last_step = trainer.global_step
+        if metrics is None:  # not rank 0
+            return None
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
+        rank_zero_info(f"tinyrecipe: downstream eval at step {trainer.global_step}: {shown}")
+        return metrics

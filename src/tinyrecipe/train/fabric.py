@@ -104,6 +104,26 @@ def evaluate(fabric: L.Fabric, model, loaders: list, sources: list[tuple[str, fl
     return val_metrics([(n, w, *t) for (n, w), t in zip(sources, totals, strict=True)])
 
 
+def _downstream(fabric: L.Fabric, module: CausalLMModule, spec: dict, step: int) -> None:
+    """The recipe's downstream_eval (the Trainer's DownstreamEval) in this loop."""
+    from tinyrecipe.interop.evaluate import downstream_metrics
+
+    options = {
+        k: v for k, v in spec.items() if k not in ("tasks", "tokenizer_dir", "every_n_steps")
+    }
+    metrics = downstream_metrics(
+        module.model,
+        spec["tokenizer_dir"],
+        spec["tasks"],
+        autocast=fabric.autocast,
+        distributed=fabric.world_size > 1,
+        **options,
+    )
+    if metrics is not None:
+        fabric.log_dict(metrics, step=step)
+        fabric.print(f"downstream eval at step {step}: {metrics}")
+
+
 def train(recipe: dict, resume: str | None = None) -> list[float]:
     """Train `recipe` (a parsed recipe dict); returns the training loss of every optimizer step
     (the mean over its micro-batches and ranks, as the Trainer logs it)."""
@@ -167,6 +187,11 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     fabric.print(f"tinyrecipe fabric: {fabric.world_size} process(es), {precision}, {root}")
     if val_loaders and t.get("num_sanity_val_steps") == -1 and step == 0:
         fabric.log_dict(evaluate(fabric, model, val_loaders, sources), step=0)
+    downstream = dict(recipe.get("downstream_eval") or {})
+    if downstream.get("tasks"):
+        downstream.setdefault("tokenizer_dir", getattr(data, "tokenizer_dir", None))
+        if downstream.pop("at_start", False) and step == 0:
+            _downstream(fabric, module, downstream, 0)
 
     losses: list[torch.Tensor] = []
     batches = iter(train_loader)
@@ -208,6 +233,8 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
             fabric.print(f"step {step}: loss {metrics['train/loss']:.4f}")
         if val_loaders and every and (step % every == 0 or step == max_steps):
             fabric.log_dict(evaluate(fabric, model, val_loaders, sources), step=step)
+        if downstream.get("tasks") and step % int(downstream.get("every_n_steps") or 5000) == 0:
+            _downstream(fabric, module, downstream, step)
         if save_every and step % save_every == 0 and step < max_steps:
             state["global_step"] = step
             _save(fabric, root / "fabric" / "last.ckpt", state)

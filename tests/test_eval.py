@@ -1,0 +1,186 @@
+"""Downstream evaluation on lm-evaluation-harness: the same per-request log-likelihoods and scores
+as lm-eval's own HFLM on the exported model, the offline sample task, bad input as one line, and
+evaluation inside training equal to `tinyrecipe eval` of the same step's checkpoint."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+from tests.test_training import MICRO, scalars, write_recipe
+from tinyrecipe.cli import main as cli_main
+from tinyrecipe.data.sample import make_eval_sample
+from tinyrecipe.data.tokenizer import load_tokenizer
+from tinyrecipe.interop.checkpoint import save_tinyrecipe_checkpoint
+from tinyrecipe.interop.convert import to_hf
+from tinyrecipe.interop.evaluate import TinyRecipeLM, evaluate, task_manager
+from tinyrecipe.model import Llama, ModelConfig
+
+pytest.importorskip("lm_eval")
+LIMIT = 10  # questions per test: 40 log-likelihood requests
+
+
+@pytest.fixture(scope="module")
+def eval_task(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    make_eval_sample(corpus["root"] / "raw", out, n_items=40)
+    return out
+
+
+@pytest.fixture(scope="module")
+def exported(corpus, tmp_path_factory):
+    """A random micro model with non-trivial norms, as a checkpoint and as a HF directory."""
+    tmp = tmp_path_factory.mktemp("model")
+    config = ModelConfig(**{**MICRO, "block_size": 256})
+    torch.manual_seed(0)
+    model = Llama(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    save_tinyrecipe_checkpoint(config, model.state_dict(), tmp / "model.ckpt")
+    to_hf(tmp / "model.ckpt", tmp / "hf", tokenizer_dir=corpus["root"] / "tok")
+    return model.eval(), tmp
+
+
+def test_sample_task_is_four_way_multiple_choice_on_held_out_text(eval_task):
+    docs = [json.loads(line) for line in (eval_task / "stdlib_mc.jsonl").read_text().splitlines()]
+    assert len(docs) >= 20 and all(len(d["choices"]) == 4 and d["label"] in range(4) for d in docs)
+    assert all(len(set(d["choices"])) == 4 for d in docs)
+    labels = [d["label"] for d in docs]
+    assert len(set(labels)) > 1  # the answer is not always in one place
+    assert "stdlib_mc" in task_manager(eval_task).all_tasks
+
+
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])
+def test_same_loglikelihoods_and_scores_as_hflm(exported, corpus, eval_task, bos):
+    from lm_eval.models.huggingface import HFLM
+
+    model, tmp = exported
+    ours = TinyRecipeLM(
+        model, load_tokenizer(corpus["root"] / "tok"), batch_size=4, add_bos_token=bos
+    )
+    hf = HFLM(
+        pretrained=str(tmp / "hf"), batch_size=4, device="cpu", dtype="float32", add_bos_token=bos
+    )
+    task = task_manager(eval_task).load_task_or_group(["stdlib_mc"])["stdlib_mc"]
+    task.build_all_requests(limit=LIMIT)
+    requests = task.instances
+    a, b = ours.loglikelihood(requests), hf.loglikelihood(requests)
+    assert len(a) == len(b) == 4 * LIMIT
+    for (la, ga), (lb, gb) in zip(a, b, strict=True):
+        assert la == pytest.approx(lb, abs=1e-4) and ga == gb
+    scores = [evaluate(lm, "stdlib_mc", limit=LIMIT, include_path=eval_task) for lm in (ours, hf)]
+    assert scores[0]["results"]["stdlib_mc"]["acc"] == scores[1]["results"]["stdlib_mc"]["acc"]
+    assert (
+        scores[0]["results"]["stdlib_mc"]["acc_norm"]
+        == scores[1]["results"]["stdlib_mc"]["acc_norm"]
+    )
+
+
+def test_rolling_and_generation_match_hflm(exported, corpus):
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    model, tmp = exported
+    ours = TinyRecipeLM(model, load_tokenizer(corpus["root"] / "tok"), batch_size=2)
+    hf = HFLM(
+        pretrained=str(tmp / "hf"), batch_size=2, device="cpu", dtype="float32", max_length=256
+    )
+    text = "def main():\n    return 42\n" * 40  # longer than the context: several windows
+    rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
+    assert ours.loglikelihood_rolling(rolling)[0] == pytest.approx(
+        hf.loglikelihood_rolling(rolling)[0], abs=1e-3
+    )
+    until = [
+        Instance("generate_until", {}, ("def f(x):", {"until": ["\n\n"], "max_gen_toks": 12}), 0)
+    ]
+    assert ours.generate_until(until) == hf.generate_until(until)
+
+
+def error_line(capsys, *argv) -> str:
+    assert cli_main(list(map(str, argv))) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tinyrecipe eval: error: "), err
+    return err[0]
+
+
+def test_bad_input_is_one_line(exported, corpus, eval_task, tmp_path, capsys):
+    _, tmp = exported
+    base = ["eval", "--ckpt", tmp / "model.ckpt", "--tokenizer", corpus["root"] / "tok"]
+    line = error_line(capsys, *base, "--tasks", "stdlib_mcq", "--include-path", eval_task)
+    assert "unknown task 'stdlib_mcq'; did you mean stdlib_mc" in line
+    assert "must be a positive" in error_line(capsys, *base, "--tasks", "stdlib_mc", "--limit", "0")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "broken.yaml").write_text(
+        "task: broken\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /nonexistent.jsonl\ntest_split: test\noutput_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: label\n"
+    )
+    line = error_line(capsys, *base, "--tasks", "broken", "--include-path", bad)
+    assert "task 'broken' cannot load its data" in line
+    assert "task 'arc_easy' cannot load its data" in error_line(
+        capsys, *base, "--tasks", "arc_easy"
+    )
+    other = ModelConfig(**{**MICRO, "vocab_size": 2048})
+    save_tinyrecipe_checkpoint(other, Llama(other).state_dict(), tmp_path / "other.ckpt")
+    line = error_line(
+        capsys,
+        "eval",
+        "--ckpt",
+        tmp_path / "other.ckpt",
+        "--tokenizer",
+        corpus["root"] / "tok",
+        "--tasks",
+        "stdlib_mc",
+        "--include-path",
+        eval_task,
+    )
+    assert "2048" in line and "1024" in line
+
+
+def test_eval_in_training_equals_eval_of_the_checkpoint(corpus, eval_task, tmp_path):
+    recipe = write_recipe(tmp_path, corpus, max_steps=4, every=4)
+    result = subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe)]
+        + ["--downstream_eval.tasks", "stdlib_mc", "--downstream_eval.every_n_steps", "4"]
+        + ["--downstream_eval.limit", str(LIMIT), "--downstream_eval.include_path", str(eval_task)]
+        + ["--downstream_eval.at_start", "true"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "downstream eval at step 0" in result.stderr
+        and "downstream eval at step 4" in result.stderr
+    )
+    logged = scalars(tmp_path / "tensorboard")
+    assert [s for s, _ in logged["eval/stdlib_mc/acc"]] == [0, 4]
+    out = tmp_path / "scores.json"
+    code = cli_main(
+        [
+            "eval",
+            "--ckpt",
+            str(tmp_path / "checkpoints/last.ckpt"),
+            "--tokenizer",
+            str(corpus["root"] / "tok"),
+        ]
+        + [
+            "--tasks",
+            "stdlib_mc",
+            "--limit",
+            str(LIMIT),
+            "--include-path",
+            str(eval_task),
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == 0
+    scores = json.loads(out.read_text())["results"]["stdlib_mc"]
+    assert logged["eval/stdlib_mc/acc"][-1][1] == pytest.approx(scores["acc"])
+    assert logged["eval/stdlib_mc/acc_norm"][-1][1] == pytest.approx(scores["acc_norm"])
