@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export LITDATA_DISABLE_VERSION_CHECK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv venv-dev quickstart quickstart-data smoke test lint format bench gpu-check clean
+.PHONY: venv venv-dev quickstart quickstart-data ablation-data smoke test lint format bench gpu-check clean
 
 # SKIP_SETUP=1 uses $(VENV) as it is (the quickstart test runs inside an installed venv).
 venv:
@@ -46,6 +46,14 @@ quickstart-data: venv
 	  --out $(Q)/prepared/starcoderdata --val-permille $(VAL_PERMILLE)
 	[ -f $(Q)/eval/stdlib_mc.yaml ] || $(PY) data_prep/make_eval_sample.py --raw $(Q)/raw --out $(Q)/eval \
 	  --val-permille $(VAL_PERMILLE)
+
+# The data recipes/ablations/*.yaml read beyond the quickstart's: the corpus prepared with
+# TinyLlama's BOS-only document boundaries (bos-only.yaml).
+ablation-data: quickstart-data
+	$(PY) data_prep/prepare_slimpajama.py --boundary bos --input $(Q)/raw/slimpajama \
+	  --tokenizer $(Q)/tokenizer --out $(Q)/prepared-bos/slimpajama
+	$(PY) data_prep/prepare_starcoder.py --boundary bos --val-permille $(VAL_PERMILLE) \
+	  --input $(Q)/raw/starcoderdata --tokenizer $(Q)/tokenizer --out $(Q)/prepared-bos/starcoderdata
 
 smoke: venv
 	$(VENV)/bin/tinyrecipe smoke

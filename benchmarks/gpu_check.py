@@ -134,14 +134,13 @@ def run_recipe(
 ) -> dict:
     """One `tinyrecipe fit` of the TinyLlama recipe at world size 1 (in this process)."""
     compiled, extra = VARIANTS[variant]
-    import lightning as L
     from lightning.pytorch.callbacks import Callback
 
     from tinyrecipe.cli.fit import TinyRecipeCLI
     from tinyrecipe.planning.flops import device_peak, train_flops_per_token
     from tinyrecipe.planning.memory import estimate_memory
     from tinyrecipe.train.callbacks import Checkpoints
-    from tinyrecipe.train.module import CausalLMModule, describe
+    from tinyrecipe.train.module import describe
 
     sources = make_data(
         out / "data", s["vocab"], (s["steps"] + 1) * s["accumulate"] * s["micro"] * 2049
@@ -239,9 +238,6 @@ def run_recipe(
                 self.profiler.start()
 
     cli = TinyRecipeCLI(
-        CausalLMModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
         run=False,
         args=args,
         save_config_callback=None,

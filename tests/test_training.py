@@ -91,23 +91,24 @@ def test_tinyllama_recipe_is_the_papers():
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("command", "extra", "message"),
     [
-        (("--trainer.max_stepz", "5"), "max_stepz"),
-        (("--trainer.max_steps", "many"), "max_steps"),
-        (("--model.preset", "gpt-5"), "unknown model preset 'gpt-5'"),
+        ("fit", ("--trainer.max_stepz", "5"), "unrecognized arguments: --trainer.max_stepz"),
+        ("fit", ("--trainer.max_steps", "many"), "max_steps"),
+        ("fit", ("--model.preset", "gpt-5"), "unknown model preset 'gpt-5'"),
+        ("fit", ("--model.config.n_kv_heads", "4"), "Option 'n_kv_heads' is not accepted"),
+        ("fit", ("--optimizer", "Adam"), "unrecognized arguments: --optimizer"),
+        ("fabric", ("--trainer.max_stepz", "5"), "unrecognized arguments: --trainer.max_stepz"),
+        ("memory", ("--trainer.devicez", "5"), "unrecognized arguments: --trainer.devicez"),
     ],
 )
-def test_bad_options_fail_with_a_clear_message(extra, message):
+def test_bad_options_fail_in_one_line(command, extra, message):
     err = io.StringIO()
     with redirect_stderr(err), redirect_stdout(io.StringIO()):
-        try:
-            code = cli_main(["fit", "--config", str(ROOT / "recipes/quickstart.yaml"), *extra])
-        except SystemExit as exit_info:
-            code = exit_info.code
-    assert code == 2
-    assert message in err.getvalue()
-    assert "Traceback" not in err.getvalue()
+        code = cli_main([command, "--config", str(ROOT / "recipes/quickstart.yaml"), *extra])
+    lines = [line for line in err.getvalue().splitlines() if "error:" in line]
+    assert code == 2 and len(lines) == 1 and message in lines[0], err.getvalue()
+    assert "Traceback" not in err.getvalue() and "usage:" not in err.getvalue()
 
 
 # ---- real runs on the small corpus (subprocesses, like a user) --------------------------------

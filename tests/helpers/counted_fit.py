@@ -45,8 +45,7 @@ for _name in COLLECTIVES:
 
 import lightning as L  # noqa: E402
 
-from tinyrecipe.cli.fit import PARSER_KWARGS, TinyRecipeCLI  # noqa: E402
-from tinyrecipe.train.module import CausalLMModule  # noqa: E402
+from tinyrecipe.cli.fit import TinyRecipeCLI  # noqa: E402
 
 
 class PerStep(L.Callback):
@@ -73,13 +72,9 @@ if __name__ == "__main__":
         i = args.index("--ckpt_path")
         ckpt_path, args = args[i + 1], args[:i] + args[i + 2 :]
     cli = TinyRecipeCLI(
-        CausalLMModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
         run=False,
         args=args,
         save_config_callback=None,
-        parser_kwargs=PARSER_KWARGS,
     )
     cli.trainer.callbacks.insert(0, PerStep(out))
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)

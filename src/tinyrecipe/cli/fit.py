@@ -14,6 +14,8 @@ states only what differs:
 * `downstream_eval:` lm-evaluation-harness tasks scored during training (off without `tasks`);
 * `global_batch_size:` (sequences per optimizer step) derives `trainer.accumulate_grad_batches`
   from the world size and `data.batch_size`;
+* `auto_precision: true` picks the precision for the device found (bf16-mixed on a GPU, fp32
+  on a CPU);
 * `trainer.strategy: fsdp2` is `tinyrecipe.train.strategy.FSDP2Strategy`; checkpoint files are
   written atomically (`AtomicCheckpointIO`).
 """
@@ -68,6 +70,18 @@ def world_size(devices: Any, num_nodes: int, accelerator: str | None) -> int:
     return n * (num_nodes or 1)
 
 
+def device_precision(accelerator: str | None) -> str:
+    """bf16-mixed where the accelerator is a GPU that computes bf16, else 32-true (a CPU's bf16
+    is many times slower than its fp32); says which."""
+    import torch
+
+    gpu = accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available()
+    precision = "bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"
+    where = torch.cuda.get_device_name() if gpu else "the CPU"
+    logging.getLogger("tinyrecipe").info(f"tinyrecipe: auto_precision: {precision} on {where}")
+    return precision
+
+
 def accumulation(global_batch: int, micro_batch: int, world: int) -> int:
     """Micro-batches per optimizer step for `global_batch` sequences; refused unless exact."""
     per_pass = micro_batch * world
@@ -80,14 +94,29 @@ def accumulation(global_batch: int, micro_batch: int, world: int) -> int:
 
 
 class TinyRecipeCLI(LightningCLI):
-    """`data:` is any LightningDataModule (`class_path:` + `init_args:`); without a class_path
-    it is the pretraining `MixedStreamingDataModule`, so plain `data: {sources: ...}` works."""
+    """LightningCLI over `CausalLMModule` and any LightningDataModule (`data:` names a
+    `class_path`; without one it is the pretraining `MixedStreamingDataModule`, so plain
+    `data: {sources: ...}` works). A bad recipe raises instead of printing usage (the `tinyrecipe`
+    wrapper prints one line); the module builds its own optimizer, so LightningCLI's
+    `--optimizer` / `--lr_scheduler` are not offered."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("parser_kwargs", PARSER_KWARGS)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(CausalLMModule, L.LightningDataModule, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpoints, "checkpoint")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(DownstreamEval, "downstream_eval")
+        parser.add_argument(
+            "--auto_precision",
+            type=bool,
+            default=False,
+            help="precision for the device found: bf16-mixed on a GPU with bf16, else 32-true",
+        )
         parser.add_argument(
             "--global_batch_size",
             type=int | None,
@@ -115,6 +144,15 @@ class TinyRecipeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         resolve_recipe(self.config[self.subcommand] if self.subcommand else self.config)
+        if self.subcommand == "validate":
+            # Lightning's table repeats every metric under each DataLoader; ours below does not
+            self.config["validate"]["verbose"] = False
+
+    def after_validate(self) -> None:
+        if self.trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in sorted(self.trainer.callback_metrics.items())}
+            width = max(map(len, metrics), default=0)
+            print("\n".join(f"{k:<{width}}  {v:.4f}" for k, v in metrics.items()))
 
 
 def resolve_recipe(cfg) -> None:
@@ -129,6 +167,16 @@ def resolve_recipe(cfg) -> None:
     if cfg.get("checkpoint") is not None and not cfg.checkpoint.dirpath:
         # set before the Trainer starts: `--ckpt_path last` is looked up in it at once
         cfg.checkpoint.dirpath = str(Path(root) / "checkpoints")
+    bars = [c for c in trainer.callbacks or [] if "ProgressBar" in getattr(c, "class_path", "")]
+    if trainer.enable_progress_bar is not False and not bars:
+        from jsonargparse import Namespace
+
+        bar = Namespace(
+            class_path="tinyrecipe.train.callbacks.StepProgressBar", init_args=Namespace()
+        )
+        trainer.callbacks = [*(trainer.callbacks or []), bar]
+    if cfg.get("auto_precision"):
+        trainer.precision = device_precision(trainer.accelerator)
     if cfg.get("global_batch_size"):
         world = world_size(trainer.devices, trainer.num_nodes, trainer.accelerator)
         trainer.accumulate_grad_batches = accumulation(
@@ -155,15 +203,7 @@ def parse_recipe(argv: list[str]) -> tuple[dict, str | None]:
     validated and merged exactly as `tinyrecipe fit` does."""
     with warnings.catch_warnings():  # "args= and sys.argv both given": on purpose here
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = _ParseOnly(
-            CausalLMModule,
-            L.LightningDataModule,
-            subclass_mode_data=True,
-            run=False,
-            args=argv,
-            save_config_callback=None,
-            parser_kwargs=PARSER_KWARGS,
-        )
+        cli = _ParseOnly(run=False, args=argv, save_config_callback=None)
     resume = cli.config.pop("resume", None)
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)), resume
 
@@ -189,12 +229,8 @@ def main(argv: list[str]) -> int:
         train(recipe, resume=resume)
         return 0
     TinyRecipeCLI(
-        CausalLMModule,
-        L.LightningDataModule,
-        subclass_mode_data=True,
         args=None if argv == sys.argv[1:] else argv,  # from the console LightningCLI reads sys.argv
         save_config_kwargs={"overwrite": True},
-        parser_kwargs=PARSER_KWARGS,
     )
     return 0
 

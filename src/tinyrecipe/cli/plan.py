@@ -50,6 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--base", default="recipes/tinyllama-1.1b.yaml", help="recipe --emit starts from"
     )
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=80.0,
+        help="--emit fits micro-batch and checkpointing to this per device (0: as the base)",
+    )
     args = parser.parse_args(argv)
 
     fit = LossFit(args.fit_e, args.fit_a, args.fit_b, args.fit_alpha, args.fit_beta)
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "dollars": dollars,
         }
     if args.emit:
-        summary["recipe"] = emit_recipe(best, args.base, args.emit)
+        summary["recipe"] = emit_recipe(best, args.base, args.emit, args.gpu_memory_gib)
 
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -109,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"memory per device (estimate, `tinyrecipe memory --config {r['path']}`): "
-            f"{r['memory_per_device_gib']:.1f} GiB"
+            f"{r['memory_per_device_gib']:.1f} GiB at micro-batch {r['micro_batch']}"
+            f"{', activation checkpointing' if r['activation_checkpointing'] else ''}"
+            f"{'' if r['fits'] else ' -- DOES NOT FIT the GPU memory given'}"
         )
     return 0

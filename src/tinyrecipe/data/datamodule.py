@@ -14,6 +14,7 @@ from tinyrecipe.data.mixture import (
     SequentialBlocks,
     ShardedEvalSampler,
     TokenBlocks,
+    check_split,
 )
 
 
@@ -21,13 +22,15 @@ from tinyrecipe.data.mixture import (
 class DataSource:
     """One prepared corpus: its train (and optional validation) litdata dirs and mixture weight.
 
-    Paths may be local or any URI litdata streams from (s3://, gs://, ...).
+    Paths may be local or any URI litdata streams from (s3://, gs://, ...). `prepare` says how
+    the data is made (a command); a missing directory's error repeats it.
     """
 
     name: str
     train: str
     validation: str | None = None
     weight: float = 1.0
+    prepare: str | None = None
 
 
 class MixedStreamingDataModule(L.LightningDataModule):
@@ -78,15 +81,24 @@ class MixedStreamingDataModule(L.LightningDataModule):
         """(name, weight) of each validation loader, for the module's val/loss/<name> logs."""
         return [(s.name, s.weight) for s in self.sources if s.validation]
 
+    def prepare_data(self) -> None:
+        """Refuse a missing or damaged local split before the run starts (and writes logs)."""
+        for s in self.sources:
+            for split in (s.train, s.validation):
+                if split:
+                    check_split(split, s.prepare)
+
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:
             return
         self._train = [
-            TokenBlocks(s.train, self.block_size, seed=self.seed + n)
+            TokenBlocks(s.train, self.block_size, seed=self.seed + n, prepare=s.prepare)
             for n, s in enumerate(self.sources)
         ]
         self._val = [
-            TokenBlocks(s.validation, self.block_size) for s in self.sources if s.validation
+            TokenBlocks(s.validation, self.block_size, prepare=s.prepare)
+            for s in self.sources
+            if s.validation
         ]
         self._check_metadata()
         self.schedule = MixtureSchedule([s.weight for s in self.sources], seed=self.seed)

@@ -33,21 +33,10 @@ class TokenBlocks:
     stream (a new order each epoch); `block(j)` the j-th block in file order.
     """
 
-    def __init__(self, path: str, block_size: int, seed: int = 0) -> None:
+    def __init__(self, path: str, block_size: int, seed: int = 0, prepare: str | None = None) -> None:
         self.path, self.block_size, self.seed = str(path), block_size, seed
         self._dataset = None
-        if "://" not in self.path:  # local: say what is wrong before litdata does, in our words
-            if not Path(self.path).is_dir():
-                raise FileNotFoundError(
-                    f"data dir '{self.path}' does not exist; prepare it with "
-                    "data_prep/prepare_*.py or fix the path in the recipe"
-                )
-            if not (Path(self.path) / "index.json").is_file():
-                raise FileNotFoundError(
-                    f"data dir '{self.path}' holds no prepared data (no index.json); prepare it "
-                    "with data_prep/prepare_*.py"
-                )
-            _check_local_split(Path(self.path))
+        check_split(self.path, prepare)
         dataset = self._open()
         index_file = Path(dataset.input_dir.path or self.path) / "index.json"
         index = json.loads(index_file.read_text())
@@ -114,11 +103,24 @@ class TokenBlocks:
         return self.block(int(self.chunk_start[chunk] + self._chunk_cache[2][within]))
 
 
-def _check_local_split(path: Path) -> None:
-    """A local prepared split whose index.json is unreadable or lists a chunk file that is not
-    there is refused here, in the main process, in one line (litdata would wait for the chunk as
-    for a hung download, in every loader worker)."""
+def check_split(split: str, prepare: str | None = None) -> None:
+    """A local prepared split that is missing, holds no index, has an unreadable index.json or
+    lacks a chunk file its index lists is refused here, in the main process, in one line
+    (litdata would wait for the chunk as for a hung download, in every loader worker). Remote
+    URIs are left to litdata."""
+    if "://" in str(split):
+        return
+    path = Path(split)
+    how = f"`{prepare}`" if prepare else "data_prep/prepare_*.py"
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"data dir '{path}' does not exist; prepare it with {how} or fix the path in the recipe"
+        )
     index_file = path / "index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(
+            f"data dir '{path}' holds no prepared data (no index.json); prepare it with {how}"
+        )
     try:
         index = json.loads(index_file.read_text())
         files = [c["filename"] for c in index["chunks"]]

@@ -294,7 +294,11 @@ def make_eval_sample(
                 'target_delimiter: ""',
                 "metric_list:",
                 "  - metric: acc",
+                "    aggregation: mean",
+                "    higher_is_better: true",
                 "  - metric: acc_norm",
+                "    aggregation: mean",
+                "    higher_is_better: true",
                 "",
             ]
         ),

@@ -111,6 +111,12 @@ def estimate_memory(
     return MemoryEstimate(params, grads, optimizer, blocks + head_in, loss_buffers, fsdp_buffers)
 
 
+def _accumulation(recipe: dict, trainer: dict, data: dict, world: int) -> int:
+    if recipe.get("global_batch_size"):
+        return max(1, recipe["global_batch_size"] // (world * data.get("batch_size", 8)))
+    return int(trainer.get("accumulate_grad_batches") or 1)
+
+
 def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
     """The estimate for a parsed recipe (the `tinyrecipe fit` YAML, overlays merged), and the
     settings it was read from."""
@@ -132,7 +138,7 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         "world_size": world,
         "sharded": any(s in strategy_name.lower() for s in ("fsdp", "modelparallel")),
         "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
-        "accumulation": int(trainer.get("accumulate_grad_batches") or 1),
+        "accumulation": _accumulation(recipe, trainer, data, world),
         "compiled": bool(model.get("compile", False)),
     }
     estimate = estimate_memory(

@@ -69,9 +69,38 @@ def pick_shape(n_params: float, vocab_size: int = 32000, block_size: int = 2048)
     return best
 
 
-def emit_recipe(plan: Plan, base: str | Path, out: str | Path) -> dict:
-    """Write a recipe: `base` (a recipe file) with the model shape nearest plan.n_params and
-    max_steps covering plan.train_tokens at the base recipe's tokens per step."""
+def fit_memory(recipe: dict, limit_gib: float) -> tuple[float, bool]:
+    """Make `recipe` (a parsed recipe dict, changed in place) fit `limit_gib` per device by the
+    memory estimate: activation checkpointing first, then halving the micro-batch (the tokens
+    per step stay: global_batch_size, the accumulation follows). Returns (estimate GiB, fits)."""
+    model, data, trainer = recipe["model"], recipe["data"], recipe["trainer"]
+    micro = data["batch_size"]
+    if not recipe.get("global_batch_size"):
+        devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) else 1
+        recipe["global_batch_size"] = (
+            trainer.get("num_nodes", 1) * devices * micro * trainer.get("accumulate_grad_batches", 1)
+        )
+        trainer.pop("accumulate_grad_batches", None)
+    tried = []
+    for checkpointing, batch in [(False, micro)] + [(True, micro >> k) for k in range(micro.bit_length())]:
+        model["activation_checkpointing"], data["batch_size"] = checkpointing, batch
+        gib = recipe_memory(recipe)[0].total / 2**30
+        tried.append(gib)
+        if gib <= limit_gib:
+            return gib, True
+    return tried[-1], False
+
+
+def emit_recipe(
+    plan: Plan, base: str | Path, out: str | Path, gpu_memory_gib: float | None = 80.0
+) -> dict:
+    """Write a recipe: `base` (a recipe file) with the model shape nearest plan.n_params,
+    max_steps covering plan.train_tokens at the base recipe's tokens per step, its own output
+    directory (`out/<recipe name>`), and, with `gpu_memory_gib`, activation checkpointing and a
+    micro-batch that the memory estimate says fit that much per device (a warning when none
+    does)."""
+    import warnings
+
     base = Path(base)
     if not base.is_file():
         raise FileNotFoundError(
@@ -85,6 +114,7 @@ def emit_recipe(plan: Plan, base: str | Path, out: str | Path) -> dict:
         model.get("config") or {},
         **{k: getattr(shape, k) for k in ("n_layer", "d_model", "n_head", "n_kv_head", "d_ff")},
     )
+    trainer["default_root_dir"] = f"out/{Path(out).stem}"
     sequences = recipe.get("global_batch_size") or (
         trainer.get("num_nodes", 1)
         * (trainer.get("devices") if isinstance(trainer.get("devices"), int) else 1)
@@ -93,15 +123,30 @@ def emit_recipe(plan: Plan, base: str | Path, out: str | Path) -> dict:
     )
     tokens_per_step = sequences * data["block_size"]
     trainer["max_steps"] = math.ceil(plan.train_tokens / tokens_per_step)
+    fits = True
+    if gpu_memory_gib:
+        _, fits = fit_memory(recipe, gpu_memory_gib)
+    memory, _ = recipe_memory(recipe)
+    if not fits:
+        warnings.warn(
+            f"no micro-batch fits {gpu_memory_gib:g} GiB per device for this "
+            f"{shape.num_params() / 1e9:.2f}B model (the estimate is {memory.total / 2**30:.1f} GiB "
+            "at micro-batch 1 with activation checkpointing); use more devices or larger ones",
+            stacklevel=2,
+        )
     header = (
         f"# Emitted by `tinyrecipe plan` from {base}: {shape.num_params():,} parameters "
         f"(optimum {plan.n_params:,.0f}), {plan.train_tokens:,.0f} training tokens = "
         f"{trainer['max_steps']:,} steps x {tokens_per_step:,} tokens, predicted loss {plan.loss:.4f}.\n"
+        f"# Memory per device (tinyrecipe memory): {memory.total / 2**30:.1f} GiB"
+        + (f" (fitted to {gpu_memory_gib:g} GiB).\n" if gpu_memory_gib else ".\n")
     )
     out = atomic_write(out, header + yaml.safe_dump(recipe, sort_keys=False))
-    memory, _ = recipe_memory(recipe)
     return {
         "memory_per_device_gib": memory.total / 2**30,
+        "fits": fits,
+        "micro_batch": data["batch_size"],
+        "activation_checkpointing": bool(model.get("activation_checkpointing")),
         "path": str(out),
         "n_params": shape.num_params(),
         "max_steps": trainer["max_steps"],

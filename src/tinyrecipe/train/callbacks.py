@@ -10,7 +10,12 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.throughput import Throughput
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import (
+    Callback,
+    ModelCheckpoint,
+    ThroughputMonitor,
+    TQDMProgressBar,
+)
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from tinyrecipe.io import remove, temp_sibling
@@ -229,3 +234,26 @@ class DownstreamEval(Callback):
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
         rank_zero_info(f"tinyrecipe: downstream eval at step {trainer.global_step}: {shown}")
         return metrics
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar for a run measured in optimizer steps: `step 120/1000`, moving
+    once per step (Lightning's counts micro-batches of an 'epoch' the endless stream never
+    ends). The CLI puts it in unless a recipe brings its own bar or turns bars off."""
+
+    def on_train_epoch_start(self, trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_steps > 0:
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.n = trainer.global_step  # a resumed run starts where it was
+            self.train_progress_bar.set_description("step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.max_steps <= 0:
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        bar = self.train_progress_bar
+        if trainer.fit_loop._should_accumulate() or bar is None or bar.disable:
+            return
+        if self._should_update(trainer.global_step, bar.total):
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
