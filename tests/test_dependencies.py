@@ -39,4 +39,6 @@ def test_runtime_imports_are_declared_dependencies():
         dists = {d.lower().replace("_", "-") for d in providers.get(name, [name])}
         if not dists & declared:
             missing[name] = sorted(dists)
-    assert not missing, f"imported by src/ but not runtime dependencies in pyproject.toml: {missing}"
+    assert not missing, (
+        f"imported by src/ but not runtime dependencies in pyproject.toml: {missing}"
+    )

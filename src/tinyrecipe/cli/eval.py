@@ -14,6 +14,7 @@ import json
 
 import torch
 
+from tinyrecipe.cli.generate import add_model_arguments
 from tinyrecipe.data.tokenizer import load_tokenizer
 from tinyrecipe.interop.evaluate import TinyRecipeLM, evaluate, table
 from tinyrecipe.interop.generate import load_checkpoint_model
@@ -26,10 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Score a checkpoint on lm-evaluation-harness tasks (zero-shot unless "
         "--num-fewshot).",
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint file or directory, or a HF dir")
-    parser.add_argument(
-        "--tokenizer", required=True, help="directory with tokenizer.json or .model"
-    )
+    add_model_arguments(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated tasks or groups")
     parser.add_argument("--num-fewshot", type=int, default=None)
     parser.add_argument("--limit", type=int, default=None, help="examples per task (a quick look)")

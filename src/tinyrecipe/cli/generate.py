@@ -14,16 +14,23 @@ from tinyrecipe.data.tokenizer import load_tokenizer
 from tinyrecipe.interop.generate import continuation, generate, load_checkpoint_model
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--ckpt and --tokenizer, as every command that runs a trained model takes them."""
+    parser.add_argument(
+        "--ckpt", required=True, help="checkpoint file or directory, or a Hugging Face directory"
+    )
+    parser.add_argument(
+        "--tokenizer", required=True, help="directory with tokenizer.json or tokenizer.model"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tinyrecipe generate",
         description="Sample a continuation of --prompt (top-k sampling at temperature 0.8 by "
         "default; --temperature 0 is greedy).",
     )
-    parser.add_argument("--ckpt", required=True, help="checkpoint file or directory")
-    parser.add_argument(
-        "--tokenizer", required=True, help="directory with tokenizer.json or tokenizer.model"
-    )
+    add_model_arguments(parser)
     parser.add_argument("--prompt", default="")
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")

@@ -33,7 +33,9 @@ class TokenBlocks:
     stream (a new order each epoch); `block(j)` the j-th block in file order.
     """
 
-    def __init__(self, path: str, block_size: int, seed: int = 0, prepare: str | None = None) -> None:
+    def __init__(
+        self, path: str, block_size: int, seed: int = 0, prepare: str | None = None
+    ) -> None:
         self.path, self.block_size, self.seed = str(path), block_size, seed
         self._dataset = None
         check_split(self.path, prepare)

@@ -78,11 +78,16 @@ def fit_memory(recipe: dict, limit_gib: float) -> tuple[float, bool]:
     if not recipe.get("global_batch_size"):
         devices = trainer.get("devices") if isinstance(trainer.get("devices"), int) else 1
         recipe["global_batch_size"] = (
-            trainer.get("num_nodes", 1) * devices * micro * trainer.get("accumulate_grad_batches", 1)
+            trainer.get("num_nodes", 1)
+            * devices
+            * micro
+            * trainer.get("accumulate_grad_batches", 1)
         )
         trainer.pop("accumulate_grad_batches", None)
     tried = []
-    for checkpointing, batch in [(False, micro)] + [(True, micro >> k) for k in range(micro.bit_length())]:
+    for checkpointing, batch in [(False, micro)] + [
+        (True, micro >> k) for k in range(micro.bit_length())
+    ]:
         model["activation_checkpointing"], data["batch_size"] = checkpointing, batch
         gib = recipe_memory(recipe)[0].total / 2**30
         tried.append(gib)

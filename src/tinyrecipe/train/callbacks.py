@@ -99,7 +99,7 @@ class Checkpoints(ModelCheckpoint):
         enable_version_counter: bool = False,
         **kwargs: Any,
     ) -> None:
-        # No "-v1" versions: a directory holds one run (`on_fit_start`), so `last.ckpt` is
+        # No "-v1" versions: a directory holds one run (`on_train_start`), so `last.ckpt` is
         # always the one name `--ckpt_path last`, `generate` and `eval` read.
         super().__init__(
             dirpath=dirpath,
