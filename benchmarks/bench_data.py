@@ -1,5 +1,8 @@
 """Data-path throughput: prep (zstd JSONL -> litdata chunks) vs raw `Tokenizer.encode_batch` on
-the same text and cores, as a ratio; and the mixed loader's tokens/s.
+the same text and cores, as a ratio; and the mixed loader's tokens/s, with the plain two-level
+shuffle (a window of 1 chunk) and a window of 128 chunks, reading local chunks directly and
+through litdata's download cache (`local:` paths, as remote data is read): tokens/s, distinct
+chunks per batch, and the cache's size on disk.
 
     python benchmarks/bench_data.py [--max-mb 3] [--workers 2] [--vocab 8192] [--repeat 8] [--json]
 
@@ -25,6 +28,35 @@ from tinyrecipe.data.sample import make_sample  # noqa: E402
 from tinyrecipe.data.tokenizer import TextTokenizer, train_bpe_tokenizer  # noqa: E402
 
 
+def measure_loader(path: str, window: int, args) -> dict:
+    """tokens/s of the mixed loader over `path`, and distinct chunks per batch (one source)."""
+    dm = MixedStreamingDataModule(
+        [DataSource("slim", path, weight=1.0)],
+        block_size=args.block_size,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        shuffle_window_chunks=window,
+    )
+    loader = iter(dm.train_dataloader())
+    next(loader)  # worker start-up is not throughput
+    start = time.perf_counter()
+    for _ in range(args.loader_batches):
+        next(loader)
+    seconds = time.perf_counter() - start
+    blocks = dm._train[0]  # which chunk each of the first batches' blocks came from
+    ends = blocks.chunk_start + blocks.blocks_per_chunk
+    chunk_of = lambda j: int((ends <= j).sum())  # noqa: E731
+    per_batch = [
+        len({chunk_of(blocks.locate(k)) for k in range(b * args.batch_size, (b + 1) * args.batch_size)})
+        for b in range(50)
+    ]
+    return {
+        "tokens_s": args.loader_batches * args.batch_size * args.block_size / seconds,
+        "chunks_per_batch": sum(per_batch) / len(per_batch),
+        "chunks": len(blocks.blocks_per_chunk),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-mb", type=float, default=3.0, help="sample size per source")
@@ -34,6 +66,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--loader-batches", type=int, default=300)
     parser.add_argument("--repeat", type=int, default=1, help="copies of the train files")
+    parser.add_argument(
+        "--chunk-tokens", type=int, default=2049 * 16, help="prep chunk size (many chunks)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -58,21 +93,19 @@ def main() -> None:
         raw_s = time.perf_counter() - start
 
         start = time.perf_counter()
-        train, _ = prepare_slimpajama(slim, root / "prep", root / "tok", num_workers=args.workers)
+        train, _ = prepare_slimpajama(
+            slim, root / "prep", root / "tok", num_workers=args.workers, chunk_tokens=args.chunk_tokens
+        )
         prep_s = time.perf_counter() - start  # includes pool start-up, reading, zstd, writing
 
-        dm = MixedStreamingDataModule(
-            [DataSource("slim", str(root / "prep/train"), weight=1.0)],
-            block_size=args.block_size,
-            batch_size=args.batch_size,
-            num_workers=args.workers,
-        )
-        loader = iter(dm.train_dataloader())
-        next(loader)  # worker start-up is not throughput
-        start = time.perf_counter()
-        for _ in range(args.loader_batches):
-            next(loader)
-        load_s = time.perf_counter() - start
+        loaders = {}
+        for window in (1, 128):
+            for how, path in (("local", str(root / "prep/train")), ("cached", f"local:{root}/prep/train")):
+                os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(root / f"cache-{window}")
+                loaders[f"window {window}, {how}"] = measure_loader(path, window, args)
+                loaders[f"window {window}, {how}"]["cache_mb"] = sum(
+                    f.stat().st_size for f in (root / f"cache-{window}").rglob("*") if f.is_file()
+                ) / 1e6 if how == "cached" else 0.0
 
     result = {
         "text_mb": text_mb,
@@ -82,7 +115,7 @@ def main() -> None:
         "prep_mb_s": text_mb / prep_s,
         "prep_tokens_s": train.tokens / prep_s,
         "prep_vs_raw": raw_s / prep_s,
-        "loader_tokens_s": args.loader_batches * args.batch_size * args.block_size / load_s,
+        "loaders": loaders,
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -95,10 +128,12 @@ def main() -> None:
         f"prep (zstd jsonl -> chunks)  {result['prep_mb_s']:8.2f} MB/s  {result['prep_tokens_s']:12,.0f} tokens/s"
     )
     print(f"prep / raw                   {result['prep_vs_raw']:8.2f}")
-    print(
-        f"loader (mixture stream)      {result['loader_tokens_s']:12,.0f} tokens/s "
-        f"(batch {args.batch_size} x {args.block_size + 1})"
-    )
+    for name, row in loaders.items():
+        print(
+            f"loader, {name:<20} {row['tokens_s']:12,.0f} tokens/s, {row['chunks_per_batch']:5.1f} "
+            f"chunks per batch of {args.batch_size} x {args.block_size + 1}"
+            + (f", cache {row['cache_mb']:.0f} MB" if row["cache_mb"] else "")
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -339,3 +340,30 @@ def test_generated_text_keeps_the_space_after_the_prompt(corpus):
     new = full[len(prompt_ids) :]
     assert tok.decode(new) == "write(value)"  # what printing the new tokens alone gave
     assert continuation(tok, "def", prompt_ids, new) == "def write(value)"
+
+
+def test_a_shuffle_window_mixes_chunks_and_keeps_every_draw_a_function_of_its_index(tmp_path):
+    """200 chunks of 8 blocks each: consecutive draws come from one chunk at a time without a
+    window, from many with one; each epoch still draws every block exactly once; any order of k
+    gives the same blocks (what makes resume exact for any worker count)."""
+    from tinyrecipe.data.prep import markov_documents, write_synthetic_split
+
+    docs = markov_documents(200 * 8 * 65, 512, doc_tokens=8 * 65, seed=3)
+    write_synthetic_split(tmp_path / "split", docs, 512, chunk_tokens=8 * 65)
+    distinct = {}
+    for window in (1, 3, 128):
+        blocks = TokenBlocks(str(tmp_path / "split"), 64, seed=5, window_chunks=window)
+        assert len(blocks.blocks_per_chunk) == 200 and len(blocks) == 1600
+        ends = blocks.chunk_start + blocks.blocks_per_chunk
+        for epoch in (0, 1):
+            drawn = [blocks.locate(k) for k in range(epoch * 1600, (epoch + 1) * 1600)]
+            assert sorted(drawn) == list(range(1600)), window  # each block once per epoch
+        chunks = [
+            len({int((ends <= blocks.locate(k)).sum()) for k in range(b, b + 64)})
+            for b in range(0, 1600, 64)
+        ]
+        distinct[window] = sum(chunks) / len(chunks)
+        shuffled = np.random.default_rng(0).permutation(3200)
+        fresh = TokenBlocks(str(tmp_path / "split"), 64, seed=5, window_chunks=window)
+        assert [fresh.locate(int(k)) for k in shuffled] == [blocks.locate(int(k)) for k in shuffled]
+    assert distinct[1] <= 9 and distinct[128] >= 48, distinct  # 64 draws: ~8 chunks vs ~55

@@ -41,6 +41,10 @@ class MixedStreamingDataModule(L.LightningDataModule):
     `state_dict()` is the number of micro-batches consumed; loading it resumes the exact batch
     sequence whatever `num_workers` is (see `tinyrecipe.data.mixture`).
     `vocab_size` (the model's) and `tokenizer_dir` are checked against the data's metadata.
+    `shuffle_window_chunks` (K): a source's blocks are shuffled within windows of K chunks, so a
+    batch draws from up to K chunks (adjacent documents) instead of one or two; 128 makes a
+    TinyLlama-scale batch (~717 SlimPajama and ~307 Starcoderdata blocks) draw from >= 64 chunks
+    of each source that has them (docs/data.md). 1 is the plain two-level shuffle.
     """
 
     def __init__(
@@ -54,6 +58,7 @@ class MixedStreamingDataModule(L.LightningDataModule):
         val_max_blocks: int | None = None,
         vocab_size: int | None = None,
         tokenizer_dir: str | None = None,
+        shuffle_window_chunks: int = 128,
     ) -> None:
         super().__init__()
         if not sources:
@@ -71,6 +76,7 @@ class MixedStreamingDataModule(L.LightningDataModule):
             vocab_size,
             tokenizer_dir,
         )
+        self.shuffle_window_chunks = shuffle_window_chunks
         self.batches_consumed = 0
         self._train: list[TokenBlocks] | None = None
         self._val: list[TokenBlocks] = []
@@ -92,7 +98,13 @@ class MixedStreamingDataModule(L.LightningDataModule):
         if self._train is not None:
             return
         self._train = [
-            TokenBlocks(s.train, self.block_size, seed=self.seed + n, prepare=s.prepare)
+            TokenBlocks(
+                s.train,
+                self.block_size,
+                seed=self.seed + n,
+                prepare=s.prepare,
+                window_chunks=self.shuffle_window_chunks,
+            )
             for n, s in enumerate(self.sources)
         ]
         self._val = [
@@ -196,11 +208,20 @@ class MixedStreamingDataModule(L.LightningDataModule):
             "seed": self.seed,
             "weights": [s.weight for s in self.sources],
             "world_size": self._rank_world()[1],
+            "shuffle_window_chunks": self.shuffle_window_chunks,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         mine = self.state_dict()
-        for key in ("batch_size", "block_size", "seed", "weights", "world_size"):
+        state = {"shuffle_window_chunks": 1, **state}  # written before windows: one chunk each
+        for key in (
+            "batch_size",
+            "block_size",
+            "seed",
+            "weights",
+            "world_size",
+            "shuffle_window_chunks",
+        ):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"data state in the checkpoint has {key}={state.get(key)!r} but this run has "

@@ -5,7 +5,8 @@ measured inexact here (0 of 27 batches equal, rows repeated). Here every trainin
 pure function of its global index `i`:
 
     i -> (source s, k-th draw from s)        by a seeded, periodic mixing schedule
-    k -> (epoch, position) -> block          by a seeded two-level (chunk, in-chunk) shuffle
+    k -> (epoch, position) -> block          by a seeded shuffle of windows of chunks, then of
+                                             the blocks of all chunks in a window together
 
 so the loader state is one number (batches consumed) and resume is exact for any worker count,
 across epoch boundaries of any source. Blocks are read by index from litdata
@@ -30,13 +31,25 @@ class TokenBlocks:
 
     Blocks never span litdata chunks; each chunk's tail shorter than a block is left unused
     (never padded with separators). `draw(k)` gives the k-th block of an endless shuffled
-    stream (a new order each epoch); `block(j)` the j-th block in file order.
+    stream: each epoch the chunks are put in a new random order and cut into windows of
+    `window_chunks` chunks; the blocks of a window are shuffled together, so consecutive draws
+    come from up to `window_chunks` chunks (a chunk holds adjacent documents: one chunk per
+    batch makes correlated batches). `window_chunks=1` is the plain two-level shuffle (chunk
+    order, then blocks within a chunk). `block(j)` is the j-th block in file order.
     """
 
     def __init__(
-        self, path: str, block_size: int, seed: int = 0, prepare: str | None = None
+        self,
+        path: str,
+        block_size: int,
+        seed: int = 0,
+        prepare: str | None = None,
+        window_chunks: int = 1,
     ) -> None:
+        if window_chunks < 1:
+            raise ValueError(f"data.shuffle_window_chunks={window_chunks} must be at least 1")
         self.path, self.block_size, self.seed = str(path), block_size, seed
+        self.window_chunks = window_chunks
         self._dataset = None
         check_split(self.path, prepare)
         dataset = self._open()
@@ -88,21 +101,39 @@ class TokenBlocks:
         return np.asarray(self._open()[j])
 
     def draw(self, k: int) -> np.ndarray:
-        """The k-th block of the shuffled endless stream."""
+        """The k-th block of the shuffled endless stream (a pure function of k)."""
+        return self.block(self.locate(k))
+
+    def locate(self, k: int) -> int:
+        """The stored index of the k-th drawn block."""
         epoch, position = divmod(k, self.n_blocks)
+        K = self.window_chunks
         if self._epoch_cache is None or self._epoch_cache[0] != epoch:
             order = np.random.default_rng([self.seed, epoch]).permutation(
                 len(self.blocks_per_chunk)
             )
-            self._epoch_cache = (epoch, order, np.cumsum(self.blocks_per_chunk[order]))
+            sizes = np.add.reduceat(self.blocks_per_chunk[order], np.arange(0, len(order), K))
+            self._epoch_cache = (epoch, order, np.cumsum(sizes))
         _, order, ends = self._epoch_cache
-        slot = int(np.searchsorted(ends, position, side="right"))
-        chunk = int(order[slot])
+        slot = int(np.searchsorted(ends, position, side="right"))  # the window
         within = position - (int(ends[slot - 1]) if slot else 0)
-        if self._chunk_cache is None or self._chunk_cache[:2] != (epoch, chunk):
-            rng = np.random.default_rng([self.seed, epoch, chunk])
-            self._chunk_cache = (epoch, chunk, rng.permutation(int(self.blocks_per_chunk[chunk])))
-        return self.block(int(self.chunk_start[chunk] + self._chunk_cache[2][within]))
+        if self._chunk_cache is None or self._chunk_cache[:2] != (epoch, slot):
+            chunks = order[slot * K : (slot + 1) * K]
+            # one chunk: seeded by the chunk (the two-level shuffle as it always was)
+            key = [self.seed, epoch, int(chunks[0])] if K == 1 else [self.seed, epoch, slot, K]
+            perm = np.random.default_rng(key).permutation(int(self.blocks_per_chunk[chunks].sum()))
+            self._chunk_cache = (
+                epoch,
+                slot,
+                chunks,
+                np.cumsum(self.blocks_per_chunk[chunks]),
+                perm,
+            )
+        _, _, chunks, chunk_ends, perm = self._chunk_cache
+        j = int(perm[within])  # the j-th block of the window, counted chunk after chunk
+        c = int(np.searchsorted(chunk_ends, j, side="right"))
+        offset = j - (int(chunk_ends[c - 1]) if c else 0)
+        return int(self.chunk_start[int(chunks[c])] + offset)
 
 
 def check_split(split: str, prepare: str | None = None) -> None:
@@ -110,7 +141,7 @@ def check_split(split: str, prepare: str | None = None) -> None:
     lacks a chunk file its index lists is refused here, in the main process, in one line
     (litdata would wait for the chunk as for a hung download, in every loader worker). Remote
     URIs are left to litdata."""
-    if "://" in str(split):
+    if "://" in str(split) or str(split).startswith("local:"):  # litdata reads these itself
         return
     path = Path(split)
     how = f"`{prepare}`" if prepare else "data_prep/prepare_*.py"
