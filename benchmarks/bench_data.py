@@ -47,7 +47,12 @@ def measure_loader(path: str, window: int, args) -> dict:
     ends = blocks.chunk_start + blocks.blocks_per_chunk
     chunk_of = lambda j: int((ends <= j).sum())  # noqa: E731
     per_batch = [
-        len({chunk_of(blocks.locate(k)) for k in range(b * args.batch_size, (b + 1) * args.batch_size)})
+        len(
+            {
+                chunk_of(blocks.locate(k))
+                for k in range(b * args.batch_size, (b + 1) * args.batch_size)
+            }
+        )
         for b in range(50)
     ]
     return {
@@ -94,18 +99,32 @@ def main() -> None:
 
         start = time.perf_counter()
         train, _ = prepare_slimpajama(
-            slim, root / "prep", root / "tok", num_workers=args.workers, chunk_tokens=args.chunk_tokens
+            slim,
+            root / "prep",
+            root / "tok",
+            num_workers=args.workers,
+            chunk_tokens=args.chunk_tokens,
         )
         prep_s = time.perf_counter() - start  # includes pool start-up, reading, zstd, writing
 
         loaders = {}
         for window in (1, 128):
-            for how, path in (("local", str(root / "prep/train")), ("cached", f"local:{root}/prep/train")):
+            for how, path in (
+                ("local", str(root / "prep/train")),
+                ("cached", f"local:{root}/prep/train"),
+            ):
                 os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(root / f"cache-{window}")
                 loaders[f"window {window}, {how}"] = measure_loader(path, window, args)
-                loaders[f"window {window}, {how}"]["cache_mb"] = sum(
-                    f.stat().st_size for f in (root / f"cache-{window}").rglob("*") if f.is_file()
-                ) / 1e6 if how == "cached" else 0.0
+                loaders[f"window {window}, {how}"]["cache_mb"] = (
+                    sum(
+                        f.stat().st_size
+                        for f in (root / f"cache-{window}").rglob("*")
+                        if f.is_file()
+                    )
+                    / 1e6
+                    if how == "cached"
+                    else 0.0
+                )
 
     result = {
         "text_mb": text_mb,

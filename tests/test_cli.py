@@ -4,7 +4,9 @@ from tinyrecipe.cli import smoke
 
 def test_help_lists_commands(capsys):
     assert cli.main([]) == 0
-    assert "smoke" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "smoke" in out and "eval" in out
+    assert "  test " not in out  # a LightningCLI subcommand with no test loop is not offered
 
 
 def test_unknown_command_is_an_error(capsys):

@@ -130,7 +130,7 @@ def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, tmp_path):
     killed = counted_fit(root, *flags, env={"TINYRECIPE_KILL_AT": "checkpoint.write:2"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = root / "checkpoints/last.ckpt"
-    assert last.resolve().name == "epoch=0-step=2.ckpt" and (last / ".metadata").is_file()
+    assert last.resolve().name == "step=2.ckpt" and (last / ".metadata").is_file()
     resumed = counted_fit(root, *flags, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not list((root / "checkpoints").glob(".*tmp*")), "a killed save left its directory"

@@ -186,6 +186,10 @@ def test_emit_writes_a_recipe_fit_accepts(tmp_path, capsys):
     config = resolve_config(model["preset"], model["config"])
     assert config.num_params() == pytest.approx(summary["n_params"], rel=0.02)
     tokens_per_step = summary["recipe"]["tokens_per_step"]
+    # a 6B model: the estimate is fitted to 80 GiB per GPU, in the recipe's own directory
+    assert summary["recipe"]["fits"] and summary["recipe"]["memory_per_device_gib"] <= 80
+    assert recipe["trainer"]["default_root_dir"] == "out/planned"
+    assert recipe["model"]["activation_checkpointing"] or recipe["data"]["batch_size"] < 8
     assert tokens_per_step == 2_097_152
     steps = recipe["trainer"]["max_steps"]
     assert steps * tokens_per_step >= summary["train_tokens"] > (steps - 1) * tokens_per_step
@@ -204,6 +208,19 @@ def test_emit_writes_a_recipe_fit_accepts(tmp_path, capsys):
         )
         == 2
     )
+    # nothing fits 8 GiB for a 6B model on 8 GPUs: said, not silently written
+    with pytest.warns(UserWarning, match="no micro-batch fits 8 GiB"):
+        cli_main(
+            [
+                "plan",
+                "--chinchilla-params",
+                "7e9",
+                "--emit",
+                str(tmp_path / "y.yaml"),
+                "--gpu-memory-gib",
+                "8",
+            ]
+        )
 
 
 def test_readme_plot_script_runs(tmp_path):

@@ -355,3 +355,30 @@ def test_fsdp1_is_refused_in_one_line():
     module._trainer = SimpleNamespace(strategy=FSDPStrategy())
     with pytest.raises(ValueError, match="FSDPStrategy \\(FSDP1\\) is not supported; use 'fsdp2'"):
         module.build_model()
+
+
+def test_a_new_run_into_another_runs_checkpoints_is_refused(corpus, tmp_path):
+    recipe = write_recipe(tmp_path, corpus, max_steps=2, every=2)
+    assert fit(recipe).returncode == 0
+    again = fit(recipe)  # forgot --ckpt_path last
+    assert again.returncode == 2 and "holds checkpoints of an earlier run" in again.stderr
+    assert "Traceback" not in again.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "last.ckpt",
+        "step=2.ckpt",
+    ]  # untouched: no last-v1.ckpt
+    resumed = fit(recipe, "--ckpt_path", "last", "--trainer.max_steps", "3")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (tmp_path / "checkpoints/last.ckpt").resolve().name == "step=3.ckpt"
+    assert len(list((tmp_path / "tensorboard").glob("version_*"))) == 0  # one log, continued
+
+
+def test_progress_bar_counts_optimizer_steps(corpus, tmp_path):
+    recipe = write_recipe(tmp_path, corpus, max_steps=3, every=100)
+    result = fit(
+        recipe, "--trainer.enable_progress_bar", "true", "--trainer.accumulate_grad_batches", "2"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    shown = result.stdout + result.stderr
+    assert "step: 100%" in shown and "3/3" in shown, shown[-3000:]
+    assert "Epoch 0" not in shown

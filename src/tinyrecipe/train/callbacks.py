@@ -93,7 +93,7 @@ class Checkpoints(ModelCheckpoint):
         every_n_train_steps: int = 1000,
         save_top_k: int = 2,
         save_last: bool | str = "link",
-        filename: str | None = None,
+        filename: str | None = "{step}",
         monitor: str | None = "step",
         mode: str = "max",
         enable_version_counter: bool = False,
@@ -242,11 +242,12 @@ class StepProgressBar(TQDMProgressBar):
     ends). The CLI puts it in unless a recipe brings its own bar or turns bars off."""
 
     def on_train_epoch_start(self, trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        if trainer.max_steps > 0:
-            self.train_progress_bar.reset(total=trainer.max_steps)
-            self.train_progress_bar.n = trainer.global_step  # a resumed run starts where it was
-            self.train_progress_bar.set_description("step")
+        if trainer.max_steps <= 0:
+            return super().on_train_epoch_start(trainer, *args)
+        bar = self.train_progress_bar
+        bar.set_description("step", refresh=False)
+        bar.reset(total=trainer.max_steps)
+        bar.n = trainer.global_step  # a resumed run starts where it was
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.max_steps <= 0:
