@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export LITDATA_DISABLE_VERSION_CHECK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv venv-dev quickstart quickstart-data ablation-data smoke test lint format bench gpu-check clean
+.PHONY: venv venv-dev quickstart quickstart-data ablation-data smoke test test-fast lint format bench gpu-check clean
 
 # SKIP_SETUP=1 uses $(VENV) as it is (the quickstart test runs inside an installed venv).
 venv:
@@ -60,6 +60,10 @@ smoke: venv
 
 test: venv-dev
 	$(PY) -m pytest -q
+
+# A representative subset in a few minutes (the `fast` marker; docs/install.md lists it).
+test-fast: venv-dev
+	$(PY) -m pytest -q -m fast
 
 lint: venv-dev
 	$(VENV)/bin/ruff check .

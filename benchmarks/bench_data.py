@@ -150,7 +150,8 @@ def main() -> None:
     for name, row in loaders.items():
         print(
             f"loader, {name:<20} {row['tokens_s']:12,.0f} tokens/s, {row['chunks_per_batch']:5.1f} "
-            f"chunks per batch of {args.batch_size} x {args.block_size + 1}"
+            f"chunks and {row['documents_per_batch']:5.1f} documents per batch of "
+            f"{args.batch_size} x {args.block_size + 1} (of {row['chunks']} chunks)"
             + (f", cache {row['cache_mb']:.0f} MB" if row["cache_mb"] else "")
         )
 

@@ -1,5 +1,9 @@
+import pytest
+
 from tinyrecipe import cli
 from tinyrecipe.cli import smoke
+
+pytestmark = pytest.mark.fast  # make test-fast
 
 
 def test_help_lists_commands(capsys):

@@ -3,6 +3,8 @@ import torch
 
 from tinyrecipe.model import PRESETS, Llama, ModelConfig
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 def test_tinyllama_preset_has_exactly_the_papers_parameter_count():
     config = ModelConfig.from_name("tinyllama-1.1b")

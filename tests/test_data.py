@@ -367,3 +367,35 @@ def test_a_shuffle_window_mixes_chunks_and_keeps_every_draw_a_function_of_its_in
         fresh = TokenBlocks(str(tmp_path / "split"), 64, seed=5, window_chunks=window)
         assert [fresh.locate(int(k)) for k in shuffled] == [blocks.locate(int(k)) for k in shuffled]
     assert distinct[1] <= 9 and distinct[128] >= 48, distinct  # 64 draws: ~8 chunks vs ~55
+
+
+def test_batch_diversity_counts_chunks_documents_and_languages(corpus, tmp_path):
+    """Two languages of short code files, prepared into chunks of ~32 blocks: a batch of 16 draws
+    comes from one or two chunks and mostly one language with the plain shuffle, as a TinyLlama
+    batch does from its ~1,024-block chunks; with a window, from ~16 chunks and both languages."""
+    from tinyrecipe.data.mixture import batch_diversity
+    from tinyrecipe.data.prep import prepare_starcoder
+
+    for lang, body in (
+        ("python", "def f{i}(x):\n    return x * {i} + {i}\n"),
+        ("c", "int f{i}(int x) {{ return x * {i}; }}\n"),
+    ):
+        for part in range(2):
+            docs = [body.format(i=part * 1000 + i) * 12 for i in range(60)]
+            (tmp_path / "raw" / lang).mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"content": docs}), tmp_path / "raw" / lang / f"{part}.parquet")
+    prepare_starcoder(
+        tmp_path / "raw",
+        tmp_path / "prep",
+        corpus["root"] / "tok",
+        val_permille=100,
+        chunk_tokens=65 * 32,
+        num_workers=1,
+    )
+    split = str(tmp_path / "prep/train")
+    plain = batch_diversity(TokenBlocks(split, 64, window_chunks=1), 16, n_batches=10)
+    mixed = batch_diversity(TokenBlocks(split, 64, window_chunks=128), 16, n_batches=10)
+    assert plain["chunks_in_source"] >= 20
+    assert plain["chunks"] <= 2.5 and mixed["chunks"] >= 10, (plain, mixed)
+    assert mixed["documents"] > plain["documents"] >= 4
+    assert plain["languages"] < 1.5 and mixed["languages"] == 2.0, (plain, mixed)

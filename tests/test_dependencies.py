@@ -6,7 +6,11 @@ import re
 import sys
 from importlib.metadata import packages_distributions
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.fast  # make test-fast
 
 OPTIONAL = {"flash_attn"}  # the [gpu] extra, imported lazily and fallen back from (tested)
 

@@ -9,6 +9,8 @@ from tinyrecipe.planning.flops import (
     train_flops_per_token,
 )
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 TINYLLAMA = ModelConfig.from_name("tinyllama-1.1b")
 
 

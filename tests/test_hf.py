@@ -12,6 +12,8 @@ from tinyrecipe.model.hf import (
     to_hf_state_dict,
 )
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 transformers = pytest.importorskip("transformers")
 
 CASES = {

@@ -10,6 +10,8 @@ from tinyrecipe.model import Llama, ModelConfig
 from tinyrecipe.model import loss as loss_module
 from tinyrecipe.model.loss import linear_cross_entropy
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 SMALL = ModelConfig.from_name(
     "tiny", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=101, block_size=32
 )

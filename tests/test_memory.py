@@ -14,6 +14,8 @@ from tinyrecipe.planning.memory import estimate_memory
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_train  # noqa: E402
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 @pytest.mark.parametrize("run", ["ours", "ours-chunked", "ours-ckpt"])
 def test_estimate_is_within_25_percent_of_the_measured_peak_for_tiny(run):

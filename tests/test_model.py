@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from tinyrecipe.model import Llama, ModelConfig
 from tinyrecipe.model import attention as attention_module
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 SMALL = ModelConfig.from_name(
     "tiny", n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=96, vocab_size=101, block_size=32
 )

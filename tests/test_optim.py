@@ -6,6 +6,8 @@ import torch
 from tinyrecipe.model import Llama, ModelConfig
 from tinyrecipe.train.optim import adamw_param_groups, build_adamw, warmup_cosine_lr
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 TINYLLAMA = dict(max_lr=4e-4, min_lr=4e-5, warmup_steps=2000, max_steps=1_430_512)
 
 

@@ -15,11 +15,14 @@ instead of the plain one: 9.5e-7), while real changes move the curve far more (l
 import json
 import os
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT, tinyrecipe
 from tests.test_training import scalars
 from tinyrecipe.data.prep import markov_documents, write_synthetic_split
+
+pytestmark = pytest.mark.fast  # make test-fast
 
 REFERENCE = ROOT / "tests/assets/losses/micro-60.json"
 TOLERANCE = 1e-4

@@ -16,6 +16,8 @@ from tinyrecipe.planning.scaling import (
     inference_optimal,
 )
 
+pytestmark = pytest.mark.fast  # make test-fast
+
 
 def test_papers_worked_example_chinchilla_7b_quality_with_1e11_inference_tokens():
     """Sardana & Frankle: ~6.0B parameters on ~1.18x the Chinchilla-optimal data."""

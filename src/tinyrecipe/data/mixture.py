@@ -136,6 +136,64 @@ class TokenBlocks:
         return int(self.chunk_start[int(chunks[c])] + offset)
 
 
+def batch_diversity(blocks: TokenBlocks, batch_blocks: int, n_batches: int = 20) -> dict:
+    """What `n_batches` consecutive batches of `batch_blocks` draws from one source hold, on
+    average per batch: distinct chunks, distinct documents (from the BOS/EOS boundaries in the
+    tokens) and distinct input directories (Starcoderdata's languages; from the metadata). Reads
+    only the chunks the batches touch; documents and languages are None where the data lacks
+    the metadata to tell."""
+    meta = blocks.meta
+    boundary, width = meta.get("boundary"), blocks.block_size + 1
+    chunk_end = blocks.chunk_start + blocks.blocks_per_chunk
+    index = (
+        json.loads((Path(blocks.path) / "index.json").read_text())
+        if "://" not in blocks.path
+        else {}
+    )
+    items = [c.get("chunk_size", 0) for c in index.get("chunks", [])]
+    docs_before = np.concatenate([[0], np.cumsum(items)[:-1]]) if items else None
+    per_input = meta.get("documents_per_input")
+    input_ends = np.cumsum(per_input) if per_input else None
+    starts: dict[int, np.ndarray] = {}
+
+    def document_starts(c: int) -> np.ndarray:
+        if c not in starts:
+            first = int(blocks.chunk_start[c])
+            tokens = np.concatenate([blocks.block(j) for j in range(first, int(chunk_end[c]))])
+            if boundary in ("bos", "bos_eos"):
+                starts[c] = np.flatnonzero(tokens == meta["bos_id"])
+            else:
+                starts[c] = np.r_[0, np.flatnonzero(tokens == meta["eos_id"]) + 1]
+        return starts[c]
+
+    rows = []
+    for b in range(n_batches):
+        chunks, docs, langs = set(), set(), set()
+        for k in range(b * batch_blocks, (b + 1) * batch_blocks):
+            j = blocks.locate(k)
+            c = int(np.searchsorted(chunk_end, j, side="right"))
+            chunks.add(c)
+            if boundary is None:
+                continue
+            offset = (j - int(blocks.chunk_start[c])) * width
+            doc_starts = document_starts(c)
+            first = max(0, int(np.searchsorted(doc_starts, offset, side="right")) - 1)
+            last = max(0, int(np.searchsorted(doc_starts, offset + width - 1, side="right")) - 1)
+            for d in range(first, last + 1):
+                docs.add((c, d))
+                if docs_before is not None and input_ends is not None:
+                    which = int(np.searchsorted(input_ends, docs_before[c] + d, side="right"))
+                    langs.add(meta["inputs"][min(which, len(meta["inputs"]) - 1)].split("/")[0])
+        rows.append((len(chunks), len(docs), len(langs)))
+    known = boundary is not None
+    return {
+        "chunks": sum(r[0] for r in rows) / n_batches,
+        "documents": sum(r[1] for r in rows) / n_batches if known else None,
+        "languages": sum(r[2] for r in rows) / n_batches if known and per_input else None,
+        "chunks_in_source": len(blocks.blocks_per_chunk),
+    }
+
+
 def check_split(split: str, prepare: str | None = None) -> None:
     """A local prepared split that is missing, holds no index, has an unreadable index.json or
     lacks a chunk file its index lists is refused here, in the main process, in one line

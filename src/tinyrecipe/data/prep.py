@@ -302,8 +302,10 @@ def prepare_split(
         pool = None
         _init_worker(str(tokenizer_dir))
         results = map(_tokenize_file, jobs)
+    per_input: list[int] = []
     try:
         for docs, skipped, nbytes in results:
+            per_input.append(len(docs))
             for doc in docs:
                 writer[summary.documents] = doc
                 failpoint("prep.document")
@@ -335,7 +337,8 @@ def prepare_split(
         documents=summary.documents,
         tokens=summary.tokens,
         skipped=dict(summary.skipped),
-        inputs=[f.name for f in files],
+        inputs=[f"{f.parent.name}/{f.name}" for f in files],  # <language>/<file> for Starcoderdata
+        documents_per_input=per_input,
     )
     index_path.write_text(json.dumps(index, indent=1))
     failpoint("prep.rename")

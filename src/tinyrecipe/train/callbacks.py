@@ -225,14 +225,17 @@ class DownstreamEval(Callback):
             autocast=trainer.precision_plugin.forward_context,
             distributed=trainer.world_size > 1,
         )
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
         self._last_step = trainer.global_step
         if metrics is None:  # not rank 0
             return None
         if trainer.logger is not None:
             trainer.logger.log_metrics(metrics, step=trainer.global_step)
         shown = ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items())
-        rank_zero_info(f"tinyrecipe: downstream eval at step {trainer.global_step}: {shown}")
+        rank_zero_info(
+            f"tinyrecipe: downstream eval at step {trainer.global_step} ({seconds:.0f} s): {shown}"
+        )
         return metrics
 
 
