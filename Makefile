@@ -22,7 +22,7 @@ venv-dev:
 Q := data/quickstart
 QS_OUT := out/quickstart
 SAMPLE_ARGS ?=
-VOCAB ?= 8192
+VOCAB ?= 4096
 FIT_ARGS ?=
 VAL_PERMILLE ?= 50
 

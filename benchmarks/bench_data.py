@@ -23,6 +23,7 @@ os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tinyrecipe.data import DataSource, MixedStreamingDataModule  # noqa: E402
+from tinyrecipe.data.mixture import batch_diversity  # noqa: E402
 from tinyrecipe.data.prep import iter_texts, prepare_slimpajama  # noqa: E402
 from tinyrecipe.data.sample import make_sample  # noqa: E402
 from tinyrecipe.data.tokenizer import TextTokenizer, train_bpe_tokenizer  # noqa: E402
@@ -43,22 +44,16 @@ def measure_loader(path: str, window: int, args) -> dict:
     for _ in range(args.loader_batches):
         next(loader)
     seconds = time.perf_counter() - start
-    blocks = dm._train[0]  # which chunk each of the first batches' blocks came from
-    ends = blocks.chunk_start + blocks.blocks_per_chunk
-    chunk_of = lambda j: int((ends <= j).sum())  # noqa: E731
-    per_batch = [
-        len(
-            {
-                chunk_of(blocks.locate(k))
-                for k in range(b * args.batch_size, (b + 1) * args.batch_size)
-            }
-        )
-        for b in range(50)
-    ]
+    diversity = batch_diversity(dm._train[0], args.batch_size, n_batches=20)
+    cache = dm._train[0].cache_dir  # remote-style: the chunk files the workers hold
+    files = [f for f in Path(cache).rglob("tinyrecipe-*/*.bin")] if cache else []
     return {
+        "cache_mb": sum(f.stat().st_size for f in files) / 1e6,
+        "cache_chunks": len(files),
         "tokens_s": args.loader_batches * args.batch_size * args.block_size / seconds,
-        "chunks_per_batch": sum(per_batch) / len(per_batch),
-        "chunks": len(blocks.blocks_per_chunk),
+        "chunks_per_batch": diversity["chunks"],
+        "documents_per_batch": diversity["documents"],
+        "chunks": diversity["chunks_in_source"],
     }
 
 
@@ -113,18 +108,7 @@ def main() -> None:
                 ("local", str(root / "prep/train")),
                 ("cached", f"local:{root}/prep/train"),
             ):
-                os.environ["DATA_OPTIMIZER_CACHE_FOLDER"] = str(root / f"cache-{window}")
                 loaders[f"window {window}, {how}"] = measure_loader(path, window, args)
-                loaders[f"window {window}, {how}"]["cache_mb"] = (
-                    sum(
-                        f.stat().st_size
-                        for f in (root / f"cache-{window}").rglob("*")
-                        if f.is_file()
-                    )
-                    / 1e6
-                    if how == "cached"
-                    else 0.0
-                )
 
     result = {
         "text_mb": text_mb,
@@ -152,7 +136,11 @@ def main() -> None:
             f"loader, {name:<20} {row['tokens_s']:12,.0f} tokens/s, {row['chunks_per_batch']:5.1f} "
             f"chunks and {row['documents_per_batch']:5.1f} documents per batch of "
             f"{args.batch_size} x {args.block_size + 1} (of {row['chunks']} chunks)"
-            + (f", cache {row['cache_mb']:.0f} MB" if row["cache_mb"] else "")
+            + (
+                f", cache {row['cache_chunks']} chunks = {row['cache_mb']:.1f} MB"
+                if row["cache_chunks"]
+                else ""
+            )
         )
 
 

@@ -16,6 +16,8 @@ across epoch boundaries of any source. Blocks are read by index from litdata
 from __future__ import annotations
 
 import json
+import os
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -51,20 +53,29 @@ class TokenBlocks:
         self.path, self.block_size, self.seed = str(path), block_size, seed
         self.window_chunks = window_chunks
         self._dataset = None
+        self._chunks: OrderedDict[int, np.memmap] = OrderedDict()
+        self._downloader = None
         check_split(self.path, prepare)
-        dataset = self._open()
-        index_file = Path(dataset.input_dir.path or self.path) / "index.json"
-        index = json.loads(index_file.read_text())
+        self.local = not is_remote(self.path)
+        if self.local:
+            self.cache_dir = None
+            index = json.loads((Path(self.path) / "index.json").read_text())
+        else:  # litdata fetches the index into its cache (on the first len())
+            dataset = self._open()
+            litdata_blocks = len(dataset)
+            self.cache_dir = dataset.input_dir.path
+            index = json.loads((Path(self.cache_dir) / "index.json").read_text())
         self.meta: dict = index.get(META_KEY, {})
+        self._index_chunks = index["chunks"]
         width = block_size + 1
         self.blocks_per_chunk = np.array(
             [c["dim"] // width for c in index["chunks"]], dtype=np.int64
         )
         self.chunk_start = np.concatenate([[0], np.cumsum(self.blocks_per_chunk)[:-1]])
         self.n_blocks = int(self.blocks_per_chunk.sum())
-        if self.n_blocks != len(dataset):  # our index arithmetic must be litdata's
+        if not self.local and self.n_blocks != litdata_blocks:  # our arithmetic must be litdata's
             raise RuntimeError(
-                f"{path}: {self.n_blocks} blocks by index.json, litdata says {len(dataset)}"
+                f"{path}: {self.n_blocks} blocks by index.json, litdata says {litdata_blocks}"
             )
         if self.n_blocks == 0:
             raise ValueError(
@@ -91,14 +102,61 @@ class TokenBlocks:
         return self._dataset
 
     def __getstate__(self) -> dict:
-        return dict(self.__dict__, _dataset=None, _epoch_cache=None, _chunk_cache=None)
+        return dict(
+            self.__dict__,
+            _dataset=None,
+            _chunks=OrderedDict(),
+            _downloader=None,
+            _epoch_cache=None,
+            _chunk_cache=None,
+        )
+
+    def _chunk(self, c: int) -> np.memmap:
+        """Chunk c's tokens, memory-mapped. A litdata token chunk is a uint32 header (the item
+        count, then count + 1 offsets) followed by the tokens (litdata's writer.py). Reading it
+        here instead of through litdata's reader keeps random access across many chunks (the
+        shuffle window) off litdata's prefetch thread, which lost track of its open chunks
+        (KeyError in TokensLoader.close, litdata 0.2.76). Remote chunks are fetched by litdata's
+        own downloader into a directory of this process's inside litdata's cache (loader
+        workers never delete each other's files); at most 2 x window_chunks (>= 8) of them stay
+        there, the least recently used are deleted."""
+        if c in self._chunks:
+            self._chunks.move_to_end(c)
+            return self._chunks[c]
+        info = self._index_chunks[c]
+        if self.local:
+            path = Path(self.path) / info["filename"]
+        else:
+            mine = Path(self.cache_dir) / f"tinyrecipe-{os.getpid()}"
+            path = mine / info["filename"]
+            if not path.is_file():
+                if self._downloader is None:
+                    from litdata.streaming.downloader import get_downloader
+
+                    mine.mkdir(parents=True, exist_ok=True)
+                    self._downloader = get_downloader(self.path, str(mine), self._index_chunks)
+                self._downloader.download_chunk_from_index(c)
+        self._chunks[c] = np.memmap(
+            path,
+            dtype=np.dtype(self.meta.get("dtype", "uint16")),
+            mode="r",
+            offset=(2 + info["chunk_size"]) * 4,
+        )
+        keep = max(8, 2 * self.window_chunks)
+        while not self.local and len(self._chunks) > keep:
+            old, _ = self._chunks.popitem(last=False)
+            (path.parent / self._index_chunks[old]["filename"]).unlink(missing_ok=True)
+        return self._chunks[c]
 
     def __len__(self) -> int:
         return self.n_blocks
 
     def block(self, j: int) -> np.ndarray:
         """The j-th block in stored order (validation reads these)."""
-        return np.asarray(self._open()[j])
+        c = int(np.searchsorted(self.chunk_start, j, side="right")) - 1
+        width = self.block_size + 1
+        offset = (j - int(self.chunk_start[c])) * width
+        return np.array(self._chunk(c)[offset : offset + width])
 
     def draw(self, k: int) -> np.ndarray:
         """The k-th block of the shuffled endless stream (a pure function of k)."""
@@ -145,12 +203,7 @@ def batch_diversity(blocks: TokenBlocks, batch_blocks: int, n_batches: int = 20)
     meta = blocks.meta
     boundary, width = meta.get("boundary"), blocks.block_size + 1
     chunk_end = blocks.chunk_start + blocks.blocks_per_chunk
-    index = (
-        json.loads((Path(blocks.path) / "index.json").read_text())
-        if "://" not in blocks.path
-        else {}
-    )
-    items = [c.get("chunk_size", 0) for c in index.get("chunks", [])]
+    items = [c.get("chunk_size", 0) for c in blocks._index_chunks]  # documents per chunk
     docs_before = np.concatenate([[0], np.cumsum(items)[:-1]]) if items else None
     per_input = meta.get("documents_per_input")
     input_ends = np.cumsum(per_input) if per_input else None
@@ -194,12 +247,17 @@ def batch_diversity(blocks: TokenBlocks, batch_blocks: int, n_batches: int = 20)
     }
 
 
+def is_remote(split: str) -> bool:
+    """A path litdata fetches itself (s3://, gs://, ..., or `local:` through its cache)."""
+    return "://" in str(split) or str(split).startswith("local:")
+
+
 def check_split(split: str, prepare: str | None = None) -> None:
     """A local prepared split that is missing, holds no index, has an unreadable index.json or
     lacks a chunk file its index lists is refused here, in the main process, in one line
     (litdata would wait for the chunk as for a hung download, in every loader worker). Remote
     URIs are left to litdata."""
-    if "://" in str(split) or str(split).startswith("local:"):  # litdata reads these itself
+    if is_remote(split):  # litdata reads these itself
         return
     path = Path(split)
     how = f"`{prepare}`" if prepare else "data_prep/prepare_*.py"
