@@ -192,6 +192,8 @@ def run_recipe(
         "2",
         "--data.val_max_blocks",
         "8",
+        "--downstream_eval.tasks",  # the recipe's commonsense tasks need their datasets
+        "null",
     ]
     if s["accelerator"] == "cpu":
         args += [

@@ -262,6 +262,9 @@ def test_two_process_strategies_match_one_process(corpus, tmp_path, strategy):
     assert len(one["train/loss"]) == len(two["train/loss"]) == 4
     for (s1, l1), (s2, l2) in zip(one["train/loss"], two["train/loss"], strict=True):
         assert s1 == s2 and l1 == pytest.approx(l2, abs=1e-4)
+    # the gradient norm from local shards and one all-reduce equals the whole gradient's
+    for (_, g1), (_, g2) in zip(one["train/grad_norm"], two["train/grad_norm"], strict=True):
+        assert g2 == pytest.approx(g1, rel=1e-6)
     # validation split over 2 ranks gives the 1-rank figures
     assert [v for _, v in two["val/loss"]] == pytest.approx(
         [v for _, v in one["val/loss"]], abs=1e-4

@@ -208,11 +208,23 @@ def parse_recipe(argv: list[str]) -> tuple[dict, str | None]:
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)), resume
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (a notebook or a test may replace it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _show_tinyrecipe_info() -> None:
     """Print tinyrecipe's INFO lines (which attention kernel runs, ...): never a silent slow path."""
     log = logging.getLogger("tinyrecipe")
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
