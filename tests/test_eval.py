@@ -184,3 +184,19 @@ def test_eval_in_training_equals_eval_of_the_checkpoint(corpus, eval_task, tmp_p
     scores = json.loads(out.read_text())["results"]["stdlib_mc"]
     assert logged["eval/stdlib_mc/acc"][-1][1] == pytest.approx(scores["acc"])
     assert logged["eval/stdlib_mc/acc_norm"][-1][1] == pytest.approx(scores["acc_norm"])
+
+
+def test_the_fabric_loop_evaluates_from_the_same_recipe_key(corpus, eval_task, tmp_path):
+    recipe = write_recipe(tmp_path, corpus, max_steps=2, every=100)
+    result = subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", "fabric", "--config", str(recipe)]
+        + ["--downstream_eval.tasks", "stdlib_mc", "--downstream_eval.every_n_steps", "2"]
+        + ["--downstream_eval.limit", str(LIMIT), "--downstream_eval.include_path", str(eval_task)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = scalars(tmp_path / "fabric")
+    assert [s for s, _ in logged["eval/stdlib_mc/acc"]] == [2]

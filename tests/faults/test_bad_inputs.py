@@ -316,3 +316,20 @@ def test_untrusted_files_are_never_unpickled_or_executed():
             assert "weights_only=True" in call, (path.name, call)
         assert not re.search(r"(?<![.\w])(eval|exec)\(|import pickle|pickle\.load", text), path.name
     assert Path(ROOT / "src/tinyrecipe/train/checkpoint.py").is_file()
+
+
+def test_an_ablations_missing_data_says_how_to_make_it(tmp_path):
+    """recipes/ablations/bos-only.yaml reads data the quickstart does not prepare."""
+    if (ROOT / "data/quickstart/prepared-bos").exists():
+        pytest.skip("this checkout has run `make ablation-data`")
+    result = tinyrecipe(
+        "fit",
+        "--config",
+        ROOT / "recipes/ablations/base.yaml",
+        "--config",
+        ROOT / "recipes/ablations/bos-only.yaml",
+        "--trainer.default_root_dir",
+        tmp_path / "run",
+    )
+    one_line_error(result, "prepared-bos", "make ablation-data")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

@@ -372,6 +372,11 @@ def downstream_metrics(
     `DownstreamEval` and the Fabric loop log during training."""
     from tinyrecipe.data.tokenizer import load_tokenizer
 
+    if tokenizer_dir is None:
+        raise ValueError(
+            "downstream_eval needs a tokenizer: set downstream_eval.tokenizer_dir or "
+            "data.tokenizer_dir"
+        )
     lm = TinyRecipeLM(
         model,
         load_tokenizer(tokenizer_dir),

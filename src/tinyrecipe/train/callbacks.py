@@ -207,11 +207,6 @@ class DownstreamEval(Callback):
         from tinyrecipe.interop.evaluate import downstream_metrics
 
         tokenizer_dir = self.tokenizer_dir or getattr(trainer.datamodule, "tokenizer_dir", None)
-        if tokenizer_dir is None:
-            raise ValueError(
-                "downstream_eval needs a tokenizer: set downstream_eval.tokenizer_dir or "
-                "data.tokenizer_dir"
-            )
         start = time.perf_counter()
         metrics = downstream_metrics(
             pl_module.model,

@@ -189,7 +189,9 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         fabric.log_dict(evaluate(fabric, model, val_loaders, sources), step=0)
     downstream = dict(recipe.get("downstream_eval") or {})
     if downstream.get("tasks"):
-        downstream.setdefault("tokenizer_dir", getattr(data, "tokenizer_dir", None))
+        downstream["tokenizer_dir"] = downstream.get("tokenizer_dir") or getattr(
+            data, "tokenizer_dir", None
+        )
         if downstream.pop("at_start", False) and step == 0:
             _downstream(fabric, module, downstream, 0)
 
