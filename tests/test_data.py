@@ -342,6 +342,7 @@ def test_generated_text_keeps_the_space_after_the_prompt(corpus):
     assert continuation(tok, "def", prompt_ids, new) == "def write(value)"
 
 
+@pytest.mark.fast
 def test_a_shuffle_window_mixes_chunks_and_keeps_every_draw_a_function_of_its_index(tmp_path):
     """200 chunks of 8 blocks each: consecutive draws come from one chunk at a time without a
     window, from many with one; each epoch still draws every block exactly once; any order of k

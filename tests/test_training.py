@@ -43,6 +43,7 @@ def print_config(*configs: Path, extra: tuple = ()) -> dict:
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+@pytest.mark.fast
 def test_every_recipe_parses(recipe):
     config = print_config(recipe)
     assert config["model"]["preset"]
@@ -102,6 +103,7 @@ def test_tinyllama_recipe_is_the_papers():
         ("memory", ("--trainer.devicez", "5"), "unrecognized arguments: --trainer.devicez"),
     ],
 )
+@pytest.mark.fast
 def test_bad_options_fail_in_one_line(command, extra, message):
     err = io.StringIO()
     with redirect_stderr(err), redirect_stdout(io.StringIO()):
