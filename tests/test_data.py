@@ -278,9 +278,136 @@ def test_resume_is_exact_across_an_epoch_boundary(corpus, workers):
 
 def test_resume_refuses_other_data_settings(corpus):
     state = datamodule(corpus).state_dict()
-    other = datamodule(corpus, batch_size=8)
-    with pytest.raises(ValueError, match="batch_size=4 but this run has 8"):
-        other.load_state_dict(state)
+    for changed, message in (
+        (dict(batch_size=8), "global batch of 4 sequences, this run has 8; keep it"),
+        (dict(seed=5), "seed=42 but this run has 5"),
+        (dict(block_size=32), "block_size=64 but this run has 32"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            datamodule(corpus, **changed).load_state_dict(state)
+
+
+def global_sequence(dm, rank_world_accumulate, steps):
+    """The rows each optimizer step trains on, in global sample order: micro-batch a of rank r
+    holds samples ((step x A + a) x W + r) x B ...; read back from every rank's loader."""
+    _, world, accumulate = rank_world_accumulate
+    loaders = []
+    for rank in range(world):
+        dm.set_rank_world(rank, world, accumulate)
+        loaders.append(iter(dm.train_dataloader()))
+    rows = []
+    for _ in range(steps):
+        for _ in range(accumulate):
+            for loader in loaders:
+                rows.extend(next(loader)["input_ids"])
+    dm.batches_consumed = dm.batches_consumed // world  # each rank's loader counted its own
+    dm.set_rank_world(0, world, accumulate)
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [((2, 2, 2), (4, 1, 2)), ((4, 1, 2), (2, 2, 2)), ((1, 2, 4), (8, 1, 1))],
+    ids=["2-ranks-to-1", "1-rank-to-2", "micro-batch-and-accumulation"],
+)
+def test_elastic_resume_continues_the_global_sample_sequence(corpus, before, after):
+    """(micro-batch, ranks, accumulation) changes at a checkpoint with the global batch (8) kept:
+    the samples after it are the ones an unchanged run would have drawn, none repeated or
+    skipped (compared by sample through the stream's own index -> block function)."""
+    opts = dict(block_size=64, validation=False)
+    first = datamodule(corpus, batch_size=before[0], **opts)
+    head = global_sequence(first, (0, before[1], before[2]), 3)
+    state = first.state_dict()
+    assert state["samples_consumed"] == 24 and state["global_batch"] == 8
+    resumed = datamodule(corpus, batch_size=after[0], **opts)
+    resumed.set_rank_world(0, after[1], after[2])
+    resumed.load_state_dict(state)
+    tail = global_sequence(resumed, (0, after[1], after[2]), 2)
+    stream = resumed.train_dataloader().dataset
+    for i, row in enumerate(head + tail):
+        assert torch.equal(row, stream.sample(i)[1][:-1]), i
+
+
+def test_another_global_batch_only_when_allowed_and_then_exact(corpus):
+    opts = dict(block_size=64, validation=False)
+    first = datamodule(corpus, batch_size=4, **opts)
+    take(first.train_dataloader(), 6)  # 24 samples
+    state = first.state_dict()
+    with pytest.raises(ValueError, match="data.allow_global_batch_change: true"):
+        datamodule(corpus, batch_size=8, **opts).load_state_dict(state)
+    bigger = datamodule(corpus, batch_size=8, allow_global_batch_change=True, **opts)
+    bigger.load_state_dict(state)
+    assert bigger.batches_consumed == 3  # sample 24 onwards
+    stream = bigger.train_dataloader().dataset
+    batch = take(bigger.train_dataloader(), 1)[0]["input_ids"]
+    assert all(torch.equal(batch[j], stream.sample(24 + j)[1][:-1]) for j in range(8))
+    odd = datamodule(corpus, batch_size=16, allow_global_batch_change=True, **opts)
+    with pytest.raises(ValueError, match="not a multiple of this run's 16 per micro-batch"):
+        odd.load_state_dict(state)
+
+
+@pytest.mark.fast
+def test_staged_mixture_follows_its_schedule_in_every_window():
+    """Source 2 enters at sample 20,000 with a ramp over 30,000 samples, source 0 leaves at
+    80,000: in every window of 1,024 samples (the mixing period, counted from the start of each
+    constant or ramping stretch) each source's share is within 1% of the schedule's mean weight
+    over the window, and every source's draws are counted 0, 1, 2, ..."""
+    phases = [
+        (0, [0.7, 0.3, 0.0], 0),
+        (20_000, [0.5, 0.2, 0.3], 30_000),
+        (80_000, [0.0, 0.4, 0.6], 0),
+    ]
+    schedule = MixtureSchedule(seed=11, period=1024, phases=phases)
+    n, window = 100_000, 1024
+    draws = [schedule.locate(i) for i in range(n)]
+    for s in range(3):
+        ks = [k for src, k in draws if src == s]
+        assert ks == list(range(len(ks)))
+    sources = np.array([src for src, _ in draws])
+    worst, starts = 0.0, [0, 20_000, 50_000, 80_000, n]
+    # the windows: the mixing periods, counted from where each constant or ramping stretch starts
+    windows = [
+        a
+        for lo, hi in zip(starts, starts[1:], strict=False)
+        for a in range(lo, hi - window + 1, window)
+    ]
+    for a in windows:
+        want = np.mean([schedule.weights_at(i) for i in range(a, a + window, 16)], axis=0)
+        got = np.bincount(sources[a : a + window], minlength=3) / window
+        worst = max(worst, np.abs(got - want).max())
+    assert worst < 0.01, worst
+    assert (sources[:20_000] != 2).all() and (sources[80_000:] != 0).all()
+    # a stage added later leaves every sample before it as it was
+    shorter = MixtureSchedule(seed=11, period=1024, phases=phases[:2])
+    assert [shorter.locate(i) for i in range(0, 80_000, 37)] == draws[:80_000:37]
+    single = MixtureSchedule([0.7, 0.3, 0.0], seed=11, period=1024)
+    assert [single.locate(i) for i in range(0, 20_000, 37)] == draws[:20_000:37]
+
+
+def test_stages_in_the_datamodule_and_their_one_line_errors(corpus):
+    stage = {"start_tokens": 64 * 100, "weights": {"starcoderdata": 1.0}, "ramp_tokens": 64 * 50}
+    dm = datamodule(corpus, stages=[stage], mixing_period=16)
+    assert dm.phases() == [(0, [0.7, 0.3], 0), (100, [0.0, 1.0], 50)]
+    assert dm.schedule.locate(200)[0] == 1 and dm.val_sources()[0] == ("slimpajama", 0.7)
+    by_step = datamodule(corpus, stages=[{"start_step": 25, "weights": {"slimpajama": 1}}])
+    assert by_step.phases()[1][0] == 100  # 25 steps of 4 sequences
+    state = dm.state_dict()
+    state["samples_consumed"] = 120
+    moved = datamodule(corpus, stages=[{**stage, "start_tokens": 64 * 110}], mixing_period=16)
+    with pytest.raises(ValueError, match="only stages that start later may be added or changed"):
+        moved.load_state_dict(state)
+    later = datamodule(
+        corpus,
+        stages=[stage, {"start_tokens": 64 * 500, "weights": {"slimpajama": 1}}],
+        mixing_period=16,
+    )
+    later.load_state_dict(state)  # a stage after the position may be added
+    for bad, message in (
+        ({"weights": {"proofpile": 1.0}, "start_step": 5}, r"names \['proofpile'\], not a source"),
+        ({"weights": {"slimpajama": 1.0}}, "exactly one of start_tokens or start_step"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            datamodule(corpus, stages=[bad])
 
 
 def test_vocab_and_tokenizer_mismatch_are_refused(corpus, tmp_path):

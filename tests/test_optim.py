@@ -49,3 +49,51 @@ def test_param_groups():
     assert build_adamw(model, lr=1e-3, kernel="for-loop").defaults["foreach"] is False
     with pytest.raises(ValueError, match="model.optimizer_kernel"):
         build_adamw(model, lr=1e-3, kernel="apex")
+
+
+# max_lr 1.0, min_lr 0.1, warmup 2, max_steps 10, a decay of 4 steps (from step 6 unless moved),
+# worked out by hand: progress p = (step - start) / 4, lr = 0.1 + 0.9 x (what is left)
+#   linear 1 - p | cosine (1 + cos(pi p)) / 2 | 1-sqrt 1 - sqrt(p)
+HAND = {
+    "linear": [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.775, 0.55, 0.325, 0.1, 0.1],
+    "cosine": [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.868198, 0.55, 0.231802, 0.1, 0.1],
+    "1-sqrt": [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.55, 0.363604, 0.220577, 0.1, 0.1],
+}
+
+
+@pytest.mark.parametrize("shape", sorted(HAND))
+def test_wsd_schedule_equals_the_hand_computed_table(shape):
+    from tinyrecipe.train.optim import build_schedule
+
+    by_steps = build_schedule("wsd", 1.0, 0.1, 2, 10, decay_steps=4, decay_shape=shape)
+    by_fraction = build_schedule("wsd", 1.0, 0.1, 2, 10, decay_fraction=0.4, decay_shape=shape)
+    for step, want in enumerate(HAND[shape]):
+        assert by_steps.lr(step) == pytest.approx(want, abs=1e-6), step
+        assert by_fraction.lr(step) == by_steps.lr(step)
+    # a cooldown branch from step 3: stable until 3, the same decay shifted, then min_lr
+    branch = build_schedule("wsd", 1.0, 0.1, 2, 10, decay_steps=4, decay_shape=shape, decay_from=3)
+    shifted = HAND[shape][:3] + HAND[shape][6:] + [0.1] * 3
+    assert [round(branch.lr(s), 6) for s in range(12)] == pytest.approx(shifted, abs=1e-6)
+
+
+def test_cosine_and_constant_schedules_and_their_one_line_errors():
+    from tinyrecipe.train.optim import build_schedule
+
+    cosine = build_schedule("cosine", 1.0, 0.1, 2, 10)
+    assert [cosine.lr(s) for s in range(12)] == [
+        warmup_cosine_lr(s, 1.0, 0.1, 2, 10) for s in range(12)
+    ]
+    assert cosine.lr(6) == pytest.approx(0.55)  # half way through the 8-step decay
+    constant = build_schedule("constant", 1.0, 0.1, 2, None)
+    assert [constant.lr(s) for s in (0, 1, 5, 10**7)] == [0.5, 1.0, 1.0, 1.0]
+    for kwargs, message in (
+        (dict(kind="wsd"), "exactly one of model.decay_steps"),
+        (dict(kind="wsd", decay_steps=4, decay_fraction=0.2), "exactly one of model.decay_steps"),
+        (dict(kind="wsd", decay_steps=4, decay_from=8), "must end by trainer.max_steps 10"),
+        (dict(kind="wsd", decay_steps=4, decay_shape="exp"), "model.decay_shape 'exp'"),
+        (dict(kind="cosine", decay_steps=4), "belong to model.schedule: wsd"),
+        (dict(kind="step"), "model.schedule 'step' is unknown"),
+    ):
+        kind = kwargs.pop("kind")
+        with pytest.raises(ValueError, match=message):
+            build_schedule(kind, 1.0, 0.1, 2, 10, **kwargs)

@@ -91,6 +91,31 @@ def test_tinyllama_recipe_is_the_papers():
     assert sum(p.numel() for p in decoder.parameters()) == 1_100_048_384
 
 
+@pytest.mark.fast
+def test_tinyllama_v11_stages_stack_into_the_cards_schedule():
+    """stage1 + stage2 + stage3 parse as one recipe: 1.5T tokens of SlimPajama, Starcoder and
+    Proof-Pile-2 entering at the end of stage 1 (a step boundary), ramping over 6B tokens,
+    75/15/10 to 1.85T, then the 4x batch and the WSD decay ending at 2T tokens."""
+    v11 = ROOT / "recipes/tinyllama-v1.1"
+    files = [v11 / "stage1-basic.yaml", v11 / "stage2-math-code.yaml", v11 / "stage3-cooldown.yaml"]
+    one, two, three = (print_config(*files[:n]) for n in (1, 2, 3))
+    tokens = 896 * 2048
+    assert one["model"]["schedule"] == "constant" and one["trainer"]["max_steps"] * tokens >= 1.5e12
+    (stage,) = two["data"]["stages"]
+    assert stage["start_tokens"] == one["trainer"]["max_steps"] * tokens  # where stage 1 ends
+    assert stage["ramp_tokens"] == 6e9 and sum(stage["weights"].values()) == pytest.approx(1.0)
+    assert stage["weights"]["slimpajama"] == 0.75
+    assert two["trainer"]["max_steps"] * tokens == pytest.approx(1.85e12, rel=1e-6)
+    model, trainer = three["model"], three["trainer"]
+    assert three["global_batch_size"] == 4 * 896 and three["data"]["allow_global_batch_change"]
+    assert model["schedule"] == "wsd" and model["decay_from"] == two["trainer"]["max_steps"]
+    assert trainer["max_steps"] == model["decay_from"] + model["decay_steps"]
+    end = two["trainer"]["max_steps"] * tokens + model["decay_steps"] * 4 * tokens
+    assert end == pytest.approx(2e12, rel=1e-6)
+    mini = [ROOT / f"recipes/tinyllama-v1.1/miniature/stage{n}.yaml" for n in (1, 2, 3)]
+    assert print_config(*mini)["data"]["stages"][0]["start_tokens"] == 14 * 8 * 64
+
+
 @pytest.mark.parametrize(
     ("command", "extra", "message"),
     [

@@ -52,8 +52,20 @@ def skipped(result, reason: str, n: int) -> None:
     assert f"{reason} {n}" in result.stdout, result.stdout
 
 
-def cli_fit(recipe, *extra: str) -> subprocess.CompletedProcess:
-    return tinyrecipe("fit", "--config", recipe, *extra)
+def cli_fit(recipe, *extra: str):
+    """`tinyrecipe fit` in this process (these runs stop before training; a subprocess would
+    spend seconds importing Lightning again): its exit code and what it wrote."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+    from types import SimpleNamespace
+
+    from tinyrecipe.cli import main as cli_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        code = cli_main(["fit", "--config", str(recipe), *map(str, extra)])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 # ---- one function per README row --------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
@@ -33,6 +33,20 @@ class DataSource:
     prepare: str | None = None
 
 
+@dataclass
+class Stage:
+    """A change of the mixture during training: from `start_tokens` (training tokens seen) or
+    `start_step` (optimizer steps) on, the sources draw with `weights` (by name; a source not
+    named draws nothing), reached linearly over the first `ramp_tokens` from the previous
+    weights. `sources` adds corpora (new names, new directories) that enter here."""
+
+    weights: dict[str, float]
+    start_tokens: float | None = None
+    start_step: int | None = None
+    ramp_tokens: float = 0
+    sources: list[DataSource] = field(default_factory=list)
+
+
 class MixedStreamingDataModule(L.LightningDataModule):
     """Training batches from `sources` mixed by weight; one validation loader per source.
 
@@ -45,6 +59,12 @@ class MixedStreamingDataModule(L.LightningDataModule):
     batch draws from up to K chunks (adjacent documents) instead of one or two; 128 makes a
     TinyLlama-scale batch (~717 SlimPajama and ~307 Starcoderdata blocks) draw from >= 64 chunks
     of each source that has them (docs/data.md). 1 is the plain two-level shuffle.
+    `stages` change the weights during training (`Stage`); `mixing_period` is the number of
+    samples over which each source's share is exact (a ramp moves in steps of it).
+
+    The data position is the number of global samples consumed, so a run resumes on another
+    number of processes, micro-batch size or accumulation (same global batch) with the same
+    sample sequence; another global batch is refused unless `allow_global_batch_change`.
     """
 
     def __init__(
@@ -59,11 +79,39 @@ class MixedStreamingDataModule(L.LightningDataModule):
         vocab_size: int | None = None,
         tokenizer_dir: str | None = None,
         shuffle_window_chunks: int = 128,
+        stages: list[Stage] | None = None,
+        mixing_period: int = 1024,
+        allow_global_batch_change: bool = False,
     ) -> None:
         super().__init__()
         if not sources:
             raise ValueError("data.sources is empty; list at least one prepared source")
+        self.stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages or []]
+        for stage in self.stages:
+            stage.sources = [
+                s if isinstance(s, DataSource) else DataSource(**s) for s in stage.sources
+            ]
         self.sources = [s if isinstance(s, DataSource) else DataSource(**s) for s in sources]
+        self.sources += [s for stage in self.stages for s in stage.sources]
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data source names {names} repeat; give each source its own name")
+        for n, stage in enumerate(self.stages):
+            unknown = set(stage.weights) - set(names)
+            if unknown:
+                raise ValueError(
+                    f"data.stages[{n}].weights names {sorted(unknown)}, not a source; sources: "
+                    f"{names} (a new one goes in the stage's sources)"
+                )
+            if (stage.start_tokens is None) == (stage.start_step is None):
+                raise ValueError(
+                    f"data.stages[{n}] needs exactly one of start_tokens or start_step"
+                )
+        self.mixing_period, self.allow_global_batch_change = (
+            mixing_period,
+            allow_global_batch_change,
+        )
+        self._schedule: MixtureSchedule | None = None
         self.block_size, self.batch_size, self.num_workers, self.seed = (
             block_size,
             batch_size,
@@ -84,8 +132,15 @@ class MixedStreamingDataModule(L.LightningDataModule):
     # -- setup ---------------------------------------------------------------------------------
 
     def val_sources(self) -> list[tuple[str, float]]:
-        """(name, weight) of each validation loader, for the module's val/loss/<name> logs."""
-        return [(s.name, s.weight) for s in self.sources if s.validation]
+        """(name, weight) of each validation loader, for the module's val/loss/<name> logs; the
+        mixed val/loss is weighted by the first stage's weights (one yardstick for a run)."""
+        first = self._first_weights()
+        return [(s.name, w) for s, w in zip(self.sources, first, strict=True) if s.validation]
+
+    def _first_weights(self) -> list[float]:
+        """The weights at sample 0: the top-level sources' (sources that enter later: 0)."""
+        added = {s.name for stage in self.stages for s in stage.sources}
+        return [0.0 if s.name in added else s.weight for s in self.sources]
 
     def prepare_data(self) -> None:
         """Refuse a missing or damaged local split before the run starts (and writes logs)."""
@@ -113,7 +168,6 @@ class MixedStreamingDataModule(L.LightningDataModule):
             if s.validation
         ]
         self._check_metadata()
-        self.schedule = MixtureSchedule([s.weight for s in self.sources], seed=self.seed)
 
     def _check_metadata(self) -> None:
         expected_sha = None
@@ -148,19 +202,55 @@ class MixedStreamingDataModule(L.LightningDataModule):
                 )
             first_sha = sha
 
+    @property
+    def schedule(self) -> MixtureSchedule:
+        """Which source each global sample comes from (built once the global batch is known)."""
+        if self._schedule is None:
+            self._schedule = MixtureSchedule(
+                seed=self.seed, period=self.mixing_period, phases=self.phases()
+            )
+        return self._schedule
+
+    def phases(self) -> list[tuple[int, list[float], int]]:
+        """The stages as (start sample, weights per source, ramp samples), the first at 0."""
+        names = [s.name for s in self.sources]
+        out = [(0, self._first_weights(), 0)]
+        for n, stage in enumerate(self.stages):
+            if stage.start_tokens is not None:
+                start = round(stage.start_tokens / self.block_size)
+            else:
+                start = stage.start_step * self.global_batch()
+            if start <= out[-1][0]:
+                raise ValueError(
+                    f"data.stages[{n}] starts at sample {start}, not after the stage before it "
+                    f"(sample {out[-1][0]}); list stages in order"
+                )
+            weights = [float(stage.weights.get(name, 0.0)) for name in names]
+            out.append((start, weights, round(stage.ramp_tokens / self.block_size)))
+        return out
+
     # -- loaders -------------------------------------------------------------------------------
 
-    def set_rank_world(self, rank: int, world_size: int) -> None:
+    def set_rank_world(self, rank: int, world_size: int, accumulate: int = 1) -> None:
         """Which share of the stream this process trains on, without a Trainer (Fabric)."""
-        self._rank_world_override = (rank, world_size)
+        self._rank_world_override = (rank, world_size, accumulate)
 
     def _rank_world(self) -> tuple[int, int]:
         if getattr(self, "_rank_world_override", None):
-            return self._rank_world_override
+            return self._rank_world_override[:2]
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0, 1
         return trainer.global_rank, trainer.world_size
+
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: micro-batch x processes x accumulation."""
+        if getattr(self, "_rank_world_override", None):
+            accumulate = self._rank_world_override[2]
+        else:
+            trainer = getattr(self, "trainer", None)
+            accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        return self.batch_size * self._rank_world()[1] * accumulate
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
@@ -200,34 +290,98 @@ class MixedStreamingDataModule(L.LightningDataModule):
             return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
         return self.batches_consumed
 
+    def samples_per_batch(self) -> int:
+        """Global samples one micro-batch of every process covers."""
+        return self.batch_size * self._rank_world()[1]
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "samples_consumed": self._batches_done() * self.samples_per_batch(),
             "batches_consumed": self._batches_done(),
             "batch_size": self.batch_size,
+            "world_size": self._rank_world()[1],
+            "global_batch": self.global_batch(),
             "block_size": self.block_size,
             "seed": self.seed,
-            "weights": [s.weight for s in self.sources],
-            "world_size": self._rank_world()[1],
+            "sources": [s.name for s in self.sources],
+            "phases": [[start, w, ramp] for start, w, ramp in self.phases()],
+            "mixing_period": self.mixing_period,
             "shuffle_window_chunks": self.shuffle_window_chunks,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def resume_position(self, state: dict[str, Any]) -> int:
+        """The micro-batches of this run a checkpoint's data state stands for, after checking
+        that it continues the same sample sequence; each refusal is one line naming the key."""
         mine = self.state_dict()
-        state = {"shuffle_window_chunks": 1, **state}  # written before windows: one chunk each
-        for key in (
-            "batch_size",
-            "block_size",
-            "seed",
-            "weights",
-            "world_size",
-            "shuffle_window_chunks",
-        ):
+        state = {"shuffle_window_chunks": 1, "mixing_period": 1024, **state}  # older checkpoints
+        for key in ("block_size", "seed", "shuffle_window_chunks", "mixing_period"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"data state in the checkpoint has {key}={state.get(key)!r} but this run has "
                     f"{mine[key]!r}; resume with the same data settings (or start a new run)"
                 )
-        self.batches_consumed = int(state["batches_consumed"])
+        samples = state.get("samples_consumed")
+        if samples is None:  # written before elastic resume
+            samples = state["batches_consumed"] * state["batch_size"] * state["world_size"]
+        theirs = state.get("phases") or [[0, state["weights"], 0]]
+        names = state.get("sources") or [s.name for s in self.sources][: len(theirs[0][1])]
+        if _phases_until(theirs, names, samples) != _phases_until(
+            mine["phases"], mine["sources"], samples
+        ):
+            raise ValueError(
+                f"data.sources/data.stages differ from the checkpoint's before its position "
+                f"({samples} samples): only stages that start later may be added or changed"
+            )
+        global_batch = state.get("global_batch")
+        changed = global_batch is not None and global_batch != mine["global_batch"]
+        if changed and not self.allow_global_batch_change:
+            raise ValueError(
+                f"the checkpoint trained with a global batch of {global_batch} sequences, this "
+                f"run has {mine['global_batch']}; keep it (batch_size x devices x "
+                "accumulation) or set data.allow_global_batch_change: true"
+            )
+        per_batch = self.samples_per_batch()
+        if samples % per_batch:
+            raise ValueError(
+                f"the checkpoint stopped after {samples} samples, not a multiple of this run's "
+                f"{per_batch} per micro-batch (data.batch_size x processes); choose sizes that "
+                "divide it"
+            )
+        return samples // per_batch
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_consumed = self.resume_position(state)
+
+    def adapt_loop_progress(self, checkpoint: dict[str, Any]) -> None:
+        """Rewrite the checkpoint's Lightning batch counters into this run's micro-batches (they
+        count micro-batches of the run that wrote it), so accumulation boundaries and the data
+        position agree after a resume with another world size or micro-batch size."""
+        state = checkpoint.get(type(self).__qualname__)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if state is None or progress is None:
+            return
+        old = progress["total"]["processed"]
+        new = self.resume_position(state)
+        if old == new:
+            return
+        for counters in (progress["total"], progress["current"]):
+            processed = counters["processed"]  # the others keep their offsets from it
+            for key in ("ready", "started", "processed", "completed"):
+                counters[key] = new + counters[key] - processed
+
+
+def _phases_until(phases: list, names: list[str], samples: int) -> list:
+    """The phases that shape samples before `samples`, weights by source name (rounded), for
+    comparing two runs' schedules up to a resume position."""
+    return [
+        (
+            int(start),
+            {n: round(float(w), 12) for n, w in zip(names, ws, strict=True) if w},
+            int(ramp),
+        )
+        for start, ws, ramp in phases
+        if start < samples
+    ]
 
 
 class _CountingLoader(DataLoader):

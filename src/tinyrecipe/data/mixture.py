@@ -286,39 +286,129 @@ def check_split(split: str, prepare: str | None = None) -> None:
         )
 
 
+def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
+    """Integer counts summing to `total`, each within 1 of weights x total (rows of a 2-D array
+    each)."""
+    exact = weights * total
+    counts = np.floor(exact).astype(np.int64)
+    short = total - counts.sum(axis=-1, keepdims=True)
+    order = np.argsort(-(exact - counts), axis=-1, kind="stable")
+    ranks = np.argsort(order, axis=-1, kind="stable")
+    return counts + (ranks < short)
+
+
+def _normalise(weights) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(
+            f"mixture weights {list(weights)} must be non-negative with a positive sum"
+        )
+    return w / w.sum()
+
+
 class MixtureSchedule:
     """Which source the i-th sample comes from, and which draw from that source it is.
 
-    Each period of `period` samples holds exactly round(weight x period) samples of each source
-    (largest remainders), in an order shuffled per period from the seed. So any window of a few
-    thousand samples matches the weights to within ~1/period, and `locate(i)` is O(1).
+    The weights may change in stages: `phases` lists (start sample, weights, ramp samples); from
+    each start the weights move linearly from the previous phase's to its own over the ramp,
+    then hold until the next start. Each segment of constant weights (or one ramp) is cut into
+    periods of `period` samples from its own start; a period holds exactly round(weight x period)
+    samples of each source (largest remainders; in a ramp, the weights at the period's middle),
+    in an order shuffled per period from the seed. So any window of a few periods matches the
+    schedule to within ~1/period, `locate(i)` is O(log phases), and adding a phase later never
+    changes the samples before it.
     """
 
-    def __init__(self, weights: list[float], seed: int = 0, period: int = 1024) -> None:
-        w = np.asarray(weights, dtype=np.float64)
-        if len(w) == 0 or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(
-                f"mixture weights {list(weights)} must be non-negative with a positive sum"
-            )
-        w = w / w.sum()
-        counts = np.floor(w * period).astype(np.int64)
-        for s in np.argsort(-(w * period - counts), kind="stable")[: period - counts.sum()]:
-            counts[s] += 1
-        self.weights, self.seed, self.period, self.counts = w, seed, period, counts
+    def __init__(
+        self,
+        weights: list[float] | None = None,
+        seed: int = 0,
+        period: int = 1024,
+        phases: list[tuple[int, list[float], int]] | None = None,
+    ) -> None:
+        if phases is None:
+            phases = [(0, weights, 0)]
+        if phases[0][0] != 0:
+            raise ValueError("the first mixture phase must start at sample 0")
+        self.seed, self.period = seed, period
+        self.phases = [(int(a), _normalise(w), int(r)) for a, w, r in phases]
+        self.n_sources = len(self.phases[0][1])
+        self.weights = self.phases[0][1]
+        self.counts = _largest_remainder(self.weights, period)  # the first segment's
+        segments = []  # (start, end, weights per period (n, S) or (S,))
+        previous = self.phases[0][1]
+        for j, (start, w, ramp) in enumerate(self.phases):
+            if len(w) != self.n_sources:
+                raise ValueError("every mixture phase needs one weight per source")
+            end = self.phases[j + 1][0] if j + 1 < len(self.phases) else None
+            if end is not None and end <= start:
+                raise ValueError(f"mixture phases must start in order (sample {start} >= {end})")
+            if ramp > 0:
+                ramp_end = start + ramp if end is None else min(start + ramp, end)
+                mid = (np.arange(-(-(ramp_end - start) // period)) + 0.5) * period
+                t = np.minimum(mid / ramp, 1.0)[:, None]
+                segments.append((start, ramp_end, previous + (w - previous) * t))
+                if end is None or ramp_end < end:
+                    segments.append((ramp_end, end, w))
+            else:
+                segments.append((start, end, w))
+            previous = w
+        self._starts = np.array([seg[0] for seg in segments], dtype=np.int64)
         self._cache: tuple | None = None
+        self._segments = []
+        before = np.zeros(self.n_sources, dtype=np.int64)  # draws before the segment
+        for g, (start, end, w) in enumerate(segments):
+            counts = _largest_remainder(w, period)
+            cumulative = (
+                np.concatenate([np.zeros((1, self.n_sources), np.int64), np.cumsum(counts, 0)])
+                if counts.ndim == 2
+                else None
+            )
+            self._segments.append((before.copy(), counts, cumulative))
+            if end is not None:
+                q, r = divmod(end - start, period)
+                before += self._draws_before_period(g, q)
+                if r:
+                    before += self._pattern(g, q)[2][r]
+
+    def _draws_before_period(self, g: int, q: int) -> np.ndarray:
+        _, counts, cumulative = self._segments[g]
+        return q * counts if cumulative is None else cumulative[q]
+
+    def _pattern(self, g: int, q: int) -> tuple:
+        """(key, sources in period q of segment g in order, draws of each source before each
+        position)."""
+        if self._cache is not None and self._cache[0] == (g, q):
+            return self._cache
+        counts = self._segments[g][1]
+        counts = counts if counts.ndim == 1 else counts[q]
+        pattern = np.repeat(np.arange(self.n_sources), counts)
+        # the first segment keeps the key it had before stages existed (the same data order)
+        np.random.default_rng([self.seed, q] if g == 0 else [self.seed, g, q]).shuffle(pattern)
+        onehot = np.eye(self.n_sources, dtype=np.int64)[pattern]
+        before = np.cumsum(onehot, axis=0) - onehot
+        before = np.concatenate([before, before[-1:] + onehot[-1:]])  # row `period`: all draws
+        self._cache = ((g, q), pattern, before)
+        return self._cache
+
+    def weights_at(self, i: int) -> np.ndarray:
+        """The scheduled weights of each source at sample i (before rounding to periods)."""
+        weights = self.phases[0][1]
+        for start, w, ramp in self.phases:
+            if i < start:
+                break
+            t = 1.0 if ramp <= 0 else min(1.0, (i - start) / ramp)
+            weights = weights + (w - weights) * t
+        return weights
 
     def locate(self, i: int) -> tuple[int, int]:
         """(source, k): sample i is the k-th draw from source."""
-        q, r = divmod(i, self.period)
-        if self._cache is None or self._cache[0] != q:
-            pattern = np.repeat(np.arange(len(self.counts)), self.counts)
-            np.random.default_rng([self.seed, q]).shuffle(pattern)
-            onehot = np.eye(len(self.counts), dtype=np.int64)[pattern]
-            before = np.cumsum(onehot, axis=0) - onehot  # draws of each source before position r
-            self._cache = (q, pattern, before)
-        _, pattern, before = self._cache
+        g = int(np.searchsorted(self._starts, i, side="right")) - 1
+        q, r = divmod(i - int(self._starts[g]), self.period)
+        _, pattern, before = self._pattern(g, q)
         s = int(pattern[r])
-        return s, q * int(self.counts[s]) + int(before[r, s])
+        k0 = self._segments[g][0]
+        return s, int(k0[s]) + int(self._draws_before_period(g, q)[s]) + int(before[r, s])
 
 
 class MixedBlockStream(IterableDataset):

@@ -83,19 +83,38 @@ def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str,
     return config, state
 
 
+def _checkpoint_meta(path: Path) -> dict | None:
+    """A Lightning or Fabric checkpoint's entries without reading its tensors (mmap), or None
+    for a format without them (a Hugging Face directory)."""
+    if path.is_dir() and (path / "meta.pt").is_file():
+        return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    if path.is_file():  # mmap: the tensors are not read
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return None
+
+
 def checkpoint_config(path: str | Path) -> ModelConfig:
     """The model config of a checkpoint, without reading its tensors where the format allows."""
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         return _hf_config(path)
-    if path.is_dir() and (path / "meta.pt").is_file():
-        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
-        return config_from_hparams(meta.get("hyper_parameters", {}))
-    if path.is_file():  # mmap: the tensors are not read
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if "hyper_parameters" in ckpt:
-            return config_from_hparams(ckpt["hyper_parameters"])
+    meta = _checkpoint_meta(path)
+    if meta is not None and "hyper_parameters" in meta:
+        return config_from_hparams(meta["hyper_parameters"])
     return load_tinyrecipe_checkpoint(path)[0]
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The optimizer step a training checkpoint (Lightning or Fabric loop) was written at."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint '{path}' (model.decay_from) does not exist")
+    meta = _checkpoint_meta(path) or {}
+    if "global_step" not in meta:
+        raise ValueError(
+            f"checkpoint '{path}' records no training step; give model.decay_from as a step"
+        )
+    return int(meta["global_step"])
 
 
 def save_tinyrecipe_checkpoint(

@@ -28,7 +28,7 @@ import torch
 
 from tinyrecipe.io import publish, remove_stale, temp_sibling
 from tinyrecipe.planning.flops import device_peak, train_flops_per_token
-from tinyrecipe.train.module import CausalLMModule, describe
+from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr
 from tinyrecipe.train.step import finish_step, micro_batch_loss, val_metrics, val_sums
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
@@ -159,8 +159,9 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     fabric.print(describe(module, precision, fabric.device))
 
     data.setup("fit")
+    accumulate = int(t.get("accumulate_grad_batches") or 1)
     if hasattr(data, "set_rank_world"):
-        data.set_rank_world(fabric.global_rank, fabric.world_size)
+        data.set_rank_world(fabric.global_rank, fabric.world_size, accumulate)
     state = {
         "state_dict": model,
         "optimizer": optimizer,
@@ -173,11 +174,11 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     if resume:
         remainder = fabric.load(resume, state)
         step = state["global_step"] = int(remainder.get("global_step", state["global_step"]))
+        set_scheduled_lr(scheduler)  # this recipe's schedule from the resumed step on
     train_loader = fabric.setup_dataloaders(data.train_dataloader(), use_distributed_sampler=False)
     val_loaders = [fabric.setup_dataloaders(v) for v in (data.val_dataloader() or [])]
     sources = data.val_sources() if hasattr(data, "val_sources") else []
 
-    accumulate = int(t.get("accumulate_grad_batches") or 1)
     clip = t.get("gradient_clip_val")
     every = int(t.get("val_check_interval") or 0) // accumulate  # micro-batches -> steps
     log_every = int(t.get("log_every_n_steps") or 50)

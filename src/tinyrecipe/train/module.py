@@ -14,7 +14,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
 from tinyrecipe.faults import failpoint
-from tinyrecipe.interop.checkpoint import config_from_hparams, load_tinyrecipe_checkpoint
+from tinyrecipe.interop.checkpoint import (
+    checkpoint_step,
+    config_from_hparams,
+    load_tinyrecipe_checkpoint,
+)
 from tinyrecipe.model import Llama, ModelConfig
 from tinyrecipe.model.attention import select_backend
 from tinyrecipe.model.config import (
@@ -30,7 +34,7 @@ from tinyrecipe.planning.flops import (
     forward_flops_per_token,
     train_flops_per_token,
 )
-from tinyrecipe.train.optim import build_adamw, warmup_cosine_lr
+from tinyrecipe.train.optim import build_adamw, build_schedule
 from tinyrecipe.train.step import (
     NonFiniteGuard,
     finish_step,
@@ -63,6 +67,15 @@ def describe(module: CausalLMModule, precision: str, device: torch.device) -> st
     )
 
 
+def set_scheduled_lr(scheduler: LambdaLR) -> None:
+    """Set each parameter group's learning rate to the schedule's at the scheduler's step."""
+    for group, base, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+
+
 def _sigterm_check_per_step(trainer) -> None:
     """Lightning (2.6) broadcasts a SIGTERM flag from rank 0 and reads it on the host before
     every micro-batch: a collective and a device sync per micro-batch. Once per optimizer step
@@ -87,8 +100,14 @@ class CausalLMModule(L.LightningModule):
     Args:
         preset: a `ModelConfig` preset name ("tiny", "tinyllama-1.1b", ...).
         config: `ModelConfig` fields replacing the preset's (e.g. {"vocab_size": 8192}).
-        lr, min_lr, warmup_steps, max_steps: the warmup + cosine schedule, in optimizer steps
+        lr, min_lr, warmup_steps, max_steps: the learning-rate schedule, in optimizer steps
             (max_steps None: the Trainer's max_steps).
+        schedule: "cosine" (warmup, then cosine to min_lr at max_steps), "wsd"
+            (warmup-stable-decay) or "constant" (`tinyrecipe.train.optim.Schedule`).
+        decay_steps, decay_fraction, decay_shape, decay_from: the wsd decay: its length in
+            steps or as a fraction of max_steps, its shape ("linear", "cosine", "1-sqrt"), and
+            where it starts (default: so that it ends at max_steps): a step, or a checkpoint
+            whose step it is (a cooldown branch resumed from that checkpoint).
         betas, eps, weight_decay: AdamW.
         decay_norms_and_embeddings: True decays every parameter (TinyLlama); False exempts
             norms and embeddings.
@@ -118,6 +137,11 @@ class CausalLMModule(L.LightningModule):
         min_lr: float = 4e-5,
         warmup_steps: int = 2000,
         max_steps: int | None = None,
+        schedule: str = "cosine",
+        decay_steps: int | None = None,
+        decay_fraction: float | None = None,
+        decay_shape: str | None = None,
+        decay_from: int | str | None = None,
         betas: tuple[float, float] = (0.9, 0.95),
         eps: float = 1e-8,
         weight_decay: float = 0.1,
@@ -139,7 +163,7 @@ class CausalLMModule(L.LightningModule):
         self.model: Llama | None = None
         self._val_sums: dict[int, torch.Tensor] = {}
         self._flops_per_batch = 0.0
-        self._tokens = 0  # of the last micro-batch
+        self._tokens, self._micro_batch_rows = 0, 0  # of the last micro-batch
         self._loss_sum: torch.Tensor | None = None
         self._micro_batches = 0
         self._skipped: torch.Tensor | None = None
@@ -204,6 +228,15 @@ class CausalLMModule(L.LightningModule):
         rank_zero_info(describe(self, precision, self.trainer.strategy.root_device))
         _sigterm_check_per_step(self.trainer)
 
+    def on_train_start(self) -> None:
+        """A resumed run's first step takes this recipe's schedule, not the learning rate stored
+        with the optimizer (a cooldown branch changes the schedule at the checkpoint's step)."""
+        for config in self.trainer.lr_scheduler_configs:
+            set_scheduled_lr(config.scheduler)
+        dm = getattr(self.trainer, "datamodule", None)
+        samples = dm.state_dict().get("samples_consumed") if hasattr(dm, "state_dict") else None
+        self._tokens_at_start = (self.global_step, samples)
+
     @property
     def flops_per_batch(self) -> float:
         """FLOPs of the last micro-batch, training or evaluation (read by the throughput monitor)."""
@@ -212,7 +245,7 @@ class CausalLMModule(L.LightningModule):
     def _count_flops(self, batch: dict[str, torch.Tensor], training: bool) -> None:
         per_token = train_flops_per_token if training else forward_flops_per_token
         labels = batch["labels"]
-        self._tokens = labels.numel()
+        self._tokens, self._micro_batch_rows = labels.numel(), labels.size(0)
         self._flops_per_batch = self._tokens * per_token(self.config, labels.size(1))
 
     # -- steps ---------------------------------------------------------------------------------
@@ -254,10 +287,16 @@ class CausalLMModule(L.LightningModule):
             stats.nonfinite if self._skipped is None else self._skipped + stats.nonfinite
         )
         per_step = self._tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        start_step, start_samples = getattr(self, "_tokens_at_start", (0, None))
+        # tokens before this run's first step: the data position (another global batch before)
+        block = self._tokens // max(1, self._micro_batch_rows)
+        before = start_step * per_step if start_samples is None else start_samples * block
         self.log("train/loss", stats.loss)
         self.log("train/grad_norm", stats.grad_norm)
         self.log("train/skipped_steps", self._skipped)
-        self.log("train/tokens_seen", float((self.global_step + 1) * per_step))
+        self.log(
+            "train/tokens_seen", float(before + (self.global_step + 1 - start_step) * per_step)
+        )
 
     def on_train_end(self) -> None:
         self.guard.flush()
@@ -309,13 +348,18 @@ class CausalLMModule(L.LightningModule):
         return [name for name, _ in pairs], [weight for _, weight in pairs]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, in one line, a checkpoint of another model shape (before load_state_dict fails)."""
+        """Refuse, in one line, a checkpoint of another model shape (before load_state_dict
+        fails); let the DataModule restate the loops' batch counters in this run's micro-batches
+        (a resume on another number of processes or micro-batch size)."""
         theirs = config_from_hparams(checkpoint.get("hyper_parameters", {}))
         if detail := _shape_diff(theirs, self.config):
             raise ValueError(
                 f"checkpoint holds another model ({detail}, checkpoint vs recipe); resume with the "
                 "recipe that wrote it or start without --ckpt_path"
             )
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if hasattr(dm, "adapt_loop_progress"):
+            dm.adapt_loop_progress(checkpoint)
 
     # -- optimisation --------------------------------------------------------------------------
 
@@ -334,14 +378,23 @@ class CausalLMModule(L.LightningModule):
             hp.decay_norms_and_embeddings,
             hp.optimizer_kernel,
         )
-        max_steps = hp.max_steps or max_steps
-        if max_steps is None or max_steps < 0:
-            raise ValueError(
-                "set trainer.max_steps (or model.max_steps): the cosine schedule needs its length"
-            )
+        decay_from = hp.get("decay_from")
+        if isinstance(decay_from, str):  # a checkpoint: the cooldown branches at its step
+            decay_from = checkpoint_step(decay_from)
+        schedule = build_schedule(
+            hp.get("schedule", "cosine"),
+            hp.lr,
+            hp.min_lr,
+            hp.warmup_steps,
+            hp.max_steps or max_steps,
+            hp.get("decay_steps"),
+            hp.get("decay_fraction"),
+            hp.get("decay_shape"),
+            decay_from,
+        )
 
         def factor(step: int) -> float:
-            return warmup_cosine_lr(step, hp.lr, hp.min_lr, hp.warmup_steps, max_steps) / hp.lr
+            return schedule.lr(step) / hp.lr
 
         return optimizer, LambdaLR(optimizer, factor)
 

@@ -1,28 +1,107 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule (the one place each lives)."""
+"""AdamW parameter groups and the learning-rate schedules (the one place each lives)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+
+SCHEDULES = ("cosine", "wsd", "constant")
+DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Warmup, a constant phase, a decay, then `min_lr`: every schedule tinyrecipe runs.
+
+    cosine (TinyLlama's): the decay starts when warmup ends and lasts until `max_steps`.
+    wsd (warmup-stable-decay): the decay lasts `decay_steps` and starts at `decay_start`
+        (by default `max_steps - decay_steps`): a cooldown branch from any stable-phase
+        checkpoint sets `decay_start` to its step.
+    constant: no decay.
+    Counted in optimizer steps, not micro-batches (TinyLlama's script counted micro-steps, so
+    its schedule ran gradient_accumulation times too fast: their issue #172).
+    """
+
+    max_lr: float
+    min_lr: float
+    warmup_steps: int
+    decay_start: int | None  # None: never decays
+    decay_steps: int
+    shape: str
+
+    def lr(self, step: int) -> float:
+        """The learning rate at optimizer step `step` (0-based)."""
+        if self.warmup_steps > 0 and step < self.warmup_steps:
+            return self.max_lr * (step + 1) / self.warmup_steps
+        if self.decay_start is None or step < self.decay_start:
+            return self.max_lr
+        progress = min(1.0, (step - self.decay_start) / max(1, self.decay_steps))
+        if self.shape == "cosine":
+            left = 0.5 * (1.0 + math.cos(math.pi * progress))
+        elif self.shape == "1-sqrt":
+            left = 1.0 - math.sqrt(progress)
+        else:
+            left = 1.0 - progress
+        return self.min_lr + left * (self.max_lr - self.min_lr)
+
+
+def build_schedule(
+    kind: str,
+    max_lr: float,
+    min_lr: float,
+    warmup_steps: int,
+    max_steps: int | None,
+    decay_steps: int | None = None,
+    decay_fraction: float | None = None,
+    decay_shape: str | None = None,
+    decay_from: int | None = None,
+) -> Schedule:
+    """The `Schedule` a recipe's model keys describe (`model.schedule`, `model.decay_*`), each
+    inconsistency refused in one line that names the key."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"model.schedule {kind!r} is unknown; use one of {', '.join(SCHEDULES)}")
+    shape = decay_shape or ("cosine" if kind == "cosine" else "linear")
+    if shape not in DECAY_SHAPES:
+        raise ValueError(
+            f"model.decay_shape {shape!r} is unknown; use one of {', '.join(DECAY_SHAPES)}"
+        )
+    if kind == "constant":
+        return Schedule(max_lr, min_lr, warmup_steps, None, 0, shape)
+    if max_steps is None or max_steps < 0:
+        raise ValueError(
+            f"set trainer.max_steps (or model.max_steps): the {kind} schedule needs its length"
+        )
+    if kind == "cosine":
+        if decay_steps or decay_fraction or decay_from is not None:
+            raise ValueError(
+                "model.decay_steps/decay_fraction/decay_from belong to model.schedule: wsd; the "
+                "cosine schedule decays from the end of warmup to trainer.max_steps"
+            )
+        return Schedule(max_lr, min_lr, warmup_steps, warmup_steps, max_steps - warmup_steps, shape)
+    if (decay_steps is None) == (decay_fraction is None):
+        raise ValueError(
+            "model.schedule wsd needs exactly one of model.decay_steps (optimizer steps) or "
+            "model.decay_fraction (of trainer.max_steps)"
+        )
+    length = decay_steps if decay_steps is not None else round(decay_fraction * max_steps)
+    start = max_steps - length if decay_from is None else decay_from
+    if length < 0 or start < 0 or start + length > max_steps:
+        raise ValueError(
+            f"the wsd decay (steps {start} to {start + length}) must end by trainer.max_steps "
+            f"{max_steps}; set trainer.max_steps to model.decay_from + the decay length"
+        )
+    return Schedule(max_lr, min_lr, warmup_steps, start, length, shape)
 
 
 def warmup_cosine_lr(
     step: int, max_lr: float, min_lr: float, warmup_steps: int, max_steps: int
 ) -> float:
-    """Learning rate at optimizer step `step` (0-based): linear warmup from 0 over `warmup_steps`,
-    cosine decay to `min_lr` at `max_steps`, then `min_lr`.
-
-    Counted in optimizer steps, not micro-batches (TinyLlama's script counted micro-steps, so
-    its schedule ran gradient_accumulation times too fast: their issue #172).
-    """
-    if warmup_steps > 0 and step < warmup_steps:
-        return max_lr * (step + 1) / warmup_steps
-    if step >= max_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+    """TinyLlama's schedule: linear warmup from 0 over `warmup_steps`, cosine decay to `min_lr`
+    at `max_steps`, then `min_lr` (the `cosine` `Schedule`)."""
+    return build_schedule("cosine", max_lr, min_lr, warmup_steps, max_steps).lr(step)
 
 
 def adamw_param_groups(
