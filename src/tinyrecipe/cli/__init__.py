@@ -31,6 +31,19 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tinyrecipe.cli.plan",
         "inference-aware model size and training length for a target loss",
     ),
+    "sweep": (
+        "tinyrecipe.cli.sweep",
+        "run overlays of a base recipe (and seeds), each in its own run directory",
+    ),
+    "compare": (
+        "tinyrecipe.cli.compare",
+        "table, plots and a report of runs against each other",
+    ),
+    "ladder": ("tinyrecipe.cli.ladder", "write a ladder of model sizes x token budgets"),
+    "fit-law": (
+        "tinyrecipe.cli.fit_law",
+        "fit L(N, D) = E + A/N^a + B/D^b to your runs (plan --law uses it)",
+    ),
     "smoke": (
         "tinyrecipe.cli.smoke",
         "train the tiny decoder briefly on stdlib text (checks an install)",

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from tinyrecipe.planning import plan as planning
+from tinyrecipe.planning.lawfit import load_law
 from tinyrecipe.planning.plan import emit_recipe, plan_summary
 from tinyrecipe.planning.scaling import CostModel, LossFit, chinchilla_loss, cost_optimal
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(
             f"--fit-{name.lower()}", type=float, default=default, help=f"loss fit {name}"
         )
+    parser.add_argument(
+        "--law", help="a law.json from `tinyrecipe fit-law` (replaces the --fit-* constants)"
+    )
     cost = parser.add_argument_group("cost (optional: minimise dollars instead of FLOPs)")
     cost.add_argument("--price-per-gpu-hour", type=float)
     cost.add_argument("--gpu-peak-flops", type=float, help="e.g. 989e12 for an H100 SXM (bf16)")
@@ -58,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    fit = LossFit(args.fit_e, args.fit_a, args.fit_b, args.fit_alpha, args.fit_beta)
+    fit = (
+        load_law(args.law)
+        if args.law
+        else LossFit(args.fit_e, args.fit_a, args.fit_b, args.fit_alpha, args.fit_beta)
+    )
     loss = (
         args.target_loss
         if args.target_loss is not None

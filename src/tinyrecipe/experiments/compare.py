@@ -1,0 +1,206 @@
+"""Runs against each other: a table (what each recipe changes against the first run, tokens,
+training FLOPs, validation losses, downstream scores, speed) and plots of validation loss
+against tokens and against FLOPs, one line per run, seeds drawn as a band; a markdown report
+embeds them. A difference smaller than the seed-to-seed spread is marked "n.s."."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tinyrecipe.experiments.runs import Run
+from tinyrecipe.io import atomic_path, atomic_write
+
+# Keys that differ between any two runs without being part of the experiment.
+IGNORED = (
+    "trainer.default_root_dir",
+    "checkpoint.dirpath",
+    "ckpt_path",
+    "seed_everything",
+    "config",
+    "trainer.logger",
+)
+
+
+def flatten(tree, prefix: str = "") -> dict[str, object]:
+    """{"a.b": value} for a nested recipe (data's class_path/init_args folded away)."""
+    out: dict[str, object] = {}
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == "init_args":
+                out.update(flatten(value, prefix))
+            elif key != "class_path" or not prefix.startswith("data"):
+                out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): tree}
+
+
+def changes(run: Run, reference: Run) -> str:
+    """'key=value, ...' of what run's recipe sets differently from the reference's."""
+    mine, theirs = flatten(run.recipe), flatten(reference.recipe)
+    keys = sorted(
+        k
+        for k in set(mine) | set(theirs)
+        if mine.get(k) != theirs.get(k) and not k.startswith(IGNORED)
+    )
+    return ", ".join(f"{k}={mine.get(k)}" for k in keys) or "-"
+
+
+@dataclass
+class Group:
+    """The seeds of one configuration."""
+
+    name: str
+    runs: list[Run]
+
+    def finals(self, tag: str = "val/loss") -> list[float]:
+        return [v for v in (r.last(tag) for r in self.runs) if v is not None]
+
+    def mean(self, tag: str = "val/loss") -> float:
+        finals = self.finals(tag)
+        return float(np.mean(finals)) if finals else math.nan
+
+    def spread(self, tag: str = "val/loss") -> float:
+        """Seed-to-seed range of the final value (0 with one seed)."""
+        finals = self.finals(tag)
+        return float(np.ptp(finals)) if len(finals) > 1 else 0.0
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    return [Group(name, members) for name, members in groups.items()]
+
+
+def _fmt(value, spec: str = ".4f") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
+def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    """The comparison table: a header and one row per configuration (seeds averaged)."""
+    groups = group_runs(runs)
+    first = groups[0]
+    sources = sorted({t for r in runs for t in r.scalars if t.startswith("val/loss/")})
+    downstream = sorted({t for r in runs for t in r.scalars if t.startswith("eval/")})
+    header = [
+        "run",
+        "seeds",
+        "changes vs " + first.name,
+        "params",
+        "tokens",
+        "train FLOPs",
+        "final val/loss",
+        "best val/loss",
+        *[f"final {s}" for s in sources],
+        *downstream,
+        "tokens/s/device",
+        "MFU",
+        "wall s",
+    ]
+    rows = []
+    for group in groups:
+        run = group.runs[0]
+        final = group.mean()
+        mark = ""
+        if group is not first and (group.spread() or first.spread()):
+            noise = max(group.spread(), first.spread())
+            mark = " (n.s.)" if abs(final - first.mean()) < noise else " (*)"
+        best = [min((v for _, v in r.curve("val/loss")), default=math.nan) for r in group.runs]
+        steps = run.steps
+        rows.append(
+            [
+                group.name,
+                str(len(group.runs)),
+                changes(run, first.runs[0]),
+                f"{run.n_params / 1e6:.2f}M",
+                _fmt(run.tokens_at(steps), ".3g"),
+                _fmt(run.flops_at(steps), ".3g"),
+                _fmt(final)
+                + (f" ± {group.spread() / 2:.4f}" if len(group.runs) > 1 else "")
+                + mark,
+                _fmt(float(np.mean(best))),
+                *[_fmt(group.mean(s)) for s in sources],
+                *[_fmt(group.mean(t)) for t in downstream],
+                _fmt(run.median("train/device/items_per_sec"), ",.0f"),
+                _fmt(run.median("train/device/mfu"), ".1%"),
+                _fmt(float(np.mean([r.wall_seconds for r in group.runs])), ".0f"),
+            ]
+        )
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot(runs: list[Run], out: Path, tag: str = "val/loss") -> list[Path]:
+    """val/loss against tokens and against training FLOPs (log x), one line per configuration;
+    several seeds: their mean, with the band between the lowest and highest seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for axis, label in (("tokens", "training tokens"), ("flops", "training FLOPs")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for group in group_runs(runs):
+            curves = []
+            for run in group.runs:
+                points = [(s, v) for s, v in run.curve(tag) if s > 0]
+                at = run.tokens_at if axis == "tokens" else run.flops_at
+                curves.append(
+                    (np.array([at(s) for s, _ in points]), np.array([v for _, v in points]))
+                )
+            if not curves or not len(curves[0][0]):
+                continue
+            x = curves[0][0]
+            ys = np.array([np.interp(x, cx, cy) for cx, cy in curves])
+            (line,) = ax.plot(x, ys.mean(0), marker=".", label=f"{group.name} ({len(curves)})")
+            if len(curves) > 1:
+                ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(label)
+        ax.set_ylabel(tag)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / f"{tag.replace('/', '_')}_vs_{axis}.png"
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def report(runs: list[Run], out: str | Path) -> tuple[str, list[Path]]:
+    """Write `out/report.md` (the table and the plots) and the PNGs; returns (table text,
+    written files)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    header, rows = table(runs)
+    text = markdown_table(header, rows)
+    images = plot(runs, out)
+    body = [
+        "# Comparison",
+        "",
+        f"Runs: {', '.join(str(r.path) for r in runs)}",
+        "",
+        text,
+        "",
+        "`(n.s.)`: the difference from the first configuration's final validation loss is smaller "
+        "than the seed-to-seed range; `(*)`: larger. `±`: half the seed range.",
+        "",
+        *[f"![{p.stem}]({p.name})\n" for p in images],
+    ]
+    atomic_write(out / "report.md", "\n".join(body))
+    return text, [out / "report.md", *images]

@@ -1,0 +1,186 @@
+"""Ablations and scaling laws: the law fit recovers known constants, compare marks what seeds
+cannot tell apart, and the CPU mini-ladder runs end to end: ladder -> sweep -> compare ->
+fit-law -> plan --law."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, tinyrecipe
+from tinyrecipe.planning.lawfit import fit_law, load_law
+from tinyrecipe.planning.scaling import CHINCHILLA, LossFit
+
+SIZES = [2e6, 5e6, 1e7, 3e7, 1e8, 3e8]
+
+
+def law_points(law: LossFit, noise: float, seed: int = 0):
+    """Ten token counts per model size, 1e8 to 3e10, losses times exp(N(0, noise))."""
+    rng = np.random.default_rng(seed)
+    points, runs = [], []
+    for n in SIZES:
+        for d in np.geomspace(1e8, 3e10, 10):
+            points.append((n, d, law.loss(n, d) * np.exp(rng.normal(0.0, noise))))
+            runs.append(f"{n:g}")
+    return points, runs
+
+
+@pytest.mark.fast
+def test_law_fit_recovers_chinchillas_constants_from_exact_points():
+    points, runs = law_points(CHINCHILLA, noise=0.0)
+    fit = fit_law(points, runs, bootstrap=0)
+    for key in ("E", "A", "B", "alpha", "beta"):
+        assert getattr(fit.law, key) == pytest.approx(getattr(CHINCHILLA, key), rel=1e-4), key
+
+
+@pytest.mark.fast
+def test_law_fit_recovers_a_known_law_from_noisy_points_within_its_intervals(tmp_path):
+    """0.5% log-normal noise on 60 points (6 sizes): the constants come back within the 95%
+    bootstrap intervals, and the exponents within 0.03 (the intervals' half-width is ~0.05 for
+    alpha and ~0.01 for beta at this noise, so 0.03 is about one interval half-width)."""
+    true = LossFit(E=2.0, A=300.0, B=800.0, alpha=0.35, beta=0.30)
+    points, runs = law_points(true, noise=0.005)
+    fit = fit_law(points, runs, bootstrap=40)
+    for key in ("E", "A", "B", "alpha", "beta"):
+        lo, hi = fit.intervals[key]
+        assert lo <= getattr(true, key) <= hi, (key, lo, hi)
+    assert abs(fit.law.alpha - 0.35) < 0.03 and abs(fit.law.beta - 0.30) < 0.03
+    assert abs(fit.law.E - 2.0) < 0.1
+    fit.save(tmp_path / "law.json")
+    assert load_law(tmp_path / "law.json") == fit.law
+    with pytest.raises(ValueError, match="needs at least 5"):
+        fit_law(points[:3])
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="is not a law from `tinyrecipe fit-law`"):
+        load_law(tmp_path / "bad.json")
+
+
+def fake_run(path, losses: list[float], lr: float, tokens_per_step: int = 1000):
+    """A run directory as `tinyrecipe fit` leaves it: TensorBoard scalars and config.yaml."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(path / "tensorboard"))
+    for step in range(40):
+        writer.add_scalar("train/loss", 5.0, step)
+        writer.add_scalar("train/tokens_seen", (step + 1) * tokens_per_step, step)
+    for k, loss in enumerate(losses):
+        writer.add_scalar("val/loss", loss, 10 * (k + 1))
+    writer.close()
+    recipe = {
+        "trainer": {"default_root_dir": str(path), "max_steps": 40},
+        "model": {"preset": "tiny", "config": {"n_layer": 2}, "lr": lr},
+        "data": {"class_path": "x", "init_args": {"block_size": 64, "seed": 1}},
+    }
+    (path / "tensorboard/config.yaml").write_text(json.dumps(recipe))
+
+
+@pytest.mark.fast
+def test_compare_tables_plots_and_marks_what_the_seeds_cannot_tell_apart(tmp_path):
+    from tinyrecipe.experiments.compare import report
+    from tinyrecipe.experiments.runs import read_run
+
+    finals = {  # base: 3.00 / 3.10 across seeds; close: inside that spread; far: outside it
+        "base": ([3.5, 3.00], [3.6, 3.10]),
+        "close": ([3.5, 3.02], [3.6, 3.08]),
+        "far": ([3.5, 2.50], [3.6, 2.52]),
+    }
+    runs = []
+    for name, curves in finals.items():
+        for seed, losses in enumerate(curves, 1):
+            fake_run(tmp_path / f"{name}-seed{seed}", losses, lr=1e-3 if name == "base" else 2e-3)
+            runs.append(read_run(tmp_path / f"{name}-seed{seed}"))
+    text, files = report(runs, tmp_path / "report")
+    rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
+    assert set(rows) == {"base", "close", "far"}
+    assert "(n.s.)" in rows["close"] and "(*)" in rows["far"] and "model.lr=0.002" in rows["far"]
+    assert "3.0500 ± 0.0500" in rows["base"] and "| 2 |" in rows["base"]
+    assert all(f.is_file() and f.stat().st_size > 1000 for f in files)
+    assert "![val_loss_vs_tokens](val_loss_vs_tokens.png)" in files[0].read_text()
+    assert runs[0].tokens_at(40) == 40_000 and runs[0].n_params > 0
+    from tinyrecipe.experiments.runs import loss_points
+
+    points, names = loss_points(runs[:2])
+    assert [p[1] for p in points] == [10_000, 20_000] * 2 and names == ["base-seed1"] * 2 + [
+        "base-seed2"
+    ] * 2
+
+
+def localised_ladder_base(corpus, tmp):
+    root = corpus["root"]
+    text = (ROOT / "recipes/ladder/cpu/base.yaml").read_text()
+    for old, new in {
+        "data/quickstart/prepared/slimpajama": str(root / "slim"),
+        "data/quickstart/prepared/starcoderdata": str(root / "star"),
+        "data/quickstart/tokenizer": str(root / "tok"),
+        "vocab_size: 4096": "vocab_size: 1024",
+        "out/ladder-cpu": str(tmp / "out"),
+    }.items():
+        text = text.replace(old, new)
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "base.yaml").write_text(text)
+    return tmp / "base.yaml"
+
+
+def cli(*args):
+    """A tinyrecipe command in this process (the ones here start no training): exit code and
+    stdout."""
+    import io
+    from contextlib import redirect_stdout
+    from types import SimpleNamespace
+
+    from tinyrecipe.cli import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        code = main([str(a) for a in args])
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr="")
+
+
+def test_cpu_mini_ladder_end_to_end(corpus, tmp_path):
+    """ladder (3 sizes) -> sweep (one interrupted run resumed, one finished run skipped) ->
+    compare -> fit-law -> plan --law, as a user types them."""
+    base = localised_ladder_base(corpus, tmp_path)
+    made = cli(
+        "ladder",
+        "--base",
+        base,
+        "--sizes",
+        "d32-l2,d64-l2,d96-l3",
+        "--tokens-per-param",
+        "0.25",
+        "--out",
+        tmp_path / "ladder",
+        "--evals",
+        "4",
+    )
+    assert made.returncode == 0, made.stderr[-2000:]
+    overlays = sorted((tmp_path / "ladder").glob("*.yaml"))
+    assert [p.stem for p in overlays] == ["d32-l2-0.25x", "d64-l2-0.25x", "d96-l3-0.25x"]
+    runs = tmp_path / "runs"
+    sweep = ["sweep", "--base", base, *overlays, "--out", runs]
+    slurm = cli(*sweep, "--slurm")
+    assert slurm.returncode == 0 and "#SBATCH --array=1-3" in (runs / "sweep.sbatch").read_text()
+    # the first run killed mid-way: the sweep resumes it
+    killed = tinyrecipe(
+        *sweep, "--only", "d32-l2-0.25x", TINYRECIPE_KILL_AT="train.after_backward:30"
+    )
+    assert killed.returncode == 1 and "FAILED" in killed.stdout
+    done = tinyrecipe(*sweep, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "d32-l2-0.25x: resuming" in done.stdout and done.stdout.count(": starting") == 2
+    again = cli(*sweep)
+    assert again.stdout.count("done, skipped") == 3
+    dirs = sorted(runs.glob("d*"))
+    compared = cli("compare", *dirs, "--out", tmp_path / "report")
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    assert "model.config.d_model=64" in compared.stdout
+    assert (tmp_path / "report/val_loss_vs_flops.png").is_file()
+    law = cli("fit-law", *dirs, "--out", tmp_path / "law.json", "--bootstrap", "10")
+    assert law.returncode == 0, law.stderr[-2000:]
+    fitted = json.loads((tmp_path / "law.json").read_text())
+    assert len(fitted["points"]) >= 9 and (tmp_path / "law.png").is_file()
+    target = max(p[2] for p in fitted["points"]) - 0.1
+    plan = cli("plan", "--law", tmp_path / "law.json", "--target-loss", target, "--json")
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    summary = json.loads(plan.stdout)
+    assert summary["n_params"] > 0 and summary["loss"] == pytest.approx(target, rel=1e-3)
