@@ -59,6 +59,8 @@ OURS = {  # name -> switches (chunked loss, compile, AdamW kernel, activation ch
     "ours-compile": dict(chunked=False, compile=True, kernel="fused", ckpt=False),
     "ours-fast": dict(chunked=True, compile=True, kernel="fused", ckpt=False),
     "ours-ckpt": dict(chunked=False, compile=False, kernel="fused", ckpt=True),
+    # packed blocks of 4 documents each, masked apart (data.document_mask): SDPA with a mask
+    "ours-docmask": dict(chunked=True, compile=False, kernel="fused", ckpt=False, docmask=True),
 }
 PEERS = ("hf", "hf-compile", "litgpt", "litgpt-compile")
 
@@ -82,12 +84,19 @@ def _ours(name: str, cfg: ModelConfig, device: str) -> Run:
         apply_activation_checkpointing(model)
     if s["compile"]:
         compile_blocks(model)
-    return Run(
-        name,
-        lambda b: model(b[:, :-1], b[:, 1:])[1],
-        build_adamw(model, 1e-4, kernel=s["kernel"]),
-        s["compile"],
-    )
+    if s.get("docmask"):
+
+        def loss_fn(b: torch.Tensor) -> torch.Tensor:
+            T = b.size(1) - 1  # four equal documents per row
+            documents = (torch.arange(T, device=b.device) * 4 // T).expand(b.size(0), T)
+            return model(b[:, :-1], b[:, 1:], documents=documents)[1]
+
+    else:
+
+        def loss_fn(b: torch.Tensor) -> torch.Tensor:
+            return model(b[:, :-1], b[:, 1:])[1]
+
+    return Run(name, loss_fn, build_adamw(model, 1e-4, kernel=s["kernel"]), s["compile"])
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

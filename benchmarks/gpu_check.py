@@ -350,6 +350,23 @@ def check_attention(s: dict) -> dict:
                     return causal_attention(a, b, c, "sdpa")
 
             measure(name, run)
+    # data.document_mask: four documents a row, each attending only to itself
+    from tinyrecipe.model.attention import DocumentMask
+
+    documents = (torch.arange(T, device=device) * 4 // T).expand(B, T)
+    pieces = [slice(i * T // 4, (i + 1) * T // 4) for i in range(4)]
+    ref = torch.cat(
+        [causal_attention(*(t[:, p].double() for t in (q, k, v)), "sdpa") for p in pieces], 1
+    )
+    for name, flash in (("document mask, sdpa", False), ("document mask, flash varlen", True)):
+        if flash and not (device == "cuda" and load_flash_attn() is not None):
+            rows[name] = {"error": "flash-attn not installed (pip install 'tinyrecipe[gpu]')"}
+            continue
+        mask = DocumentMask.from_documents(documents, for_flash=flash)
+        measure(
+            name,
+            lambda a, b, c, m=mask, f=flash: causal_attention(a, b, c, "flash" if f else "sdpa", m),
+        )
     return rows
 
 

@@ -527,3 +527,30 @@ def test_batch_diversity_counts_chunks_documents_and_languages(corpus, tmp_path)
     assert plain["chunks"] <= 2.5 and mixed["chunks"] >= 10, (plain, mixed)
     assert mixed["documents"] > plain["documents"] >= 4
     assert plain["languages"] < 1.5 and mixed["languages"] == 2.0, (plain, mixed)
+
+
+def test_document_mask_batches_carry_each_tokens_document(corpus):
+    """data.document_mask: training and validation batches carry `documents`, a new id at every
+    BOS the prep put in the stream (the corpus uses BOS+EOS boundaries)."""
+    long = datamodule(corpus, document_mask=True, block_size=256, validation=False)
+    short = datamodule(corpus, document_mask=True)  # its validation loader
+    bos = long._train[0].meta["bos_id"]
+    train = take(long.train_dataloader(), 20)  # documents run ~2.5K tokens
+    for batch in (*train, next(iter(short.val_dataloader()[0]))):
+        ids, docs = batch["input_ids"], batch["documents"]
+        assert docs.shape == ids.shape and (docs.diff(dim=1) >= 0).all()
+        assert torch.equal(docs, (ids == bos).long().cumsum(1))
+    assert any((b["documents"][:, -1] > 0).any() for b in train)  # several documents a block
+    from tinyrecipe.data.mixture import document_ids
+
+    tokens = np.array([5, 2, 7, 7, 2, 9])  # EOS-only policy: a document starts after each EOS
+    assert document_ids(tokens, {"boundary": "eos", "eos_id": 2}, "x").tolist() == [
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+    ]
+    with pytest.raises(ValueError, match="records no document boundaries"):
+        document_ids(tokens, {}, "some/dir")

@@ -25,6 +25,30 @@ LIGHTNING_MP = [
 ]
 
 
+COMMON = [
+    "--trainer.accumulate_grad_batches",
+    str(ACCUMULATE),
+    "--trainer.num_sanity_val_steps",
+    "0",
+    # z-loss rides in the step's one all-reduce; the spike judgement needs no collective
+    "--model.config.z_loss",
+    "1e-3",
+    "--model.spike_sigma",
+    "6",
+    "--model.spike_window",
+    "2",
+]
+# 2 replicas x 2 shards: fully_shard over a (replicate, shard) mesh
+HSDP = [
+    "--trainer.devices",
+    "4",
+    "--trainer.strategy",
+    "tinyrecipe.train.strategy.FSDP2Strategy",
+    "--trainer.strategy.shard_group_size",
+    "2",
+]
+
+
 def counted_fit(root, *flags, env=None) -> subprocess.CompletedProcess:
     """The fit parser and Trainer with every collective counted per optimizer step."""
     script = ROOT / "tests/helpers/counted_fit.py"
@@ -56,17 +80,17 @@ def runs(corpus, tmp_path_factory):
     """One recipe (accumulation 4, 3 steps, a checkpoint only at the end) run three ways: one
     process; two with tinyrecipe's fsdp2; two with Lightning's plain ModelParallelStrategy."""
     tmp = tmp_path_factory.mktemp("fsdp2")
-    common = [
-        "--trainer.accumulate_grad_batches",
-        str(ACCUMULATE),
-        "--trainer.num_sanity_val_steps",
-        "0",
-    ]
+    common = COMMON
     out = {}
     for name, batch, flags in (
         ("one", 4, []),
         ("fsdp2", 2, ["--trainer.devices", "2", "--trainer.strategy", "fsdp2"]),
         ("lightning", 2, ["--trainer.devices", "2", *LIGHTNING_MP]),
+        (
+            "hsdp",
+            1,
+            [*HSDP, "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"],
+        ),
     ):
         root = write_recipe(
             tmp / name, corpus, max_steps=STEPS, every=1000, batch_size=batch
@@ -100,7 +124,8 @@ def test_no_sync_accumulation_trains_like_synced_and_like_one_process(runs):
     2 ranks, against 4 micro-batches of 4 rows on one process): measured up to 1.7e-6 apart,
     so 5e-6 here (without accumulation test_training holds the norm to 1e-6)."""
     one, two, synced = (scalars(runs[n] / "tensorboard") for n in ("one", "fsdp2", "lightning"))
-    for tag in ("train/loss", "train/grad_norm"):
+    assert [v for _, v in two["train/spike_skips"]] == [0.0] * STEPS
+    for tag in ("train/loss", "train/grad_norm", "train/z_loss"):
         for (s1, a), (s2, b), (_, c) in zip(one[tag], two[tag], synced[tag], strict=True):
             assert (
                 s1 == s2 and b == pytest.approx(a, rel=5e-6) and b == pytest.approx(c, rel=5e-6)
@@ -112,16 +137,39 @@ def test_no_sync_accumulation_trains_like_synced_and_like_one_process(runs):
         torch.testing.assert_close(tensor, theirs[name], rtol=1e-4, atol=1e-5)
 
 
+def test_hsdp_on_four_processes_trains_like_one_and_resumes_exactly(runs, corpus, tmp_path):
+    """2 replicas x 2 shards (HSDP) with accumulation 4: the losses and gradient norms of one
+    process (fp32 reduction order: 5e-6), one reduce-scatter per sharded module and step inside
+    the shard group; resumed from its step-2 sharded checkpoint, the last step's weights are
+    bitwise those of the uninterrupted run."""
+    one, hsdp = (scalars(runs[n] / "tensorboard") for n in ("one", "hsdp"))
+    for tag in ("train/loss", "train/grad_norm"):
+        for (s1, a), (s2, b) in zip(one[tag], hsdp[tag], strict=True):
+            assert s1 == s2 and b == pytest.approx(a, rel=5e-6), tag
+    for rank in counts(runs["hsdp"], 4):
+        for step in rank[1:]:
+            scatters = sum(v for k, v in step.items() if k.startswith("reduce_scatter"))
+            assert scatters == FSDP_MODULES, step
+    ckpts = runs["hsdp"] / "checkpoints"
+    resumed = write_recipe(tmp_path, corpus, max_steps=STEPS, every=1000, batch_size=1).parent
+    result = counted_fit(
+        resumed,
+        *COMMON,
+        *HSDP,
+        "--ckpt_path",
+        str(ckpts / "step=2.ckpt"),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, want = load_tinyrecipe_checkpoint(ckpts / f"step={STEPS}.ckpt")
+    _, got = load_tinyrecipe_checkpoint(resumed / "checkpoints/last.ckpt")
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+
 @pytest.mark.faults
 def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, tmp_path):
     """Both ranks die while writing the step-3 checkpoint; the step-2 one stays whole."""
     root = write_recipe(tmp_path / "run", corpus, max_steps=STEPS, every=1000, batch_size=2).parent
-    flags = [
-        "--trainer.accumulate_grad_batches",
-        str(ACCUMULATE),
-        "--trainer.num_sanity_val_steps",
-        "0",
-    ]
+    flags = [*COMMON]  # the settings of runs["fsdp2"], compared with below
     flags += [
         "--trainer.devices",
         "2",

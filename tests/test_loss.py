@@ -134,3 +134,44 @@ def test_chunked_loss_inside_a_whole_model_compile():
     with torch.no_grad():  # the forward graph is where the logits kernel sits (faster to build)
         _, loss = torch.compile(model)(idx, idx.roll(-1, 1))
         assert loss.item() == pytest.approx(model(idx, idx.roll(-1, 1))[1].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_z_loss_chunked_equals_the_reference_in_value_and_grads(chunk, dtype):
+    """z_loss x mean(logsumexp(logits))² over the targets, added to the cross-entropy: the
+    chunked kernel's value, z part and gradients equal the plain formula's."""
+    from tinyrecipe.model.loss import cross_entropy_z, linear_cross_entropy_z
+
+    torch.manual_seed(0)
+    h = (torch.randn(3, 20, 16) * 2).requires_grad_()  # logits far from 0: log Z matters
+    w = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 20))
+    targets[0, :4] = -100
+    ref, ref_z = cross_entropy_z(h @ w.T, targets, 1e-2)
+    plain = F.cross_entropy((h @ w.T).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    lse = (h @ w.T).logsumexp(-1)[targets != -100]
+    assert ref_z.item() == pytest.approx(1e-2 * lse.square().mean().item(), rel=1e-6)
+    assert ref.item() == pytest.approx(plain.item() + ref_z.item(), rel=1e-6) and ref_z > 0.01
+    ref_gh, ref_gw = torch.autograd.grad(ref * 1.5, (h, w))
+    hc = h.detach().to(dtype).requires_grad_()
+    loss, z = linear_cross_entropy_z(hc, w, targets, chunk, 1e-2)
+    gh, gw = torch.autograd.grad(loss * 1.5, (hc, w))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    assert loss.item() == pytest.approx(ref.item(), rel=tol["rtol"])
+    assert z.item() == pytest.approx(ref_z.item(), rel=tol["rtol"]) and not z.requires_grad
+    torch.testing.assert_close(gh.float(), ref_gh, **tol)
+    torch.testing.assert_close(gw, ref_gw, **tol)
+
+
+def test_the_model_reports_its_z_loss_on_both_loss_paths():
+    torch.manual_seed(0)
+    idx = torch.randint(0, 101, (2, 16))
+    plain = Llama(dataclasses.replace(SMALL, z_loss=1e-3))
+    chunked = Llama(dataclasses.replace(SMALL, z_loss=1e-3, loss_chunk_size=5))
+    chunked.load_state_dict(plain.state_dict())
+    (_, a), (_, b) = plain(idx, idx), chunked(idx, idx)
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    assert plain.z_loss_term.item() == pytest.approx(chunked.z_loss_term.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="z_loss"):
+        ModelConfig.from_name("tiny", z_loss=-1.0)

@@ -42,6 +42,13 @@ def test_estimate_responds_to_each_switch():
     assert fsdp.optimizer * 16 == plain.optimizer and ddp.optimizer == plain.optimizer
     assert plain.optimizer == cfg.num_params() * 8  # two fp32 AdamW states
     assert fsdp.fsdp_buffers > 0 and plain.fsdp_buffers == 0
+    # HSDP: 16 devices, sharded within groups of 8 (a node), replicated across the two
+    hsdp = estimate_memory(
+        cfg, 8, 2048, precision="bf16-mixed", world_size=16, sharded=True, shard_group=8
+    )
+    assert hsdp.optimizer * 8 == plain.optimizer and hsdp.params == 2 * fsdp.params
+    masked = estimate_memory(cfg, 8, 2048, precision="bf16-mixed", document_mask=True)
+    assert masked.activations - plain.activations == 8 * 2048 * 2048  # the bool mask
 
 
 def test_memory_command_reads_recipes_and_overlays(capsys, tmp_path):

@@ -97,3 +97,64 @@ def test_cosine_and_constant_schedules_and_their_one_line_errors():
         kind = kwargs.pop("kind")
         with pytest.raises(ValueError, match=message):
             build_schedule(kind, 1.0, 0.1, 2, 10, **kwargs)
+
+
+def test_a_loss_spike_is_skipped_on_every_rank_and_the_window_resumes_exactly():
+    """30 steps of a tiny model with a spike (the loss x 1000) injected at step 20: that step
+    alone is skipped (weights untouched), and a run stopped at step 15 and resumed from its
+    saved state (model, optimizer, spike window) ends bitwise equal to the uninterrupted one."""
+    from tinyrecipe.train.step import SpikeSkipper, finish_step
+
+    config = ModelConfig.from_name(
+        "tiny", n_layer=1, d_model=32, n_head=2, n_kv_head=1, d_ff=64, vocab_size=64
+    )
+    data = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (4, 17), generator=data) for _ in range(30)]
+
+    def train(model, opt, spikes, steps):
+        flags = []
+        for step in steps:
+            batch = batches[step]
+            _, loss = model(batch[:, :-1], batch[:, 1:])
+            loss = loss * 1000 if step == 20 else loss
+            loss.backward()
+            stats = finish_step(
+                list(model.parameters()),
+                loss.detach(),
+                1,
+                max_norm=1.0,
+                optimizer=opt,
+                spikes=spikes,
+            )
+            before = [p.detach().clone() for p in model.parameters()]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            flags.append(int(stats.spike))
+            if step == 20:
+                assert all(
+                    torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)
+                )
+        return flags
+
+    torch.manual_seed(0)
+    model = Llama(config)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    opt, spikes = build_adamw(model, lr=1e-3), SpikeSkipper(sigma=3.0, window=8)
+    flags = train(model, opt, spikes, range(30))
+    assert flags == [0] * 20 + [1] + [0] * 9
+
+    again = Llama(config)
+    again.load_state_dict(start)
+    opt2, spikes2 = build_adamw(again, lr=1e-3), SpikeSkipper(sigma=3.0, window=8)
+    train(again, opt2, spikes2, range(15))
+    saved = (again.state_dict(), opt2.state_dict(), spikes2.state_dict())
+    resumed = Llama(config)
+    resumed.load_state_dict(saved[0])
+    opt3, spikes3 = build_adamw(resumed, lr=1e-3), SpikeSkipper(sigma=3.0, window=8)
+    opt3.load_state_dict(saved[1])
+    spikes3.load_state_dict(saved[2])
+    assert train(resumed, opt3, spikes3, range(15, 30)) == flags[15:]
+    for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="model.spike_sigma"):
+        SpikeSkipper(sigma=0.0)

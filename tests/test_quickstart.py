@@ -1,4 +1,4 @@
-"""The README's first command, `make quickstart`, end to end at a smaller size, twice (the rerun
+"""The README's first command, `make quickstart`, end to end at a smaller size, then its data step again (which
 must reuse what exists)."""
 
 import os
@@ -13,16 +13,17 @@ SMALL = [
     "VOCAB=1024",
     "VAL_PERMILLE=300",
     "FIT_ARGS=--trainer.max_steps 4 --trainer.val_check_interval 2 --data.val_max_blocks 4 "
+    "--downstream_eval.limit 40 "
     '--model.config \'{"vocab_size": 1024, "n_layer": 2}\'',
 ]
 
 
-def make_quickstart(workdir) -> subprocess.CompletedProcess:
+def make_quickstart(workdir, target: str = "quickstart") -> subprocess.CompletedProcess:
     return subprocess.run(
         [
             "make",
             "--no-print-directory",
-            "quickstart",
+            target,
             f"VENV={sys.prefix}",
             "SKIP_SETUP=1",
             *SMALL,
@@ -52,7 +53,7 @@ def test_make_quickstart_small(tmp_path):
     assert (tmp_path / "out/quickstart/checkpoints/last.ckpt").is_file()
     assert list((tmp_path / "out/quickstart/tensorboard").rglob("events.out.tfevents.*"))
 
-    again = make_quickstart(tmp_path)
+    again = make_quickstart(tmp_path, "quickstart-data")  # the data step of a second quickstart
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("already prepared, reused") == 4  # both splits of both sources
     # neither the sample corpus nor the tokenizer was rebuilt (their scripts print these)

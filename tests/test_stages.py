@@ -137,3 +137,11 @@ def test_elastic_resume_one_two_one_processes_trains_like_the_unchanged_run(
     worst = max(abs(got[s] - want[s]) for s in range(12, 40))
     print(f"elastic {strategy[-1]}: largest loss difference {worst:.2e}")
     assert worst < ELASTIC_TOL
+    ref, run = scalars(reference / "tensorboard"), scalars(tmp_path / "tensorboard")
+    # the gradient norm from local shards and one all-reduce is the whole gradient's, and
+    # validation split over 2 ranks (logged at 15, inside the 2-process leg) gives the 1-rank one
+    norms = dict(run["train/grad_norm"])
+    for step, norm in ref["train/grad_norm"]:
+        if 12 <= step < 40:
+            assert norms[step] == pytest.approx(norm, rel=1e-5), step
+    assert dict(run["val/loss"])[15] == pytest.approx(dict(ref["val/loss"])[15], abs=1e-5)

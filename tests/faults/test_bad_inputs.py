@@ -168,8 +168,8 @@ def _nan_run(tmp_path, corpus, policy: str):
     module.configure_model()
     forward, calls = module.model.forward, {"n": 0}
 
-    def poisoned(idx, targets=None, cache=None):
-        out = forward(idx, targets, cache)
+    def poisoned(idx, targets=None, cache=None, documents=None):
+        out = forward(idx, targets, cache, documents)
         if targets is not None and module.training:
             calls["n"] += 1
             if calls["n"] == 3:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 
 from tinyrecipe.data.mixture import (
@@ -15,6 +16,7 @@ from tinyrecipe.data.mixture import (
     ShardedEvalSampler,
     TokenBlocks,
     check_split,
+    document_ids,
 )
 
 
@@ -61,6 +63,8 @@ class MixedStreamingDataModule(L.LightningDataModule):
     of each source that has them (docs/data.md). 1 is the plain two-level shuffle.
     `stages` change the weights during training (`Stage`); `mixing_period` is the number of
     samples over which each source's share is exact (a ramp moves in steps of it).
+    `document_mask`: batches also carry `documents` (B, T), each token's document inside its
+    block (from the BOS/EOS boundaries prep recorded), and the model attends within documents.
 
     The data position is the number of global samples consumed, so a run resumes on another
     number of processes, micro-batch size or accumulation (same global batch) with the same
@@ -82,6 +86,7 @@ class MixedStreamingDataModule(L.LightningDataModule):
         stages: list[Stage] | None = None,
         mixing_period: int = 1024,
         allow_global_batch_change: bool = False,
+        document_mask: bool = False,
     ) -> None:
         super().__init__()
         if not sources:
@@ -112,6 +117,7 @@ class MixedStreamingDataModule(L.LightningDataModule):
             allow_global_batch_change,
         )
         self._schedule: MixtureSchedule | None = None
+        self.document_mask = document_mask
         self.block_size, self.batch_size, self.num_workers, self.seed = (
             block_size,
             batch_size,
@@ -201,6 +207,8 @@ class MixedStreamingDataModule(L.LightningDataModule):
                     f"'{self._train[0].path}'; all sources must share one tokenizer"
                 )
             first_sha = sha
+            if self.document_mask:  # refused here, in one line, not inside a loader worker
+                document_ids(np.zeros(1, dtype=np.int64), meta, blocks.path)
 
     @property
     def schedule(self) -> MixtureSchedule:
@@ -256,7 +264,13 @@ class MixedStreamingDataModule(L.LightningDataModule):
         self.setup()
         rank, world = self._rank_world()
         stream = MixedBlockStream(
-            self._train, self.schedule, self.batch_size, self.batches_consumed, rank, world
+            self._train,
+            self.schedule,
+            self.batch_size,
+            self.batches_consumed,
+            rank,
+            world,
+            document_mask=self.document_mask,
         )
         return _CountingLoader(
             self, stream, batch_size=self.batch_size, num_workers=self.num_workers
@@ -269,7 +283,7 @@ class MixedStreamingDataModule(L.LightningDataModule):
         rank, world = self._rank_world()
         loaders = []
         for blocks in self._val:
-            dataset = SequentialBlocks(blocks, self.val_max_blocks)
+            dataset = SequentialBlocks(blocks, self.val_max_blocks, self.document_mask)
             loaders.append(
                 DataLoader(
                     dataset,

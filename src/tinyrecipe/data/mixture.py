@@ -247,6 +247,22 @@ def batch_diversity(blocks: TokenBlocks, batch_blocks: int, n_batches: int = 20)
     }
 
 
+def document_ids(tokens: np.ndarray, meta: dict, path: str) -> np.ndarray:
+    """Each token's document within a block (0 for the one already running when it starts),
+    from the BOS/EOS boundaries prep put in the stream (its policy is in the metadata): a BOS
+    starts a document; under the EOS-only policy a document starts after each EOS."""
+    boundary = meta.get("boundary")
+    if boundary in ("bos", "bos_eos"):
+        return np.cumsum(tokens == meta["bos_id"]).astype(np.int64)
+    if boundary == "eos":
+        ends = np.concatenate([[0], (tokens[:-1] == meta["eos_id"]).astype(np.int64)])
+        return np.cumsum(ends)
+    raise ValueError(
+        f"data dir '{path}' records no document boundaries (metadata boundary={boundary!r}); "
+        "prepare it again with data_prep/prepare_*.py, or set data.document_mask: false"
+    )
+
+
 def is_remote(split: str) -> bool:
     """A path litdata fetches itself (s3://, gs://, ..., or `local:` through its cache)."""
     return "://" in str(split) or str(split).startswith("local:")
@@ -429,10 +445,12 @@ class MixedBlockStream(IterableDataset):
         start_batch: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        document_mask: bool = False,
     ) -> None:
         self.sources, self.schedule = sources, schedule
         self.batch_size, self.start_batch = batch_size, start_batch
         self.rank, self.world_size = rank, world_size
+        self.document_mask = document_mask
 
     def sample(self, i: int) -> tuple[int, torch.Tensor]:
         """(source, tokens) of global sample i."""
@@ -446,9 +464,16 @@ class MixedBlockStream(IterableDataset):
         while True:
             first = (b * self.world_size + self.rank) * self.batch_size
             for i in range(first, first + self.batch_size):
-                block = self.sample(i)[1]
-                yield {"input_ids": block[:-1], "labels": block[1:]}
+                s, block = self.sample(i)
+                item = {"input_ids": block[:-1], "labels": block[1:]}
+                if self.document_mask:
+                    item["documents"] = _documents(item["input_ids"], self.sources[s])
+                yield item
             b += workers
+
+
+def _documents(input_ids: torch.Tensor, blocks: TokenBlocks) -> torch.Tensor:
+    return torch.from_numpy(document_ids(input_ids.numpy(), blocks.meta, blocks.path))
 
 
 class SequentialBlocks(Dataset):
@@ -457,9 +482,12 @@ class SequentialBlocks(Dataset):
     -100: `ShardedEvalSampler` uses it so every rank runs the same number of batches (none is
     left out of a collective) while the loss counts each real block exactly once."""
 
-    def __init__(self, blocks: TokenBlocks, limit: int | None = None) -> None:
+    def __init__(
+        self, blocks: TokenBlocks, limit: int | None = None, document_mask: bool = False
+    ) -> None:
         self.blocks = blocks
         self.n = len(blocks) if limit is None else min(limit, len(blocks))
+        self.document_mask = document_mask
 
     def __len__(self) -> int:
         return self.n
@@ -467,12 +495,18 @@ class SequentialBlocks(Dataset):
     def __getitem__(self, j: int) -> dict[str, torch.Tensor]:
         if j >= self.n:
             width = self.blocks.block_size
-            return {
+            item = {
                 "input_ids": torch.zeros(width, dtype=torch.int64),
                 "labels": torch.full((width,), IGNORE_INDEX, dtype=torch.int64),
             }
+            if self.document_mask:
+                item["documents"] = torch.zeros(width, dtype=torch.int64)
+            return item
         block = torch.from_numpy(self.blocks.block(j).astype(np.int64))
-        return {"input_ids": block[:-1], "labels": block[1:]}
+        item = {"input_ids": block[:-1], "labels": block[1:]}
+        if self.document_mask:
+            item["documents"] = _documents(item["input_ids"], self.blocks)
+        return item
 
 
 class ShardedEvalSampler(DistributedSampler):

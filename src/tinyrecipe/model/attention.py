@@ -1,11 +1,16 @@
 """Causal attention kernels: FlashAttention-2 when it can run, PyTorch SDPA everywhere else.
 
 flash-attn is imported lazily, on the first call that could use it, never at module import.
+
+With a `DocumentMask` (packed blocks of several documents), a token attends only to earlier
+tokens of its own document: flash-attn's varlen kernel over the documents as sequences
+(`cu_seqlens`) on a GPU, SDPA with a block-diagonal causal mask elsewhere.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,17 +56,62 @@ def select_backend(q: torch.Tensor, requested: str = "auto") -> str:
     return "sdpa"
 
 
+@dataclass
+class DocumentMask:
+    """Where the documents of a packed batch are, built once per forward and shared by every
+    block: `dense` (B, 1, T, T) bool, True where a query may attend a key (same document, not
+    later), for SDPA; `cu_seqlens` (int32, the documents' starts in the flattened B x T tokens,
+    then B x T) and `max_seqlen` for flash-attn's varlen kernel, made only when it will run."""
+
+    dense: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+
+    @staticmethod
+    def from_documents(documents: torch.Tensor, for_flash: bool = False) -> DocumentMask:
+        """`documents` (B, T): each token's document id, non-decreasing along a row."""
+        B, T = documents.shape
+        if for_flash:
+            flat = documents + torch.arange(B, device=documents.device)[:, None] * (T + 1)
+            flat = flat.flatten()
+            starts = torch.ones_like(flat, dtype=torch.bool)
+            starts[1:] = flat[1:] != flat[:-1]
+            cu = torch.nonzero(starts).flatten().to(torch.int32)  # one host sync per forward
+            cu = torch.cat([cu, cu.new_tensor([B * T])])
+            return DocumentMask(None, cu, T)  # T bounds every document's length
+        same = documents[:, :, None] == documents[:, None, :]
+        causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+        return DocumentMask((same & causal)[:, None])
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """Each token's position inside its own document (B, T): RoPE restarted per document."""
+    B, T = documents.shape
+    index = torch.arange(T, device=documents.device).expand(B, T)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
+
+
 _logged: set[str] = set()
 
 
 def causal_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    backend: str = "auto",
+    documents: DocumentMask | None = None,
 ) -> torch.Tensor:
     """Causal self-attention. q: (B, T, H, D); k, v: (B, S, H_kv, D) with H % H_kv == 0 and
     S >= T: the T queries are the last T of the S positions (S > T when generating with a
     KV cache). Returns (B, T, H, D). Grouped KV heads are never copied out to H heads.
+    `documents`: attend within each document only (training on packed blocks, S == T).
     """
     chosen = select_backend(q, backend)
+    if documents is not None:
+        return _document_attention(q, k, v, chosen, documents)
     # Never a silent slow path: say once which kernel runs (not from inside a compiled graph).
     if chosen not in _logged and not torch.compiler.is_compiling():
         _logged.add(chosen)
@@ -78,4 +128,28 @@ def causal_attention(
     else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    return y.transpose(1, 2)
+
+
+def _document_attention(q, k, v, chosen: str, documents: DocumentMask) -> torch.Tensor:
+    B, T, H, D = q.shape
+    if chosen == "flash" and documents.cu_seqlens is not None:
+        from flash_attn import flash_attn_varlen_func
+
+        cu, n = documents.cu_seqlens, documents.max_seqlen
+        y = flash_attn_varlen_func(
+            q.reshape(B * T, H, D),
+            k.reshape(B * T, k.size(2), D),
+            v.reshape(B * T, v.size(2), D),
+            cu,
+            cu,
+            n,
+            n,
+            causal=True,
+        )
+        return y.view(B, T, H, D)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=documents.dense, enable_gqa=k.size(1) != q.size(1)
+    )
     return y.transpose(1, 2)

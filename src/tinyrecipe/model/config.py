@@ -15,7 +15,11 @@ class ModelConfig:
     `attention` picks the kernel: "auto" (flash-attn 2 on CUDA fp16/bf16 when importable, else
     SDPA), "sdpa" or "flash" (error if flash-attn cannot run). `loss_chunk_size` > 0 computes
     the training loss with `linear_cross_entropy` that many tokens at a time, never holding the
-    full (tokens x vocab) logits; 0 uses the plain `F.cross_entropy` reference.
+    full (tokens x vocab) logits; 0 uses the plain `F.cross_entropy` reference. `z_loss` > 0
+    adds z_loss x mean(log Z)² (the log-partition of the logits) to the training loss.
+    `document_positions`: under a document mask, RoPE positions "continue" through the packed
+    block (the default; attention scores depend only on relative positions, so the logits equal
+    the document's alone either way) or "restart" at each document.
     """
 
     n_layer: int = 22
@@ -31,6 +35,8 @@ class ModelConfig:
     init_std: float | None = None
     attention: str = "auto"
     loss_chunk_size: int = 0
+    z_loss: float = 0.0
+    document_positions: str = "continue"
 
     def __post_init__(self) -> None:
         for key in (
@@ -59,6 +65,15 @@ class ModelConfig:
         if self.loss_chunk_size < 0:
             raise ValueError(
                 f"ModelConfig.loss_chunk_size={self.loss_chunk_size} must be >= 0 (0: plain loss)"
+            )
+        if self.z_loss < 0:
+            raise ValueError(
+                f"ModelConfig.z_loss={self.z_loss} must be >= 0 (0: off; PaLM used 1e-4)"
+            )
+        if self.document_positions not in ("continue", "restart"):
+            raise ValueError(
+                f"ModelConfig.document_positions={self.document_positions!r} is unknown; use "
+                "'continue' (positions run through the packed block) or 'restart' (per document)"
             )
         if self.attention not in ("auto", "sdpa", "flash"):
             raise ValueError(

@@ -13,9 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tinyrecipe.model.attention import causal_attention
+from tinyrecipe.model.attention import (
+    DocumentMask,
+    causal_attention,
+    document_positions,
+    select_backend,
+)
 from tinyrecipe.model.config import ModelConfig
-from tinyrecipe.model.loss import IGNORE_INDEX, linear_cross_entropy
+from tinyrecipe.model.loss import cross_entropy_z, linear_cross_entropy_z
 
 
 class RMSNorm(nn.Module):
@@ -45,10 +50,11 @@ def rope_cache(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x (B, T, H, D) by position; cos/sin are (T, D)."""
+    """Rotate x (B, T, H, D) by position; cos/sin are (T, D), or (B, T, D) for positions that
+    differ per row (RoPE restarted at each document)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
-    cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)  # broadcast over heads
+    cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)  # over heads
     return x * cos + rotated * sin
 
 
@@ -87,7 +93,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        documents: DocumentMask | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
@@ -98,7 +109,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # generation: attend to every earlier position as well
             k, v = cache.append(k, v)  # (B, T_past + T, H_kv, hd)
-        y = causal_attention(q, k, v, self.backend)  # (B, T, H, hd)
+        y = causal_attention(q, k, v, self.backend, documents)  # (B, T, H, hd)
         return self.proj(y.reshape(B, T, q_dim))
 
 
@@ -126,9 +137,14 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        documents: DocumentMask | None = None,
     ) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, documents)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -184,11 +200,16 @@ class Llama(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: list[KVCache] | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
         cross-entropy over positions whose target is not IGNORE_INDEX (-100) (logits are None when
         `config.loss_chunk_size` > 0: the loss is then computed chunk by chunk). With `cache` (one KVCache per
-        block, from `new_kv_cache`), idx continues the cached sequence (generation)."""
+        block, from `new_kv_cache`), idx continues the cached sequence (generation). With
+        `documents` (B, T) document ids (non-decreasing along a row: packed blocks), a token
+        attends only to earlier tokens of its own document, and with
+        `config.document_positions == "restart"` its RoPE position counts from its document's
+        first token."""
         start = cache[0].length if cache else 0
         T = idx.size(1)
         if start + T > self.config.block_size:
@@ -196,17 +217,29 @@ class Llama(nn.Module):
                 f"sequence length {start + T} exceeds block_size {self.config.block_size}"
             )
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        mask = None
+        if documents is not None:
+            if cache:
+                raise ValueError("documents (a document mask) is for training, not generation")
+            probe = self.embed.weight
+            flash = select_backend(probe.new_empty(0), self.config.attention) == "flash"
+            mask = DocumentMask.from_documents(documents, for_flash=flash)
+            if self.config.document_positions == "restart":
+                positions = document_positions(documents)
+                cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embed(idx)  # (B, T, d)
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, cache[i] if cache else None)
+            x = block(x, cos, sin, cache[i] if cache else None, mask)
         x = self.norm(x)
+        z_loss = self.config.z_loss
         if targets is not None and self.config.loss_chunk_size:
             chunk = self.config.loss_chunk_size
-            return None, linear_cross_entropy(x, self.lm_head.weight, targets, chunk)
+            loss, self.z_loss_term = linear_cross_entropy_z(
+                x, self.lm_head.weight, targets, chunk, z_loss
+            )
+            return None, loss
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-        )
+        loss, self.z_loss_term = cross_entropy_z(logits, targets, z_loss)
         return logits, loss

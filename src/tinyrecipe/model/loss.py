@@ -13,6 +13,11 @@ memory for the head drops from O(tokens × vocab) to O(chunk × vocab), and the 
 log_softmax / NLL backward passes disappear. The result equals
 `F.cross_entropy(h @ W.T, targets, ignore_index=-100)` to float rounding (tested).
 
+z-loss (PaLM; OLMo and nanotron use it): `z_loss` > 0 adds z_loss × mean(log Z)², log Z the
+log-partition (logsumexp of the logits) of each target position, which keeps the logits from
+drifting; its gradient 2 z_loss log Z × softmax joins the cross-entropy's in the same pass (a
+per-row factor, no extra vocab-sized work).
+
 What makes it fast (docs/performance.md): the softmax and its gradient are worked in place in
 the chunk's logits (one buffer reused by every chunk where the kernel can write into it, no
 log_softmax copy); the softmax stays unnormalised, exp(logit - row max), and in fp32 its
@@ -24,6 +29,7 @@ logits run on oneDNN's linear kernel; no host sync (`.item()`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
@@ -46,7 +52,7 @@ def _onednn_logits(h: torch.Tensor) -> bool:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk_size, grad_enabled):
+    def forward(ctx, h, weight, targets, chunk_size, grad_enabled, z_loss):
         # h (N, d), weight (V, d), targets (N,); autograd runs forward with grad mode off, so
         # the caller says whether gradients are wanted at all (no work for them in evaluation).
         want_h = grad_enabled and ctx.needs_input_grad[0]
@@ -58,6 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        z_total = torch.zeros((), dtype=torch.float32, device=h.device)
         # One fp32 logits buffer, reused by every chunk: the only vocab-sized tensor (fresh
         # tensors of this size cost page faults on CPU, chunk after chunk). oneDNN writes a
         # new tensor instead, but is the faster kernel on CPU.
@@ -78,12 +85,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target_logit = e.gather(1, tc)
             e.sub_(rows_max).exp_()  # softmax, unnormalised: exp(logit - row max)
             sums = e.sum(dim=1, keepdim=True)
-            # -log softmax[target] = log(sum) + max - logit[target]
-            total += ((sums.log() + rows_max - target_logit) * valid[:, None]).sum()
+            log_z = sums.log() + rows_max  # log-partition of each row
+            # -log softmax[target] = log Z - logit[target]
+            total += ((log_z - target_logit) * valid[:, None]).sum()
+            if z_loss:
+                z_total += (log_z.square() * valid[:, None]).sum() * z_loss
             if want_h or want_w:
-                # d(loss)/d(logits) = softmax - one_hot = (e - sum * one_hot) / sum
-                e.scatter_add_(1, tc, -sums)
+                # d(loss)/d(logits) = softmax - one_hot = (e - sum * one_hot) / sum; with z-loss
+                # softmax x c - one_hot, c = 1 + 2 z log Z: c / sum x (e - sum / c x one_hot)
+                c = 1.0 + 2.0 * z_loss * log_z if z_loss else None
+                e.scatter_add_(1, tc, -sums if c is None else -sums / c)
                 row_scale = valid[:, None] / sums  # (n, 1); 0 for ignored rows
+                if c is not None:
+                    row_scale = row_scale * c
                 gh = grad_h[start : start + chunk_size] if want_h else None
                 if fp32:  # 1/sum and 1/#targets scale the small (n, d) side of the matmuls
                     row_scale = row_scale * scale
@@ -103,23 +117,41 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w.mul_(scale)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
-        return total * scale
+        z_term = z_total * scale
+        ctx.mark_non_differentiable(z_term)
+        return (total + z_total) * scale, z_term
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_z_term):
         grad_h, grad_w = ctx.saved_tensors
         if grad_h is not None:
             grad_h = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
             grad_w = (grad_w * grad_out).to(ctx.weight_dtype)
-        return grad_h, grad_w, None, None, None
+        return grad_h, grad_w, None, None, None, None
 
 
 def linear_cross_entropy(
-    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    z_loss: float = 0.0,
 ) -> torch.Tensor:
     """Mean cross-entropy of `h @ weight.T` (h: (..., d), weight: (V, d)) against `targets`
-    (same leading shape; -100 ignored), `chunk_size` tokens at a time. No targets: 0."""
+    (same leading shape; -100 ignored), `chunk_size` tokens at a time, plus `z_loss` x the
+    mean squared log-partition. No targets: 0."""
+    return linear_cross_entropy_z(h, weight, targets, chunk_size, z_loss)[0]
+
+
+def linear_cross_entropy_z(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = 1024,
+    z_loss: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, its z-loss part, detached): `linear_cross_entropy` and what z-loss added."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     device_type = h.device.type
@@ -132,4 +164,19 @@ def linear_cross_entropy(
             targets.reshape(-1),
             chunk_size,
             torch.is_grad_enabled(),
+            float(z_loss),
         )
+
+
+def cross_entropy_z(
+    logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The readable reference: (mean cross-entropy + z_loss x mean (log Z)², the z part
+    detached) of full (..., V) logits, positions whose target is -100 left out."""
+    logits, targets = logits.flatten(0, -2).float(), targets.flatten()
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    if not z_loss:
+        return loss, torch.zeros((), device=logits.device)
+    valid = targets != IGNORE_INDEX
+    z_term = z_loss * (logits.logsumexp(-1).square() * valid).sum() / valid.sum().clamp(min=1)
+    return loss + z_term, z_term.detach()

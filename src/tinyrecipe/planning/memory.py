@@ -68,6 +68,8 @@ def estimate_memory(
     activation_checkpointing: bool = False,
     accumulation: int = 1,
     compiled: bool = False,
+    shard_group: int | None = None,
+    document_mask: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per device for one training step of `config` at `micro_batch` x `seq_len`.
 
@@ -75,7 +77,9 @@ def estimate_memory(
     "bf16-true" (everything bf16 except AdamW's fp32 states). `sharded`: FSDP/FSDP2 over
     `world_size` devices (DDP keeps full copies). Sharded with `accumulation` > 1, each device
     holds the unsharded fp32 gradients between micro-batches (FSDP2 reduces them once per step,
-    `tinyrecipe.train.strategy`)."""
+    `tinyrecipe.train.strategy`). `shard_group`: HSDP, sharded over groups of that many devices
+    and replicated across them. `document_mask`: the (B, T, T) boolean mask SDPA reads (flash-attn's
+    varlen kernel needs none)."""
     T = config.block_size if seq_len is None else seq_len
     tokens = micro_batch * T
     d, f, L, V = config.d_model, config.d_ff, config.n_layer, config.vocab_size
@@ -83,11 +87,11 @@ def estimate_memory(
     act = 2 if "bf16" in precision or precision.startswith("16") else 4
     weight = 2 if precision.endswith("-true") and act == 2 else 4
     n = config.num_params()
-    shards = world_size if sharded else 1
+    shards = (shard_group or world_size) if sharded else 1
 
     params = n * weight // shards
     grads = n * weight // shards
-    if sharded and world_size > 1 and accumulation > 1:
+    if sharded and shards > 1 and accumulation > 1:
         grads = n * 4  # the unsharded gradients accumulated in fp32 until the step's reduction
     optimizer = n * 8 // shards  # AdamW exp_avg + exp_avg_sq, fp32
 
@@ -97,6 +101,8 @@ def estimate_memory(
     else:
         blocks = tokens * L * per_layer
     head_in = tokens * 6 * d * act
+    if document_mask:
+        blocks += micro_batch * T * T  # one bool mask, shared by every block
     if config.loss_chunk_size:
         chunk = min(config.loss_chunk_size, tokens)
         # one fp32 logits buffer (plus its 16-bit copy for the gradient matmuls), the fp32
@@ -105,7 +111,7 @@ def estimate_memory(
     else:
         loss_buffers = tokens * V * 4 * 3  # log-softmax kept; two fp32 buffers in backward
     fsdp_buffers = 0
-    if sharded and world_size > 1:
+    if sharded and shards > 1:
         block_params = (n - (V * d) * (1 if config.tie_embeddings else 2)) // L
         fsdp_buffers = 2 * block_params * act
     return MemoryEstimate(params, grads, optimizer, blocks + head_in, loss_buffers, fsdp_buffers)
@@ -140,6 +146,10 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
         "accumulation": _accumulation(recipe, trainer, data, world),
         "compiled": bool(model.get("compile", False)),
+        "shard_group": (strategy.get("init_args") or {}).get("shard_group_size")
+        if isinstance(strategy, dict)
+        else None,
+        "document_mask": bool(data.get("document_mask", False)),
     }
     estimate = estimate_memory(
         config,
@@ -151,5 +161,7 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         activation_checkpointing=settings["activation_checkpointing"],
         accumulation=settings["accumulation"],
         compiled=settings["compiled"],
+        shard_group=settings["shard_group"],
+        document_mask=settings["document_mask"],
     )
     return estimate, settings

@@ -29,7 +29,13 @@ import torch
 from tinyrecipe.io import publish, remove_stale, temp_sibling
 from tinyrecipe.planning.flops import device_peak, train_flops_per_token
 from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr
-from tinyrecipe.train.step import finish_step, micro_batch_loss, val_metrics, val_sums
+from tinyrecipe.train.step import (
+    finish_step,
+    micro_batch_loss,
+    val_metrics,
+    val_sums,
+    z_loss_term,
+)
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
 FSDP2_NAMES = ("fsdp2", "FSDP2Strategy", "ModelParallelStrategy")
@@ -170,6 +176,8 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         "hyper_parameters": dict(module.hparams),
         "global_step": 0,
     }
+    if module.spikes is not None:
+        state["spike_skipper"] = module.spikes
     step = 0
     if resume:
         remainder = fabric.load(resume, state)
@@ -197,20 +205,30 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
             _downstream(fabric, module, downstream, 0)
 
     losses: list[torch.Tensor] = []
+    spikes = torch.zeros((), device=fabric.device)
     batches = iter(train_loader)
     start, start_step, tokens_per_step = time.perf_counter(), step, 0
     while step < max_steps:
-        loss_sum = None
+        loss_sum = z_sum = None
         for micro in range(accumulate):
             batch = next(batches)
             with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
                 loss = micro_batch_loss(model, batch)
                 fabric.backward(loss / accumulate)
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            if (z := z_loss_term(module.model)) is not None:
+                z_sum = z if z_sum is None else z_sum + z
             tokens_per_step = batch["labels"].numel() * accumulate * fabric.world_size
         stats = finish_step(
-            params, loss_sum, accumulate, max_norm=clip, optimizer=optimizer.optimizer
+            params,
+            loss_sum,
+            accumulate,
+            max_norm=clip,
+            optimizer=optimizer.optimizer,
+            z_sum=z_sum,
+            spikes=module.spikes,
         )
+        spikes = spikes + stats.spike if stats.spike is not None else spikes
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
@@ -230,6 +248,10 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
                 "train/tokens_per_sec": tokens_per_sec,
                 "train/skipped_steps": float(module.guard.skipped),
             }
+            if module.spikes is not None:
+                metrics["train/spike_skips"] = spikes.item()
+            if stats.z_loss is not None:
+                metrics["train/z_loss"] = stats.z_loss.item()
             if peak:
                 metrics["train/mfu"] = flops_per_sec / fabric.world_size / peak
             fabric.log_dict(metrics, step=step)

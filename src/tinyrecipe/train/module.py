@@ -37,10 +37,12 @@ from tinyrecipe.planning.flops import (
 from tinyrecipe.train.optim import build_adamw, build_schedule
 from tinyrecipe.train.step import (
     NonFiniteGuard,
+    SpikeSkipper,
     finish_step,
     micro_batch_loss,
     val_metrics,
     val_sums,
+    z_loss_term,
 )
 
 
@@ -120,6 +122,9 @@ class CausalLMModule(L.LightningModule):
         nonfinite_loss: a step whose loss or gradient is NaN/inf is skipped (no update); then
             "stop" ends the run with the step in the message (weights and the last checkpoint
             are intact), "skip" warns and goes on (train/skipped_steps counts them).
+        spike_sigma, spike_window: skip the optimizer step when the loss or the gradient norm
+            exceeds the mean + spike_sigma x std of the last spike_window accepted steps
+            (None: off); train/spike_skips counts them.
         init_from: a tinyrecipe checkpoint (e.g. from `tinyrecipe convert from-hf`) whose
             weights the model starts from; its shape must match preset + config.
 
@@ -152,9 +157,12 @@ class CausalLMModule(L.LightningModule):
         compile: bool = False,
         optimizer_kernel: str = "auto",
         nonfinite_loss: str = "stop",
+        spike_sigma: float | None = None,
+        spike_window: int = 128,
     ) -> None:
         super().__init__()
         self.guard = NonFiniteGuard(nonfinite_loss)
+        self.spikes = SpikeSkipper(spike_sigma, spike_window) if spike_sigma else None
         self.save_hyperparameters(ignore=["config"])
         # A plain dict in the checkpoint (weights_only loading reads no dataclasses): the fields
         # the recipe changed.
@@ -165,8 +173,10 @@ class CausalLMModule(L.LightningModule):
         self._flops_per_batch = 0.0
         self._tokens, self._micro_batch_rows = 0, 0  # of the last micro-batch
         self._loss_sum: torch.Tensor | None = None
+        self._z_sum: torch.Tensor | None = None
         self._micro_batches = 0
         self._skipped: torch.Tensor | None = None
+        self._spiked: torch.Tensor | None = None
 
     # -- model ---------------------------------------------------------------------------------
 
@@ -215,8 +225,10 @@ class CausalLMModule(L.LightningModule):
         mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy
         on_trainer = self._trainer is not None
         strategy = self.trainer.strategy if on_trainer else None
+        if mesh is not None:  # FSDP2Strategy's own (a 2-D one under HSDP), else Lightning's
+            mesh = getattr(strategy, "fsdp_mesh", None) or mesh["data_parallel"]
         self.model = self.build_model(
-            mesh=mesh["data_parallel"] if mesh is not None else None,
+            mesh=mesh,
             bf16=on_trainer and "bf16" in str(self.trainer.precision),
             device=strategy.root_device if strategy is not None else None,
             reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
@@ -250,15 +262,23 @@ class CausalLMModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor | None = None):
-        """The decoder's forward (logits, or (logits, loss) with targets)."""
-        return self.model(inputs, targets)
+    def forward(
+        self,
+        inputs: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+    ):
+        """The decoder's forward (logits, or (logits, loss) with targets; `documents`: the
+        document mask, `Llama.forward`)."""
+        return self.model(inputs, targets, documents=documents)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._count_flops(batch, training=True)
         loss = micro_batch_loss(self.model, batch)
         detached = loss.detach()
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
+        if (z := z_loss_term(self.model)) is not None:
+            self._z_sum = z if self._z_sum is None else self._z_sum + z
         self._micro_batches += 1
         return loss
 
@@ -280,12 +300,19 @@ class CausalLMModule(L.LightningModule):
             self._micro_batches,
             max_norm=max_norm,
             optimizer=getattr(optimizer, "_optimizer", optimizer),
+            z_sum=self._z_sum,
+            spikes=self.spikes,
         )
-        self._loss_sum, self._micro_batches = None, 0
+        self._loss_sum, self._z_sum, self._micro_batches = None, None, 0
         self.guard.record(stats, self.global_step)
         self._skipped = (
             stats.nonfinite if self._skipped is None else self._skipped + stats.nonfinite
         )
+        if stats.spike is not None:
+            self._spiked = stats.spike if self._spiked is None else self._spiked + stats.spike
+            self.log("train/spike_skips", self._spiked)
+        if stats.z_loss is not None:
+            self.log("train/z_loss", stats.z_loss)
         per_step = self._tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches
         start_step, start_samples = getattr(self, "_tokens_at_start", (0, None))
         # tokens before this run's first step: the data position (another global batch before)
@@ -360,6 +387,13 @@ class CausalLMModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if hasattr(dm, "adapt_loop_progress"):
             dm.adapt_loop_progress(checkpoint)
+        if self.spikes is not None and "spike_skipper" in checkpoint:
+            self.spikes.load_state_dict(checkpoint["spike_skipper"])
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The spike window, so a resumed run judges spikes as the uninterrupted one would."""
+        if self.spikes is not None:
+            checkpoint["spike_skipper"] = self.spikes.state_dict()
 
     # -- optimisation --------------------------------------------------------------------------
 

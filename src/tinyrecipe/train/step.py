@@ -9,6 +9,9 @@ A step is `micro_batch_loss` on each micro-batch (backward by the caller), then 
 * a non-finite loss or gradient marks the step bad on the device, and the fused AdamW kernel
   skips a bad step on the device too (`found_inf`, the mechanism `GradScaler` uses), so the
   weights never take a NaN and no host sync is needed to decide;
+* optionally a loss spike too (`SpikeSkipper`: the loss or the gradient norm above the recent
+  window's mean + sigma x std), decided on the device from the reduced values, so every rank
+  agrees;
 * the host learns of a bad step one step later (`NonFiniteGuard`, a copy that has long finished
   by then), to stop the run or count the skip.
 
@@ -33,9 +36,67 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 def micro_batch_loss(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean next-token loss of one batch: a dict of `input_ids` and `labels` (B, T), labels
-    IGNORE_INDEX where no loss is taken (the one batch type of pretraining, SFT and validation)."""
-    _, loss = model(batch["input_ids"], batch["labels"])
+    IGNORE_INDEX where no loss is taken (the one batch type of pretraining, SFT and validation).
+    With `ModelConfig.z_loss` it includes the z-loss; `z_loss_term(model)` is that part. A batch
+    with `documents` (data.document_mask) attends within each document only."""
+    _, loss = model(batch["input_ids"], batch["labels"], documents=batch.get("documents"))
     return loss
+
+
+def z_loss_term(model: Llama) -> torch.Tensor | None:
+    """The z-loss part of the model's last training loss (detached), None when z-loss is off."""
+    return getattr(model, "z_loss_term", None) if model.config.z_loss else None
+
+
+class SpikeSkipper:
+    """Skips an optimizer step whose loss or gradient norm exceeds the mean + `sigma` x std of
+    the last `window` accepted steps (OLMo-core's loss-spike skipping). The window lives on the
+    device and is updated without a host sync; it only judges once full. Its state goes into
+    checkpoints (`state_dict`), so a resumed run decides as the uninterrupted one would."""
+
+    def __init__(self, sigma: float, window: int = 128) -> None:
+        if sigma <= 0 or window < 2:
+            raise ValueError(
+                f"model.spike_sigma={sigma} must be > 0 and model.spike_window={window} >= 2"
+            )
+        self.sigma, self.window = float(sigma), int(window)
+        self.values: torch.Tensor | None = None  # (window, 2): loss, grad norm
+        self.seen: torch.Tensor | None = None  # accepted steps so far (int64)
+
+    def _ready(self, device: torch.device) -> None:
+        if self.values is None or self.values.device != device:
+            values, seen = self.values, self.seen
+            self.values = torch.zeros(self.window, 2, device=device)
+            self.seen = torch.zeros((), dtype=torch.int64, device=device)
+            if values is not None:
+                self.values.copy_(values)
+                self.seen.copy_(seen)
+
+    def judge(self, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+        """1.0 when this step is a spike (never for a step already `bad`); accepted steps enter
+        the window."""
+        self._ready(loss.device)
+        current = torch.stack([loss.float(), grad_norm.float()])
+        mean = self.values.mean(0)
+        std = self.values.std(0)
+        full = self.seen >= self.window
+        spike = (full & (current > mean + self.sigma * std).any() & (bad == 0)).float()
+        accept = (spike == 0) & (bad == 0)
+        slot = (self.seen % self.window).view(1, 1).expand(1, 2)
+        old = self.values.gather(0, slot)
+        self.values.scatter_(0, slot, torch.where(accept, current.view(1, 2), old))
+        self.seen += accept.long()
+        return spike
+
+    def state_dict(self) -> dict:
+        if self.values is None:
+            return {"values": [], "seen": 0}
+        return {"values": self.values.cpu().tolist(), "seen": int(self.seen)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("values"):
+            self.values = torch.tensor(state["values"], dtype=torch.float32)
+            self.seen = torch.tensor(int(state["seen"]), dtype=torch.int64)
 
 
 def _world_size() -> int:
@@ -69,6 +130,8 @@ class StepStats:
     loss: torch.Tensor  # mean over micro-batches and ranks
     grad_norm: torch.Tensor  # before clipping
     nonfinite: torch.Tensor  # 1.0 when the loss or a gradient was NaN/inf (the step is skipped)
+    spike: torch.Tensor | None = None  # 1.0 when SpikeSkipper skipped the step
+    z_loss: torch.Tensor | None = None  # the z-loss part of `loss`
 
 
 @torch.no_grad()
@@ -79,36 +142,45 @@ def finish_step(
     *,
     max_norm: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    z_sum: torch.Tensor | None = None,
+    spikes: SpikeSkipper | None = None,
 ) -> StepStats:
     """After the last backward of a step and before `optimizer.step()`: reduce the norm and the
     loss in one all-reduce, clip, and arm the optimizer to skip a non-finite step on the device.
 
-    `loss_sum` is this rank's sum of the micro-batch losses (detached). An optimizer without the
-    fused kernel cannot skip on the device; then a bad step's gradients are dropped on the host
-    (one device sync, only for that kernel)."""
+    `loss_sum` is this rank's sum of the micro-batch losses (detached), `z_sum` of their z-loss
+    parts (reduced in the same all-reduce). An optimizer without the fused kernel cannot skip on
+    the device; then a bad step's gradients are dropped on the host (one device sync, only for
+    that kernel)."""
     grads = [p.grad for p in params if p.grad is not None]
     world = _world_size()
     device = loss_sum.device
     sq = _local_sq_norm(grads, world) if grads else torch.zeros((), device=device)
-    packed = torch.stack(
-        [sq.to(device), loss_sum.float(), torch.tensor(float(micro_batches), device=device)]
-    )
+    values = [sq.to(device), loss_sum.float(), torch.tensor(float(micro_batches), device=device)]
+    if z_sum is not None:
+        values.append(z_sum.float())
+    packed = torch.stack(values)
     if world > 1:
         dist.all_reduce(packed)
     grad_norm = packed[0].sqrt()
     loss = packed[1] / packed[2]
     nonfinite = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss)).float()
+    spike = spikes.judge(loss, grad_norm, nonfinite) if spikes is not None else None
+    skip = nonfinite if spike is None else torch.maximum(nonfinite, spike)
     if max_norm is not None and max_norm > 0 and grads:
         scale = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
         scale = torch.where(nonfinite > 0, torch.ones_like(scale), scale)
         torch._foreach_mul_(grads, scale)
     if optimizer is not None:
         if optimizer.defaults.get("fused"):
-            optimizer.found_inf = nonfinite  # the fused kernel skips the whole update on device
-        elif nonfinite.item():
+            optimizer.found_inf = skip  # the fused kernel skips the whole update on the device
+        elif skip.item():
             for p in params:
                 p.grad = None  # AdamW leaves a parameter without a gradient untouched
-    return StepStats(loss=loss, grad_norm=grad_norm, nonfinite=nonfinite)
+    z_loss = packed[3] / packed[2] if z_sum is not None else None
+    return StepStats(
+        loss=loss, grad_norm=grad_norm, nonfinite=nonfinite, spike=spike, z_loss=z_loss
+    )
 
 
 class NonFiniteGuard:
@@ -168,6 +240,8 @@ def val_sums(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[loss x target tokens, target tokens] of one batch: summed over batches (and ranks), the
     mean loss of a loader is per target token."""
     loss = micro_batch_loss(model, batch)
+    if (z := z_loss_term(model)) is not None:
+        loss = loss - z  # validation reports the cross-entropy alone
     n = (batch["labels"] != IGNORE_INDEX).sum()
     total = torch.where(n > 0, loss.detach().float() * n, 0.0)  # an all-padding batch: 0, not NaN
     return torch.stack([total, n.float()])

@@ -18,6 +18,10 @@ for data-parallel FSDP2 training, with what a long multi-GPU run needs and Light
 * **Defaults that mean FSDP**: all devices of all nodes shard the model (`data_parallel_size`
   "auto" = world size, `tensor_parallel_size` 1). Lightning's own "auto" for both would make the
   devices of a node a tensor-parallel group.
+* **HSDP** (`shard_group_size: 8`): shard within groups of that many ranks (a node) and
+  replicate across the groups, on a 2-D device mesh (replicate, shard) given to `fully_shard`:
+  the all-gathers stay inside a node, and across nodes only the gradients are all-reduced, once
+  per step. TinyLlama v1.1 sharded its weights only within a 4-GPU node.
 
 The decoder is sharded by `CausalLMModule.configure_model` (`tinyrecipe.model.parallelize`).
 """
@@ -68,8 +72,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         reshard_after_forward: bool = True,
+        shard_group_size: int | None = None,
     ) -> None:
         self.reshard_after_forward = reshard_after_forward
+        self.shard_group_size = shard_group_size
+        self._fsdp_mesh = None
         super().__init__(
             data_parallel_size=data_parallel_size,
             tensor_parallel_size=tensor_parallel_size,
@@ -84,6 +91,25 @@ class FSDP2Strategy(ModelParallelStrategy):
                 self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
             )
         super().setup_environment()
+        world, group = int(self._data_parallel_size), self.shard_group_size
+        if group is not None and group != world:
+            if group < 1 or world % group or int(self._tensor_parallel_size) != 1:
+                raise ValueError(
+                    f"trainer.strategy.shard_group_size={group} must divide the {world} "
+                    "data-parallel ranks (tensor_parallel_size 1); e.g. the GPUs of a node"
+                )
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self._fsdp_mesh = init_device_mesh(
+                self.root_device.type,
+                (world // group, group),
+                mesh_dim_names=("replicate", "shard"),
+            )
+
+    @property
+    def fsdp_mesh(self):
+        """The mesh the decoder is sharded over: 1-D over every rank, or (replicate, shard)."""
+        return self._fsdp_mesh if self._fsdp_mesh is not None else self.device_mesh["data_parallel"]
 
     def setup(self, trainer) -> None:
         # The evaluation loops' own flag (Trainer(inference_mode=...) sets it at construction).
