@@ -116,6 +116,19 @@ def test_tinyllama_v11_stages_stack_into_the_cards_schedule():
     assert print_config(*mini)["data"]["stages"][0]["start_tokens"] == 14 * 8 * 64
 
 
+@pytest.mark.fast
+def test_the_fsdp2_name_takes_strategy_options_on_the_command_line():
+    """`--trainer.strategy fsdp2 --trainer.strategy.shard_group_size 8` (HSDP): the registered
+    name becomes the class, whose options the parser knows."""
+    config = print_config(
+        ROOT / "recipes/quickstart.yaml",
+        extra=("--trainer.strategy", "fsdp2", "--trainer.strategy.shard_group_size", "8"),
+    )
+    strategy = config["trainer"]["strategy"]
+    assert strategy["class_path"] == "tinyrecipe.train.strategy.FSDP2Strategy"
+    assert strategy["init_args"]["shard_group_size"] == 8
+
+
 @pytest.mark.parametrize(
     ("command", "extra", "message"),
     [

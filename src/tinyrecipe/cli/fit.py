@@ -198,12 +198,24 @@ class _ParseOnly(TinyRecipeCLI):
         pass  # the Fabric loop seeds itself
 
 
+def expand_strategy_name(argv: list[str]) -> list[str]:
+    """`--trainer.strategy fsdp2` followed by `--trainer.strategy.<option>`: the parser knows the
+    options of a class, not of a registered name, so the name becomes the class path."""
+    if not any(a.startswith("--trainer.strategy.") for a in argv):
+        return argv
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--trainer.strategy" and out[i + 1] == "fsdp2":
+            out[i + 1] = "tinyrecipe.train.strategy.FSDP2Strategy"
+    return out
+
+
 def parse_recipe(argv: list[str]) -> tuple[dict, str | None]:
     """(the recipe as a plain dict, --resume) from `--config ... --a.b value ...` arguments,
     validated and merged exactly as `tinyrecipe fit` does."""
     with warnings.catch_warnings():  # "args= and sys.argv both given": on purpose here
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = _ParseOnly(run=False, args=argv, save_config_callback=None)
+        cli = _ParseOnly(run=False, args=expand_strategy_name(argv), save_config_callback=None)
     resume = cli.config.pop("resume", None)
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)), resume
 
@@ -240,10 +252,14 @@ def main(argv: list[str]) -> int:
         recipe, resume = parse_recipe(argv[1:])
         train(recipe, resume=resume)
         return 0
-    TinyRecipeCLI(
-        args=None if argv == sys.argv[1:] else argv,  # from the console LightningCLI reads sys.argv
-        save_config_kwargs={"overwrite": True},
-    )
+    args = expand_strategy_name(argv)
+    with warnings.catch_warnings():  # "args= and sys.argv both given": rewritten on purpose
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        TinyRecipeCLI(
+            # from the console LightningCLI reads sys.argv itself
+            args=None if args == sys.argv[1:] else args,
+            save_config_kwargs={"overwrite": True},
+        )
     return 0
 
 
