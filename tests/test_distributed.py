@@ -165,6 +165,30 @@ def test_hsdp_on_four_processes_trains_like_one_and_resumes_exactly(runs, corpus
     assert all(torch.equal(want[k], got[k]) for k in want)
 
 
+def test_a_sharded_checkpoint_exports_to_hugging_face_with_equal_logits(runs, tmp_path):
+    """The 2-process FSDP2 run's sharded directory: its weights are the one-process run's (fp32
+    order), and `convert to-hf` gives a LlamaForCausalLM with our logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tinyrecipe.interop.convert import to_hf
+    from tinyrecipe.model import Llama
+
+    ckpt = runs["fsdp2"] / "checkpoints/last.ckpt"
+    assert ckpt.is_dir()
+    config, state = load_tinyrecipe_checkpoint(ckpt)
+    _, single = load_tinyrecipe_checkpoint(runs["one"] / "checkpoints/last.ckpt")
+    assert state.keys() == single.keys()
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, single[name], atol=1e-5, rtol=1e-4)
+    to_hf(ckpt, tmp_path / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ours = Llama(config).eval()
+    ours.load_state_dict(state)
+    idx = torch.randint(0, MICRO["vocab_size"], (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-5, rtol=0)
+
+
 @pytest.mark.faults
 def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, tmp_path):
     """Both ranks die while writing the step-3 checkpoint; the step-2 one stays whole."""
