@@ -11,6 +11,15 @@ from tinyrecipe.planning.plan import emit_recipe, plan_summary
 from tinyrecipe.planning.scaling import CostModel, LossFit, chinchilla_loss, cost_optimal
 
 
+def _count(x: float) -> str:
+    """1.234B, 56.8M, 12.3K: a count at the scale it has (a law fitted on small runs plans small
+    models)."""
+    for scale, unit, digits in ((1e9, "B", 3), (1e6, "M", 2), (1e3, "K", 1)):
+        if x >= scale:
+            return f"{x / scale:.{digits}f}{unit}"
+    return f"{x:.0f}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="tinyrecipe plan",
@@ -107,14 +116,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, p in (("inference-aware optimum", best), ("Chinchilla-optimal", chin)):
         print(
-            f"{name:<24}{p.n_params / 1e9:>9.3f}B{p.train_tokens / 1e9:>13.1f}B{p.tokens_per_param:>11.1f}"
-            f"{p.train_flops:>13.3e}{p.total_flops:>13.3e}"
+            f"{name:<24}{_count(p.n_params):>10}{_count(p.train_tokens):>14}"
+            f"{p.tokens_per_param:>11.1f}{p.train_flops:>13.3e}{p.total_flops:>13.3e}"
         )
     print(f"\nFLOPs saved vs Chinchilla-optimal: {summary['flops_saving']:.1%}")
     if "cost" in summary:
         c = summary["cost"]
         print(
-            f"cost optimum: {c['n_params'] / 1e9:.3f}B params on {c['train_tokens'] / 1e9:.1f}B tokens, ${c['dollars']:,.0f}"
+            f"cost optimum: {_count(c['n_params'])} params on {_count(c['train_tokens'])} tokens, "
+            f"${c['dollars']:,.0f}"
         )
     if "recipe" in summary:
         r = summary["recipe"]
