@@ -198,3 +198,17 @@ def test_a_packed_blocks_logits_equal_each_document_alone(positions):
     assert chunked(idx, targets, documents=documents)[1].item() == pytest.approx(
         loss.item(), rel=1e-5
     )
+
+
+def test_document_mask_for_either_kernel():
+    """cu_seqlens for flash-attn's varlen kernel: each document's start in the flattened batch;
+    a mask made for flash but run on SDPA (autocast changed the dtype) still masks."""
+    from tinyrecipe.model.attention import DocumentMask, causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+    documents = (torch.arange(16) * 3 // 16).expand(2, 16)
+    for_flash = DocumentMask.from_documents(documents, for_flash=True)
+    assert for_flash.cu_seqlens.tolist() == [0, 6, 11, 16, 22, 27, 32]
+    dense = causal_attention(q, k, v, "sdpa", DocumentMask.from_documents(documents))
+    torch.testing.assert_close(causal_attention(q, k, v, "sdpa", for_flash), dense)

@@ -63,6 +63,7 @@ class DocumentMask:
     later), for SDPA; `cu_seqlens` (int32, the documents' starts in the flattened B x T tokens,
     then B x T) and `max_seqlen` for flash-attn's varlen kernel, made only when it will run."""
 
+    documents: torch.Tensor
     dense: torch.Tensor | None
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
@@ -78,10 +79,16 @@ class DocumentMask:
             starts[1:] = flat[1:] != flat[:-1]
             cu = torch.nonzero(starts).flatten().to(torch.int32)  # one host sync per forward
             cu = torch.cat([cu, cu.new_tensor([B * T])])
-            return DocumentMask(None, cu, T)  # T bounds every document's length
-        same = documents[:, :, None] == documents[:, None, :]
-        causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
-        return DocumentMask((same & causal)[:, None])
+            return DocumentMask(documents, None, cu, T)  # T bounds every document's length
+        return DocumentMask(documents, block_causal(documents))
+
+
+def block_causal(documents: torch.Tensor) -> torch.Tensor:
+    """(B, 1, T, T) bool: query t may attend key s when s <= t and both are in one document."""
+    T = documents.size(1)
+    same = documents[:, :, None] == documents[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+    return (same & causal)[:, None]
 
 
 def document_positions(documents: torch.Tensor) -> torch.Tensor:
@@ -148,8 +155,9 @@ def _document_attention(q, k, v, chosen: str, documents: DocumentMask) -> torch.
             causal=True,
         )
         return y.view(B, T, H, D)
+    # the mask was made for the kernel expected; another one (a dtype that autocast changed)
+    # still gets a correct mask
+    mask = documents.dense if documents.dense is not None else block_causal(documents.documents)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    y = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=documents.dense, enable_gqa=k.size(1) != q.size(1)
-    )
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
     return y.transpose(1, 2)

@@ -221,8 +221,11 @@ class Llama(nn.Module):
         if documents is not None:
             if cache:
                 raise ValueError("documents (a document mask) is for training, not generation")
-            probe = self.embed.weight
-            flash = select_backend(probe.new_empty(0), self.config.attention) == "flash"
+            weight = self.embed.weight  # the dtype q will have: autocast's when it is on
+            kind = weight.device.type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+            probe = weight.new_empty(0, dtype=dtype or weight.dtype)
+            flash = select_backend(probe, self.config.attention) == "flash"
             mask = DocumentMask.from_documents(documents, for_flash=flash)
             if self.config.document_positions == "restart":
                 positions = document_positions(documents)
