@@ -212,3 +212,37 @@ def test_document_mask_for_either_kernel():
     assert for_flash.cu_seqlens.tolist() == [0, 6, 11, 16, 22, 27, 32]
     dense = causal_attention(q, k, v, "sdpa", DocumentMask.from_documents(documents))
     torch.testing.assert_close(causal_attention(q, k, v, "sdpa", for_flash), dense)
+
+
+def test_the_varlen_path_hands_flash_attn_the_documents_as_sequences(monkeypatch):
+    """flash-attn cannot be installed here: a stand-in `flash_attn_varlen_func` (each sequence
+    of cu_seqlens attended on its own with SDPA) checks what our glue passes it (flattened
+    tokens, int32 cu_seqlens, causal) against the SDPA block mask."""
+    import sys
+    import types
+
+    from tinyrecipe.model import attention
+    from tinyrecipe.model.attention import DocumentMask, causal_attention
+
+    calls = []
+
+    def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+        calls.append((q.shape, cu_q.dtype, max_q, causal))
+        out = torch.empty_like(q)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
+            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+            y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)
+            out[a:b] = y.transpose(0, 1)
+        return out
+
+    monkeypatch.setitem(
+        sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen)
+    )
+    monkeypatch.setattr(attention, "select_backend", lambda q, requested="auto": "flash")
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+    documents = (torch.arange(16) * 3 // 16).expand(2, 16)
+    got = causal_attention(q, k, v, "auto", DocumentMask.from_documents(documents, for_flash=True))
+    want = attention._document_attention(q, k, v, "sdpa", DocumentMask.from_documents(documents))
+    torch.testing.assert_close(got, want)
+    assert calls == [(torch.Size([32, 4, 8]), torch.int32, 16, True)]

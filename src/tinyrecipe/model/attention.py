@@ -117,12 +117,13 @@ def causal_attention(
     `documents`: attend within each document only (training on packed blocks, S == T).
     """
     chosen = select_backend(q, backend)
+    # Never a silent slow path: say once which kernel runs (not from inside a compiled graph).
+    said = chosen + (" with a document mask" if documents is not None else "")
+    if said not in _logged and not torch.compiler.is_compiling():
+        _logged.add(said)
+        log.info("tinyrecipe: attention kernel %s (%s, %s)", said, q.device.type, q.dtype)
     if documents is not None:
         return _document_attention(q, k, v, chosen, documents)
-    # Never a silent slow path: say once which kernel runs (not from inside a compiled graph).
-    if chosen not in _logged and not torch.compiler.is_compiling():
-        _logged.add(chosen)
-        log.info("tinyrecipe: attention kernel %s (%s, %s)", chosen, q.device.type, q.dtype)
     if chosen == "flash":  # flash-attn aligns the causal mask to the last query itself
         return load_flash_attn()(q, k, v, causal=True)
     T, S = q.size(1), k.size(1)
