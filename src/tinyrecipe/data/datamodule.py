@@ -258,7 +258,7 @@ class MixedStreamingDataModule(L.LightningDataModule):
         else:
             trainer = getattr(self, "trainer", None)
             accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        return self.batch_size * self._rank_world()[1] * accumulate
+        return self.samples_per_batch() * accumulate
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

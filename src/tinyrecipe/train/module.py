@@ -171,7 +171,7 @@ class CausalLMModule(L.LightningModule):
         self.model: Llama | None = None
         self._val_sums: dict[int, torch.Tensor] = {}
         self._flops_per_batch = 0.0
-        self._tokens, self._micro_batch_rows = 0, 0  # of the last micro-batch
+        self._tokens = 0  # of the last micro-batch
         self._loss_sum: torch.Tensor | None = None
         self._z_sum: torch.Tensor | None = None
         self._micro_batches = 0
@@ -245,9 +245,12 @@ class CausalLMModule(L.LightningModule):
         with the optimizer (a cooldown branch changes the schedule at the checkpoint's step)."""
         for config in self.trainer.lr_scheduler_configs:
             set_scheduled_lr(config.scheduler)
+        # tokens trained on before this run's first step: the data position when the DataModule
+        # keeps one (right even when an earlier run had another global batch)
         dm = getattr(self.trainer, "datamodule", None)
         samples = dm.state_dict().get("samples_consumed") if hasattr(dm, "state_dict") else None
-        self._tokens_at_start = (self.global_step, samples)
+        tokens = samples * dm.block_size if samples is not None else None
+        self._tokens_at_start = (self.global_step, tokens)
 
     @property
     def flops_per_batch(self) -> float:
@@ -257,7 +260,7 @@ class CausalLMModule(L.LightningModule):
     def _count_flops(self, batch: dict[str, torch.Tensor], training: bool) -> None:
         per_token = train_flops_per_token if training else forward_flops_per_token
         labels = batch["labels"]
-        self._tokens, self._micro_batch_rows = labels.numel(), labels.size(0)
+        self._tokens = labels.numel()
         self._flops_per_batch = self._tokens * per_token(self.config, labels.size(1))
 
     # -- steps ---------------------------------------------------------------------------------
@@ -314,10 +317,9 @@ class CausalLMModule(L.LightningModule):
         if stats.z_loss is not None:
             self.log("train/z_loss", stats.z_loss)
         per_step = self._tokens * self.trainer.world_size * self.trainer.accumulate_grad_batches
-        start_step, start_samples = getattr(self, "_tokens_at_start", (0, None))
-        # tokens before this run's first step: the data position (another global batch before)
-        block = self._tokens // max(1, self._micro_batch_rows)
-        before = start_step * per_step if start_samples is None else start_samples * block
+        start_step, before = getattr(self, "_tokens_at_start", (0, None))
+        if before is None:
+            before = start_step * per_step
         self.log("train/loss", stats.loss)
         self.log("train/grad_norm", stats.grad_norm)
         self.log("train/skipped_steps", self._skipped)
