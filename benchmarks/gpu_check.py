@@ -7,13 +7,15 @@ Sections (each reported even when another fails; results in <out>/gpu_check.json
              micro-batches per step, clipping, logging, chunked loss, meta init), compiled and
              eager, on synthetic data of the recipe's vocabulary: tokens/s and MFU per optimizer
              step, peak allocated and reserved memory against `tinyrecipe memory`'s estimate,
-             one validation and one atomic sharded checkpoint of the compiled run.
+             one validation and one atomic sharded checkpoint of the compiled run; and the same
+             step as 8 micro-batches of 16 (compiled-mb16: does a bigger micro-batch reach the
+             MFU target, at what memory?).
   attention  FlashAttention-2 (when installed) and every SDPA backend against an fp64 reference,
              bf16, the 1.1B shape: error and forward+backward time.
   precision  bf16-mixed against fp32: the loss over 50 steps of the llama-60m preset.
   generate   1.1B greedy decoding with the KV cache, bf16: tokens/s at batch 1 and 8.
 
-    python benchmarks/gpu_check.py                     # one H100 / H200, ~6 minutes
+    python benchmarks/gpu_check.py                     # one H100 / H200, ~8 minutes
     python benchmarks/gpu_check.py --peak-flops 989e12  # a GPU missing from the peak table
     python benchmarks/gpu_check.py --cpu                # the same code paths, tiny, on CPU (tested)
 
@@ -79,7 +81,7 @@ def settings(cpu: bool) -> dict:
         precision="bf16-mixed",
         accelerator="gpu",
         chunk=4096,
-        runs=("compiled", "eager"),
+        runs=("compiled", "compiled-mb16", "eager"),
         prec_preset="llama-60m",
         prec_steps=50,
         prec_batch=8,
@@ -114,11 +116,12 @@ def make_data(out: Path, vocab: int, tokens: int) -> list[dict]:
 # ---- the recipe path -----------------------------------------------------------------------------
 
 
-VARIANTS = {  # name -> (compile, extra recipe arguments)
-    "compiled": (True, []),
-    "eager": (False, []),
+VARIANTS = {  # name -> (compile, micro-batch multiplier, extra recipe arguments)
+    "compiled": (True, 1, []),
+    "eager": (False, 1, []),
     "compiled-zero2": (
         True,
+        1,
         [
             "--trainer.strategy",
             "FSDP2Strategy",
@@ -126,6 +129,9 @@ VARIANTS = {  # name -> (compile, extra recipe arguments)
             "false",
         ],
     ),
+    # the same 2M-token step in 8 micro-batches of 16: half the per-micro-batch work (FSDP2's
+    # gathers and casts, the fp32 gradient accumulation, launch gaps) for twice the activations
+    "compiled-mb16": (True, 2, []),
 }
 
 
@@ -133,7 +139,7 @@ def run_recipe(
     out: Path, s: dict, variant: str, peak_flops: float | None, profile: bool = False
 ) -> dict:
     """One `tinyrecipe fit` of the TinyLlama recipe at world size 1 (in this process)."""
-    compiled, extra = VARIANTS[variant]
+    compiled, factor, extra = VARIANTS[variant]
     from lightning.pytorch.callbacks import Callback
 
     from tinyrecipe.cli.fit import TinyRecipeCLI
@@ -146,7 +152,7 @@ def run_recipe(
         out / "data", s["vocab"], (s["steps"] + 1) * s["accumulate"] * s["micro"] * 2049
     )
     root = out / variant
-    steps, accumulate = s["steps"], s["accumulate"]
+    steps, micro, accumulate = s["steps"], s["micro"] * factor, s["accumulate"] // factor
     args = [
         "--config",
         str(ROOT / "recipes/tinyllama-1.1b.yaml"),
@@ -157,7 +163,7 @@ def run_recipe(
         "--trainer.precision",
         s["precision"],
         "--global_batch_size",
-        str(s["micro"] * accumulate),
+        str(micro * accumulate),
         "--trainer.max_steps",
         str(steps),
         "--trainer.val_check_interval",
@@ -187,7 +193,7 @@ def run_recipe(
         "--data.block_size",
         str(s["seq"]),
         "--data.batch_size",
-        str(s["micro"]),
+        str(micro),
         "--data.num_workers",
         "2",
         "--data.val_max_blocks",
@@ -254,14 +260,14 @@ def run_recipe(
     trainer.fit(module, cli.datamodule)
     wall = time.perf_counter() - start
     cfg = module.config
-    tokens_per_step = s["micro"] * s["seq"] * accumulate
+    tokens_per_step = micro * s["seq"] * accumulate
     timed = times[s["warm"] - 1 :] if len(times) >= s["warm"] else times  # compile left out
     step_s = statistics.median(timed)
     tps = tokens_per_step / step_s
     peak, source = device_peak(trainer.strategy.root_device, s["precision"], peak_flops)
     est = estimate_memory(
         cfg,
-        s["micro"],
+        micro,
         s["seq"],
         precision=s["precision"],
         accumulation=accumulate,

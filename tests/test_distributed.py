@@ -125,6 +125,7 @@ def test_no_sync_accumulation_trains_like_synced_and_like_one_process(runs):
     so 5e-6 here (without accumulation test_training holds the norm to 1e-6)."""
     one, two, synced = (scalars(runs[n] / "tensorboard") for n in ("one", "fsdp2", "lightning"))
     assert [v for _, v in two["train/spike_skips"]] == [0.0] * STEPS
+    assert [s for s, _ in two["lr-AdamW"]] == list(range(STEPS))  # once a step, not per micro-batch
     for tag in ("train/loss", "train/grad_norm", "train/z_loss"):
         for (s1, a), (s2, b), (_, c) in zip(one[tag], two[tag], synced[tag], strict=True):
             assert (

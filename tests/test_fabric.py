@@ -38,25 +38,45 @@ def test_fabric_loop_matches_the_trainer_loss_sequence(corpus, tmp_path):
 
 @pytest.mark.parametrize(
     "strategy",
-    ["ddp", "fsdp2"],
-    ids=["ddp", "fsdp2"],
+    [
+        ["--trainer.strategy", "ddp"],
+        # FSDP2Strategy's options reach the Fabric loop: a (replicate 2, shard 1) HSDP mesh
+        [
+            "--trainer.strategy",
+            "fsdp2",
+            "--trainer.strategy.shard_group_size",
+            "1",
+            "--trainer.strategy.reshard_after_forward",
+            "false",
+        ],
+    ],
+    ids=["ddp", "hsdp"],
 )
-def test_fabric_two_processes_match_one(corpus, tmp_path, strategy):
+def test_fabric_two_processes_match_one_and_resume_on_one(corpus, tmp_path, strategy):
+    """3 steps on one process against 2 steps on two processes resumed on one for the third
+    (elastic: 2 x 2 rows, then 1 x 4 rows a step; the same samples in the same steps)."""
+    log = ["--trainer.log_every_n_steps", "1"]
     one = write_recipe(tmp_path / "one", corpus, max_steps=3, every=100, batch_size=4)
-    assert fabric(one, "--trainer.log_every_n_steps", "1").returncode == 0
-    two = write_recipe(tmp_path / "two", corpus, max_steps=3, every=100, batch_size=2)
-    result = fabric(
-        two,
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        strategy,
-    )
+    assert fabric(one, *log).returncode == 0
+    two = write_recipe(tmp_path / "two", corpus, max_steps=2, every=100, batch_size=2)
+    result = fabric(two, *log, "--trainer.devices", "2", *strategy)
     assert result.returncode == 0, result.stderr[-3000:]
-    a = scalars(tmp_path / "one/fabric")["train/loss"]
-    b = scalars(tmp_path / "two/fabric")["train/loss"]
-    assert len(a) == len(b) == 3
-    for (_, x), (_, y) in zip(a, b, strict=True):
+    resumed = fabric(
+        two,
+        *log,
+        *strategy,
+        "--trainer.devices",
+        "1",
+        "--data.batch_size",
+        "4",
+        "--trainer.max_steps",
+        "3",
+        "--resume",
+        str(tmp_path / "two/fabric/last.ckpt"),
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = scalars(tmp_path / "one/fabric"), scalars(tmp_path / "two/fabric")
+    assert [s for s, _ in b["train/loss"]] == [1, 2, 3]
+    for (_, x), (_, y) in zip(a["train/loss"], b["train/loss"], strict=True):
         assert x == pytest.approx(y, abs=1e-4)
+    assert b["train/tokens_seen"] == a["train/tokens_seen"]  # from the data position

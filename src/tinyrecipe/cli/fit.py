@@ -31,12 +31,16 @@ from typing import Any
 
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningCLI
 
 import tinyrecipe.train.strategy  # noqa: F401  (registers trainer.strategy: fsdp2)
 from tinyrecipe.model.config import resolve_config
-from tinyrecipe.train.callbacks import Checkpoints, DownstreamEval, TokenThroughputMonitor
+from tinyrecipe.train.callbacks import (
+    Checkpoints,
+    DownstreamEval,
+    StepLearningRateMonitor,
+    TokenThroughputMonitor,
+)
 from tinyrecipe.train.module import CausalLMModule
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
@@ -109,7 +113,7 @@ class TinyRecipeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpoints, "checkpoint")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(StepLearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(DownstreamEval, "downstream_eval")
         parser.add_argument(
             "--auto_precision",

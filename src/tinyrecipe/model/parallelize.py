@@ -64,6 +64,35 @@ def apply_fsdp2(model: Llama, mesh, reshard_after_forward: bool = True, mp_polic
     fully_shard(model, **kwargs)
 
 
+def reshard(model: torch.nn.Module) -> None:
+    """Free every FSDP2 module's gathered weights (a no-op for a module already sharded). A
+    forward without backward leaves them gathered where `reshard_after_forward` is False (always
+    for the root); Fabric's checkpointing looks for sharded parameters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def hsdp_mesh(device_type: str, world: int, shard_group_size: int | None):
+    """The 2-D (replicate, shard) mesh of HSDP: shard within groups of `shard_group_size`
+    ranks (a node), replicate across them. None when the group is every rank (plain FSDP)."""
+    group = shard_group_size
+    if group is None or group == world:
+        return None
+    if group < 1 or world % group:
+        raise ValueError(
+            f"trainer.strategy.shard_group_size={group} must divide the {world} data-parallel "
+            "ranks; e.g. the GPUs of a node"
+        )
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(
+        device_type, (world // group, group), mesh_dim_names=("replicate", "shard")
+    )
+
+
 def parallelize(
     model: Llama,
     *,

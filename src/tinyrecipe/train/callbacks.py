@@ -1,5 +1,6 @@
 """What Lightning's callbacks lack for us: MFU from our FLOPs formula and our peak table, timed
-once per optimizer step; checkpoint defaults for step-based runs."""
+once per optimizer step; the lr written once per step; checkpoint defaults for step-based
+runs."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import (
     Callback,
+    LearningRateMonitor,
     ModelCheckpoint,
     ThroughputMonitor,
     TQDMProgressBar,
@@ -79,6 +81,21 @@ class TokenThroughputMonitor(ThroughputMonitor):
         )
         self._step = [0, 0, 0, 0.0]
         self._compute(trainer)
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """Lightning's LearningRateMonitor, writing once per logged optimizer step. Lightning's asks
+    "is this a logging step?" at every micro-batch, and during accumulation the answer stays yes
+    for all of them: at 16 micro-batches a step it wrote the same lr 16 times."""
+
+    _logged_step = -1
+
+    def on_train_batch_start(self, trainer, *args: Any, **kwargs: Any) -> None:
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step the lr applies to
+        if step == self._logged_step:
+            return
+        self._logged_step = step
+        super().on_train_batch_start(trainer, *args, **kwargs)
 
 
 class Checkpoints(ModelCheckpoint):

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 
 from tinyrecipe.io import publish, remove_stale, temp_sibling
+from tinyrecipe.model.parallelize import hsdp_mesh, reshard
 from tinyrecipe.planning.flops import device_peak, train_flops_per_token
 from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr
 from tinyrecipe.train.step import (
@@ -65,11 +66,20 @@ def _strategy(spec: Any, module: CausalLMModule, precision: str):
     args.setdefault("tensor_parallel_size", 1)
     for unused in ("process_group_backend", "timeout"):
         args.pop(unused, None)
+    # FSDP2Strategy's own options, applied here as the Trainer path applies them
+    reshard_after_forward = args.pop("reshard_after_forward", True)
+    shard_group_size = args.pop("shard_group_size", None)
 
     def parallelize_fn(m: CausalLMModule, mesh) -> CausalLMModule:
         cuda = mesh.device_type == "cuda"
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
-        m.model = m.build_model(mesh=mesh["data_parallel"], bf16="bf16" in precision, device=device)
+        dp = mesh["data_parallel"]
+        m.model = m.build_model(
+            mesh=hsdp_mesh(mesh.device_type, dp.size(), shard_group_size) or dp,
+            bf16="bf16" in precision,
+            device=device,
+            reshard_after_forward=reshard_after_forward,
+        )
         return m
 
     class FSDP2(ModelParallelStrategy):
@@ -87,6 +97,7 @@ def _save(fabric: L.Fabric, path: Path, state: dict) -> None:
     """fabric.save into a temporary sibling every rank agrees on, renamed into place by rank 0
     once all have written: a killed save never replaces a good `path`."""
     tmp = temp_sibling(path, "fabric")
+    reshard(state["state_dict"])  # after an evaluation, gathered weights would not be saved
     if fabric.global_rank == 0:
         remove_stale(path)
     fabric.barrier()
@@ -95,6 +106,20 @@ def _save(fabric: L.Fabric, path: Path, state: dict) -> None:
     if fabric.global_rank == 0:
         publish(tmp, path)
     fabric.barrier()
+
+
+def _load(fabric: L.Fabric, path: str, state: dict) -> dict:
+    """fabric.load, then each stateful object (schedule, data position, spike window) restored
+    from its saved dict: Lightning's ModelParallelStrategy (FSDP2) puts the dict in its place
+    instead (lightning 2.6), so an FSDP2 resume restarted the schedule and the data."""
+    objects = dict(state)
+    remainder = fabric.load(path, state)
+    for key, obj in objects.items():
+        loaded = state[key]
+        if loaded is not obj and isinstance(loaded, dict) and hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(loaded)
+            state[key] = obj
+    return remainder
 
 
 def evaluate(fabric: L.Fabric, model, loaders: list, sources: list[tuple[str, float]]) -> dict:
@@ -180,7 +205,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         state["spike_skipper"] = module.spikes
     step = 0
     if resume:
-        remainder = fabric.load(resume, state)
+        remainder = _load(fabric, resume, state)
         step = state["global_step"] = int(remainder.get("global_step", state["global_step"]))
         set_scheduled_lr(scheduler)  # this recipe's schedule from the resumed step on
     train_loader = fabric.setup_dataloaders(data.train_dataloader(), use_distributed_sampler=False)
@@ -208,6 +233,8 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     spikes = torch.zeros((), device=fabric.device)
     batches = iter(train_loader)
     start, start_step, tokens_per_step = time.perf_counter(), step, 0
+    position = data.state_dict().get("samples_consumed") if hasattr(data, "state_dict") else None
+    tokens_before = position * data.block_size if position is not None else None
     while step < max_steps:
         loss_sum = z_sum = None
         for micro in range(accumulate):
@@ -244,7 +271,10 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
                 "train/loss": stats.loss.item(),
                 "train/grad_norm": stats.grad_norm.item(),
                 "lr": scheduler.get_last_lr()[0],
-                "train/tokens_seen": float(step * tokens_per_step),
+                "train/tokens_seen": float(
+                    (start_step * tokens_per_step if tokens_before is None else tokens_before)
+                    + (step - start_step) * tokens_per_step
+                ),
                 "train/tokens_per_sec": tokens_per_sec,
                 "train/skipped_steps": float(module.guard.skipped),
             }

@@ -39,6 +39,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from tinyrecipe.faults import failpoint
 from tinyrecipe.io import publish, remove, remove_stale, temp_sibling
+from tinyrecipe.model.parallelize import hsdp_mesh
 from tinyrecipe.train.checkpoint import load_with_fallback
 
 SHARDED_TAG = "sharded"  # the temporary directory name all ranks agree on
@@ -91,20 +92,11 @@ class FSDP2Strategy(ModelParallelStrategy):
                 self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
             )
         super().setup_environment()
-        world, group = int(self._data_parallel_size), self.shard_group_size
-        if group is not None and group != world:
-            if group < 1 or world % group or int(self._tensor_parallel_size) != 1:
-                raise ValueError(
-                    f"trainer.strategy.shard_group_size={group} must divide the {world} "
-                    "data-parallel ranks (tensor_parallel_size 1); e.g. the GPUs of a node"
-                )
-            from torch.distributed.device_mesh import init_device_mesh
-
-            self._fsdp_mesh = init_device_mesh(
-                self.root_device.type,
-                (world // group, group),
-                mesh_dim_names=("replicate", "shard"),
-            )
+        if self.shard_group_size is not None and int(self._tensor_parallel_size) != 1:
+            raise ValueError("trainer.strategy.shard_group_size needs tensor_parallel_size 1")
+        self._fsdp_mesh = hsdp_mesh(
+            self.root_device.type, int(self._data_parallel_size), self.shard_group_size
+        )
 
     @property
     def fsdp_mesh(self):
