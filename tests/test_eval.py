@@ -3,6 +3,7 @@ as lm-eval's own HFLM on the exported model, the offline sample task, bad input 
 evaluation inside training equal to `tinyrecipe eval` of the same step's checkpoint."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -53,6 +54,24 @@ def test_sample_task_is_four_way_multiple_choice_on_held_out_text(eval_task):
     labels = [d["label"] for d in docs]
     assert len(set(labels)) > 1  # the answer is not always in one place
     assert "stdlib_mc" in task_manager(eval_task).all_tasks
+
+
+def test_a_task_manager_is_reused_until_its_directory_changes(tmp_path, monkeypatch):
+    import lm_eval.tasks
+
+    from tinyrecipe.interop import evaluate as module
+
+    built = []
+    monkeypatch.setattr(
+        lm_eval.tasks, "TaskManager", lambda include_path: built.append(1) or object()
+    )
+    module._task_manager.cache_clear()
+    first = module.task_manager(tmp_path)
+    assert module.task_manager(tmp_path) is first and len(built) == 1
+    (tmp_path / "new_task.yaml").write_text("task: new_task\n")
+    os.utime(tmp_path, ns=(0, tmp_path.stat().st_mtime_ns + 1))  # however coarse the clock
+    assert module.task_manager(tmp_path) is not first and len(built) == 2
+    module._task_manager.cache_clear()
 
 
 @pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])

@@ -17,6 +17,7 @@ requests; all ranks run the same number of forward passes, so a sharded (FSDP2) 
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from contextlib import nullcontext
 from pathlib import Path
@@ -212,16 +213,23 @@ class TinyRecipeLM(TemplateLM):
 
 
 def task_manager(include_path: str | Path | list | None = None):
-    """lm-eval's TaskManager with tinyrecipe's tasks (`tinyllama-commonsense`) and the user's."""
-    from lm_eval.tasks import TaskManager
-
+    """lm-eval's TaskManager with tinyrecipe's tasks (`tinyllama-commonsense`) and the user's.
+    Indexing lm-eval's thousands of task YAMLs takes seconds, so a manager is reused while its
+    directories are unchanged (a file added to one changes its modification time)."""
     paths = [str(TASKS_DIR)]
     if include_path:
         for path in include_path if isinstance(include_path, list) else [include_path]:
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"--include-path '{path}' is not a directory of task YAMLs")
             paths.append(str(path))
-    return TaskManager(include_path=paths)
+    return _task_manager(tuple(paths), tuple(Path(p).stat().st_mtime_ns for p in paths))
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(paths: tuple[str, ...], _stamps: tuple[int, ...]):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths))
 
 
 def load_tasks(names: list[str], manager) -> dict:
