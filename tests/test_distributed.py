@@ -190,6 +190,30 @@ def test_a_sharded_checkpoint_exports_to_hugging_face_with_equal_logits(runs, tm
         torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-5, rtol=0)
 
 
+def test_a_sharded_checkpoint_resumed_wrongly_is_one_line(runs, tmp_path):
+    """Given to a one-file strategy (fit's checkpoint I/O, the Fabric loop under DDP) or to a
+    recipe of another shape: refused before anything loads, naming what to do."""
+    from types import SimpleNamespace
+
+    from tinyrecipe.model.config import ModelConfig
+    from tinyrecipe.train.checkpoint import AtomicCheckpointIO
+    from tinyrecipe.train.fabric import _load
+
+    ckpt = runs["fsdp2"] / "checkpoints/last.ckpt"
+    with pytest.raises(ValueError, match="is sharded .* trainer.strategy: fsdp2"):
+        AtomicCheckpointIO().load_checkpoint(ckpt)
+    ddp = SimpleNamespace(strategy=object())
+    with pytest.raises(ValueError, match="is sharded"):
+        _load(ddp, str(ckpt), {}, ModelConfig(**MICRO))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        _load(ddp, str(tmp_path / "none.ckpt"), {}, ModelConfig(**MICRO))
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    fsdp2 = SimpleNamespace(strategy=ModelParallelStrategy(lambda m, _: m))
+    with pytest.raises(ValueError, match="holds another model .n_layer 2 vs 3"):
+        _load(fsdp2, str(ckpt), {}, ModelConfig(**{**MICRO, "n_layer": 3}))
+
+
 @pytest.mark.faults
 def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, tmp_path):
     """Both ranks die while writing the step-3 checkpoint; the step-2 one stays whole."""

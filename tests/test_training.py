@@ -138,6 +138,11 @@ def test_the_fsdp2_name_takes_strategy_options_on_the_command_line():
         ("fit", ("--model.preset", "gpt-5"), "unknown model preset 'gpt-5'"),
         ("fit", ("--model.config.n_kv_heads", "4"), "Option 'n_kv_heads' is not accepted"),
         ("fit", ("--optimizer", "Adam"), "unrecognized arguments: --optimizer"),
+        (
+            "fit",
+            ("--model.config", "{n_layer:2}"),
+            "value {n_layer:2} (a YAML mapping needs a space",
+        ),
         ("fabric", ("--trainer.max_stepz", "5"), "unrecognized arguments: --trainer.max_stepz"),
         ("memory", ("--trainer.devicez", "5"), "unrecognized arguments: --trainer.devicez"),
     ],

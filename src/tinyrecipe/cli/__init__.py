@@ -73,6 +73,11 @@ def fail(command: str, err: BaseException | str) -> int:
     if isinstance(err, argparse.ArgumentError):
         # jsonargparse explains a refused value over many lines; keep the one that names it
         reason = next((line for line in lines[1:] if SPECIFIC.search(line)), None)
+        given = next((line[13:] for line in lines if line.startswith("Given value: ")), None)
+        if reason is None and given is not None:
+            reason = f"cannot use the value {given}"
+            if re.search(r"[{,]\s*[\w.]+:[^\s/]", given):  # {a:1}: one YAML key "a:1"
+                reason += " (a YAML mapping needs a space after each colon: {key: value})"
         message = f"{message.rstrip(':')}: {reason}" if reason else message
         message += f" (tinyrecipe {command} --help lists the options)"
     else:

@@ -68,6 +68,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path, map_location: Any | None = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        refuse_sharded(Path(path))
         # Checkpoints may come from elsewhere: never unpickle arbitrary objects.
         kwargs = {} if map_location is None else {"map_location": map_location}
         return load_with_fallback(
@@ -95,6 +96,16 @@ def is_complete(path: Path) -> bool:
     if path.is_dir():
         return (path / ".metadata").is_file() and (path / "meta.pt").is_file()
     return path.is_file()
+
+
+def refuse_sharded(path: Path) -> None:
+    """A sharded (FSDP2) checkpoint directory given to a strategy that reads one file: one line
+    saying how to resume it, instead of 'Is a directory' or a fall-back to an older checkpoint."""
+    if path.is_dir() and (path / ".metadata").is_file():
+        raise ValueError(
+            f"checkpoint '{path}' is sharded (written under FSDP2); resume it with "
+            "trainer.strategy: fsdp2, on any number of devices"
+        )
 
 
 def load_with_fallback(path: Path, load: Callable[[Path], T]) -> T:

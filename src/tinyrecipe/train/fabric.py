@@ -25,11 +25,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.strategies import ModelParallelStrategy
 
+from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.io import publish, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, reshard
 from tinyrecipe.planning.flops import device_peak, train_flops_per_token
-from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr
+from tinyrecipe.train.checkpoint import refuse_sharded
+from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr, shape_diff
 from tinyrecipe.train.step import (
     finish_step,
     micro_batch_loss,
@@ -59,8 +62,6 @@ def _strategy(spec: Any, module: CausalLMModule, precision: str):
             name, args = spec["class_path"].rpartition(".")[2], spec.get("init_args") or {}
             return getattr(importlib.import_module("lightning.fabric.strategies"), name)(**args)
         return spec  # "auto", "ddp", ...
-    from lightning.fabric.strategies import ModelParallelStrategy
-
     args = dict(spec.get("init_args") or {}) if isinstance(spec, dict) else {}
     args.setdefault("data_parallel_size", "auto")
     args.setdefault("tensor_parallel_size", 1)
@@ -108,10 +109,21 @@ def _save(fabric: L.Fabric, path: Path, state: dict) -> None:
     fabric.barrier()
 
 
-def _load(fabric: L.Fabric, path: str, state: dict) -> dict:
-    """fabric.load, then each stateful object (schedule, data position, spike window) restored
-    from its saved dict: Lightning's ModelParallelStrategy (FSDP2) puts the dict in its place
-    instead (lightning 2.6), so an FSDP2 resume restarted the schedule and the data."""
+def _load(fabric: L.Fabric, path: str, state: dict, config) -> dict:
+    """fabric.load, after refusing in one line a missing path, a sharded checkpoint for a
+    one-file strategy and another model shape; then each stateful object (schedule, data
+    position, spike window) restored from its saved dict: Lightning's ModelParallelStrategy
+    (FSDP2) puts the dict in its place instead (lightning 2.6), so an FSDP2 resume restarted
+    the schedule and the data."""
+    if not Path(path).exists():
+        raise FileNotFoundError(f"checkpoint '{path}' (resume) does not exist")
+    if not isinstance(fabric.strategy, ModelParallelStrategy):
+        refuse_sharded(Path(path))
+    if detail := shape_diff(checkpoint_config(path), config):
+        raise ValueError(
+            f"checkpoint '{path}' holds another model ({detail}, checkpoint vs recipe); resume "
+            "with the recipe that wrote it"
+        )
     objects = dict(state)
     remainder = fabric.load(path, state)
     for key, obj in objects.items():
@@ -205,7 +217,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         state["spike_skipper"] = module.spikes
     step = 0
     if resume:
-        remainder = _load(fabric, resume, state)
+        remainder = _load(fabric, resume, state, module.config)
         step = state["global_step"] = int(remainder.get("global_step", state["global_step"]))
         set_scheduled_lr(scheduler)  # this recipe's schedule from the resumed step on
     train_loader = fabric.setup_dataloaders(data.train_dataloader(), use_distributed_sampler=False)

@@ -46,7 +46,7 @@ from tinyrecipe.train.step import (
 )
 
 
-def _shape_diff(theirs: ModelConfig, ours: ModelConfig) -> str:
+def shape_diff(theirs: ModelConfig, ours: ModelConfig) -> str:
     """'n_layer 2 vs 3, ...' over the shape fields that differ; '' when the weights fit."""
     return ", ".join(
         f"{k} {getattr(theirs, k)} vs {getattr(ours, k)}"
@@ -202,7 +202,7 @@ class CausalLMModule(L.LightningModule):
             model = Llama(self.config)
         if hp.init_from:
             config, state = load_tinyrecipe_checkpoint(hp.init_from)
-            if detail := _shape_diff(config, self.config):
+            if detail := shape_diff(config, self.config):
                 raise ValueError(
                     f"model.init_from '{hp.init_from}' holds a different model ({detail}, "
                     "checkpoint vs recipe); set model.preset/model.config to its shape"
@@ -381,7 +381,7 @@ class CausalLMModule(L.LightningModule):
         fails); let the DataModule restate the loops' batch counters in this run's micro-batches
         (a resume on another number of processes or micro-batch size)."""
         theirs = config_from_hparams(checkpoint.get("hyper_parameters", {}))
-        if detail := _shape_diff(theirs, self.config):
+        if detail := shape_diff(theirs, self.config):
             raise ValueError(
                 f"checkpoint holds another model ({detail}, checkpoint vs recipe); resume with the "
                 "recipe that wrote it or start without --ckpt_path"
