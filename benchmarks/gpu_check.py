@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -145,13 +146,14 @@ def run_recipe(
     from tinyrecipe.cli.fit import TinyRecipeCLI
     from tinyrecipe.planning.flops import device_peak, train_flops_per_token
     from tinyrecipe.planning.memory import estimate_memory
-    from tinyrecipe.train.callbacks import Checkpoints
+    from tinyrecipe.train.callbacks import Checkpoints, DeviceEvent
     from tinyrecipe.train.module import describe
 
     sources = make_data(
         out / "data", s["vocab"], (s["steps"] + 1) * s["accumulate"] * s["micro"] * 2049
     )
     root = out / variant
+    shutil.rmtree(root, ignore_errors=True)  # a rerun into the same --out starts afresh
     steps, micro, accumulate = s["steps"], s["micro"] * factor, s["accumulate"] // factor
     args = [
         "--config",
@@ -212,17 +214,26 @@ def run_recipe(
     times: list[float] = []
 
     class StepTimer(Callback):
-        """Optimizer-step times; with `profile`, the last step under torch.profiler (untimed)."""
+        """Optimizer-step times, each taken when the device has done the step (an event waited
+        for at the end of the next step: no idle device at step boundaries, as in the recipe's
+        throughput monitor); with `profile`, the last step under torch.profiler (untimed)."""
 
         def __init__(self) -> None:
-            self.last, self.profiler = None, None
+            self.last, self.queued, self.profiler = None, None, None
+
+        def _time_queued(self) -> None:
+            if self.queued is not None:
+                done = self.queued.wait()
+                if self.last is not None:
+                    times.append(done - self.last)
+                self.last, self.queued = done, None
 
         def on_train_batch_end(self, trainer, *_):
             if trainer.fit_loop._should_accumulate():
                 return
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            now = time.perf_counter()
+            event = DeviceEvent(trainer.strategy.root_device)
+            self._time_queued()
+            self.queued = event
             if self.profiler is not None:
                 self.profiler.stop()
                 table = self.profiler.key_averages().table(
@@ -233,17 +244,19 @@ def run_recipe(
                 )
                 (out / f"recipe-{variant}-profile.txt").write_text(table)
                 self.profiler = None
-            elif self.last is not None:
-                times.append(now - self.last)
-            self.last = now
             if profile and trainer.global_step == steps - 1:
                 from torch.profiler import ProfilerActivity
                 from torch.profiler import profile as torch_profile
 
+                self._time_queued()  # the profiled step is not timed
+                self.last = None
                 activities = [ProfilerActivity.CPU]
                 activities += [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
                 self.profiler = torch_profile(activities=activities)
                 self.profiler.start()
+
+        def on_train_end(self, *_):
+            self._time_queued()
 
     cli = TinyRecipeCLI(
         run=False,

@@ -368,3 +368,56 @@ def test_progress_bar_counts_optimizer_steps(corpus, tmp_path):
     shown = result.stdout + result.stderr
     assert "step: 100%" in shown and "3/3" in shown, shown[-3000:]
     assert "Epoch 0" not in shown
+
+
+@pytest.mark.fast
+def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
+    """The monitor never synchronises at a step's end: it records an event there and waits for
+    it at the end of the next step; validation's start times the step still queued."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.utilities.throughput import Throughput
+    from lightning.pytorch.trainer.states import RunningStage
+
+    from tinyrecipe.train import callbacks
+
+    finished = iter([10.0, 20.0, 30.0])  # when the device completes each step's event
+
+    class Event:
+        def __init__(self, device):
+            self.done = next(finished)
+
+        def wait(self):
+            return self.done
+
+    monkeypatch.setattr(callbacks, "DeviceEvent", Event)
+    monitor = callbacks.TokenThroughputMonitor(window_size=2)
+    stage = RunningStage.TRAINING
+    monitor._throughputs[stage] = Throughput(window_size=2)
+    monitor._t0s[stage], monitor._batches[stage] = 0.0, 0
+    monitor._samples[stage] = monitor._lengths[stage] = 0
+    logged = []
+    micro = iter([True, False] * 3)  # 2 micro-batches a step
+    trainer = SimpleNamespace(
+        fit_loop=SimpleNamespace(_should_accumulate=lambda: next(micro)),
+        state=SimpleNamespace(stage=stage),
+        strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        _logger_connector=SimpleNamespace(
+            should_update_logs=True, log_metrics=lambda m, step=None: logged.append(m)
+        ),
+        sanity_checking=False,
+    )
+    module = SimpleNamespace(flops_per_batch=100.0)
+    batch = {"input_ids": torch.zeros(4, 8)}
+    times = monitor._throughputs[stage]._time
+    for _ in range(2):
+        monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    assert list(times) == []  # step 1 queued, not yet waited for
+    for _ in range(4):
+        monitor.on_train_batch_end(trainer, module, None, batch, 0)
+    assert list(times) == [10.0, 20.0]  # each at its own completion, one step late
+    monkeypatch.setattr(callbacks.ThroughputMonitor, "on_validation_start", lambda *a: None)
+    trainer.state.stage = RunningStage.VALIDATING
+    monitor.on_validation_start(trainer)
+    assert list(times) == [20.0, 30.0] and monitor._lengths[stage] == 3 * 2 * 32  # window 2
+    assert logged[-1]["train/device/items_per_sec"] == pytest.approx(64 / 10)  # 2 x 32 in 10

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import (
     ThroughputMonitor,
     TQDMProgressBar,
 )
+from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from tinyrecipe.io import remove, temp_sibling
@@ -31,9 +32,11 @@ class TokenThroughputMonitor(ThroughputMonitor):
     Logs train/device/{batches,samples,items,flops}_per_sec and train/device/mfu
     (items = tokens; batches = micro-batches), over the last `window_size` optimizer steps.
 
-    Lightning's monitor synchronises the device after every micro-batch to time it; this one adds
-    up a step's micro-batches on the host and synchronises once, when the optimizer step is done
-    (which also puts the optimizer's time into the figure)."""
+    Lightning's monitor synchronises the device after every micro-batch to time it, which idles the
+    GPU while the host prepares the next one. This one adds up a step's micro-batches on the host
+    and records an event when the step (optimizer included) is queued; at the end of the next
+    step it waits for that event, while the GPU still has the newer step's work, and times the
+    step it marks. The figures lag one step; the device never waits for the host."""
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 100) -> None:
         super().__init__(
@@ -43,6 +46,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         )
         self.peak_flops = peak_flops
         self._step = [0, 0, 0, 0.0]  # micro-batches, samples, tokens, FLOPs of the running step
+        self._queued = None  # (device event, that step's counts): the step not yet timed
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -66,21 +70,57 @@ class TokenThroughputMonitor(ThroughputMonitor):
         # Lightning's own monitor asks the fit loop the same question (a private method).
         if trainer.fit_loop._should_accumulate():
             return
-        stage = trainer.state.stage
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()  # once per optimizer step: the time must include its work
-        self._batches[stage] += step[0]
-        self._samples[stage] += step[1]
-        self._lengths[stage] += step[2]
+        event = DeviceEvent(trainer.strategy.root_device)
+        self._time_queued(trainer)
+        self._queued, self._step = (event, step), [0, 0, 0, 0.0]
+
+    def _time_queued(self, trainer) -> None:
+        """Wait for the queued step's event and add that step to the figures."""
+        if self._queued is None:
+            return
+        (event, (batches, samples, tokens, flops)), self._queued = self._queued, None
+        done = event.wait()
+        stage = RunningStage.TRAINING
+        self._batches[stage] += batches
+        self._samples[stage] += samples
+        self._lengths[stage] += tokens
         self._throughputs[stage].update(
-            time=time.perf_counter() - self._t0s[stage],
+            time=done - self._t0s[stage],
             batches=self._batches[stage],
             samples=self._samples[stage],
             lengths=self._lengths[stage],
-            flops=step[3],
+            flops=flops,
         )
-        self._step = [0, 0, 0, 0.0]
-        self._compute(trainer)
+        if trainer._logger_connector.should_update_logs:  # as Lightning's _compute, for training
+            throughput = self._throughputs[stage]
+            metrics = {
+                f"train{throughput.separator}{k}": v for k, v in throughput.compute().items()
+            }
+            trainer._logger_connector.log_metrics(metrics)
+
+    @rank_zero_only
+    def on_validation_start(self, trainer, *args) -> None:
+        if not trainer.sanity_checking:  # validation's time is taken out of training's clock
+            self._time_queued(trainer)
+        super().on_validation_start(trainer, *args)
+
+
+class DeviceEvent:
+    """The point in the device's queue where the host is now. `wait()` returns the time the
+    device passed it: for CUDA, waiting on an event recorded here; on a device that runs
+    synchronously (a CPU), the time it was made."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.event, self.time = None, time.perf_counter()
+        if device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def wait(self) -> float:
+        if self.event is None:
+            return self.time
+        self.event.synchronize()
+        return time.perf_counter()
 
 
 class StepLearningRateMonitor(LearningRateMonitor):
