@@ -13,7 +13,8 @@ Sections (each reported even when another fails; results in <out>/gpu_check.json
   attention  FlashAttention-2 (when installed) and every SDPA backend against an fp64 reference,
              bf16, the 1.1B shape: error and forward+backward time.
   precision  bf16-mixed against fp32: the loss over 50 steps of the llama-60m preset.
-  generate   1.1B greedy decoding with the KV cache, bf16: tokens/s at batch 1 and 8.
+  generate   1.1B greedy decoding with the KV cache, bf16: tokens/s at batch 1 and 8, eager and
+             compiled (static cache, CUDA graphs).
 
     python benchmarks/gpu_check.py                     # one H100 / H200, ~8 minutes
     python benchmarks/gpu_check.py --peak-flops 989e12  # a GPU missing from the peak table
@@ -70,6 +71,7 @@ def settings(cpu: bool) -> dict:
             prec_seq=64,
             gen_new=8,
             gen_prompt=8,
+            gen_compile=False,  # compiling on CPU takes longer than the rest of this check
         )
     return dict(
         preset="tinyllama-1.1b",
@@ -89,6 +91,7 @@ def settings(cpu: bool) -> dict:
         prec_seq=1024,
         gen_new=256,
         gen_prompt=128,
+        gen_compile=True,
     )
 
 
@@ -448,11 +451,20 @@ def check_generate(s: dict) -> dict:
     with torch.device(device):
         model = Llama(config).to(dtype).eval()
     rows = {}
-    for batch in (1, 8):
-        idx = torch.randint(0, config.vocab_size, (batch, s["gen_prompt"]), device=device)
-        generate(model, idx, 4, temperature=0)  # warm-up
-        seconds = _timed(lambda idx=idx: generate(model, idx, s["gen_new"], temperature=0), reps=2)
-        rows[f"batch {batch}"] = {"new_tokens_per_s": batch * s["gen_new"] / seconds}
+    for compiled in (False, True) if s["gen_compile"] else (False,):
+        for batch in (1, 8):
+            idx = torch.randint(0, config.vocab_size, (batch, s["gen_prompt"]), device=device)
+            name = f"batch {batch}" + (" compiled" if compiled else "")
+            started = time.perf_counter()
+            generate(model, idx, 4, temperature=0, compile=compiled)  # warm-up (compiles)
+            warm = time.perf_counter() - started
+            seconds = _timed(
+                lambda idx=idx, c=compiled: generate(
+                    model, idx, s["gen_new"], temperature=0, compile=c
+                ),
+                reps=2,
+            )
+            rows[name] = {"new_tokens_per_s": batch * s["gen_new"] / seconds, "warm_up_s": warm}
     return rows
 
 

@@ -112,7 +112,8 @@ def test_init_from_starts_training_from_converted_weights(tmp_path):
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
-def test_kv_cache_decoding_equals_recomputing(n_kv_head):
+def test_kv_cache_decoding_equals_recomputing(n_kv_head, monkeypatch):
+    from tinyrecipe.interop import generate as module
     from tinyrecipe.interop.generate import generate
 
     config = ModelConfig(**{**CONFIG.to_dict(), "n_kv_head": n_kv_head})
@@ -128,6 +129,19 @@ def test_kv_cache_decoding_equals_recomputing(n_kv_head):
         step_logits += [model(fast[:, t : t + 1], cache=cache)[:, -1] for t in range(7, 26)]
         full = model(fast[:, :26])
     assert torch.allclose(torch.stack(step_logits, 1), full[:, 6:], atol=1e-5)
+    static = model.new_kv_cache(2, static=True)  # the whole context, masked: fixed shapes
+    with torch.no_grad():
+        step_logits = [model(fast[:, :7], cache=static)[:, -1]]
+        step_logits += [model(fast[:, t : t + 1], cache=static)[:, -1] for t in range(7, 26)]
+    assert torch.allclose(torch.stack(step_logits, 1), full[:, 6:], atol=1e-5)
+    if n_kv_head == 2:  # one graph for every step and prompt length (aot_eager: no C++ build)
+        options = {"fullgraph": True, "dynamic": False, "backend": "aot_eager"}
+        monkeypatch.setattr(module, "compile_options", lambda device: options)
+        torch._dynamo.reset()
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            assert torch.equal(generate(model, prompt, 20, temperature=0, compile=True), fast)
+            shorter = generate(model, prompt[:, :4], 23, temperature=0, compile=True)
+        assert torch.equal(shorter, generate(model, prompt[:, :4], 23, temperature=0))
     sampled = [
         generate(
             model,

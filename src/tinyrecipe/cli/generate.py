@@ -37,14 +37,43 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="auto: bfloat16 on a GPU that has it, else float32",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode with one compiled graph per token (CUDA graphs on a GPU); compiling "
+        "takes a while once, so it pays off for long or many generations",
+    )
     args = parser.parse_args(argv)
-    model = load_checkpoint_model(args.ckpt)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32
+    if args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    model = load_checkpoint_model(args.ckpt).to(device=device, dtype=dtype)
     tok = load_tokenizer(args.tokenizer)
     prompt_ids = tok.encode(args.prompt)
-    idx = torch.tensor([[tok.bos_id] + prompt_ids])
-    gen = torch.Generator().manual_seed(args.seed)
+    idx = torch.tensor([[tok.bos_id] + prompt_ids], device=device)
+    gen = torch.Generator(device).manual_seed(args.seed)
     out = generate(
-        model, idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, gen, tok.eos_id
+        model,
+        idx,
+        args.max_new_tokens,
+        args.temperature,
+        args.top_k,
+        args.top_p,
+        gen,
+        tok.eos_id,
+        compile=args.compile,
     )
     print(continuation(tok, args.prompt, prompt_ids, out[0, idx.size(1) :].tolist()))
     return 0

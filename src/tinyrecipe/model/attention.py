@@ -110,12 +110,21 @@ def causal_attention(
     v: torch.Tensor,
     backend: str = "auto",
     documents: DocumentMask | None = None,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal self-attention. q: (B, T, H, D); k, v: (B, S, H_kv, D) with H % H_kv == 0 and
     S >= T: the T queries are the last T of the S positions (S > T when generating with a
     KV cache). Returns (B, T, H, D). Grouped KV heads are never copied out to H heads.
     `documents`: attend within each document only (training on packed blocks, S == T).
+    `mask` (T, S) bool, True where a query sees a key, instead of that alignment (a static KV
+    cache: S is the buffer, filled up to the queries); SDPA runs it.
     """
+    if mask is not None:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        gqa = k.size(1) != q.size(1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(
+            1, 2
+        )
     chosen = select_backend(q, backend)
     # Never a silent slow path: say once which kernel runs (not from inside a compiled graph).
     said = chosen + (" with a document mask" if documents is not None else "")

@@ -59,22 +59,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache:
-    """Keys and values of the positions seen so far, for one block (generation only)."""
+    """Keys and values of the positions seen so far, for one block (generation only).
+
+    Growing (the default): `length` is an int and attention sees the filled part. Static
+    (`static=True`): `length` is a 0-d tensor on the device, new keys are written at it and
+    attention sees the whole buffer through a mask, so every decoding step has the same shapes
+    and no host value: what `torch.compile` (and CUDA graphs) need to run one graph per token."""
 
     def __init__(
-        self, batch: int, max_len: int, n_kv_head: int, head_dim: int, like: torch.Tensor
+        self,
+        batch: int,
+        max_len: int,
+        n_kv_head: int,
+        head_dim: int,
+        like: torch.Tensor,
+        static: bool = False,
     ) -> None:
         shape = (batch, max_len, n_kv_head, head_dim)
         self.k = torch.zeros(shape, dtype=like.dtype, device=like.device)
         self.v = torch.zeros(shape, dtype=like.dtype, device=like.device)
-        self.length = 0
+        self.length = torch.zeros((), dtype=torch.long, device=like.device) if static else 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (B, T, H_kv, hd) after the cached positions; return all of them."""
-        end = self.length + k.size(1)
-        self.k[:, self.length : end], self.v[:, self.length : end] = k, v
-        self.length = end
-        return self.k[:, :end], self.v[:, :end]
+    def positions(self, T: int) -> torch.Tensor | slice:
+        """Where the next T tokens go: a slice (growing) or a (T,) tensor (static)."""
+        if isinstance(self.length, int):
+            return slice(self.length, self.length + T)
+        return self.length + torch.arange(T, device=self.k.device)
+
+    def append(
+        self, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store k, v (B, T, H_kv, hd) after the cached positions; return the keys and values
+        to attend to and, for a static cache, the (T, max_len) mask of those each query sees."""
+        T = k.size(1)
+        where = self.positions(T)
+        if isinstance(where, slice):
+            self.k[:, where], self.v[:, where] = k, v
+            self.length = where.stop
+            return self.k[:, : where.stop], self.v[:, : where.stop], None
+        self.k.index_copy_(1, where, k)
+        self.v.index_copy_(1, where, v)
+        self.length.add_(T)
+        keys = torch.arange(self.k.size(1), device=self.k.device)
+        return self.k, self.v, keys[None, :] <= where[:, None]
 
 
 class Attention(nn.Module):
@@ -107,9 +134,10 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, H_kv, hd)
         v = v.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
         if cache is not None:  # generation: attend to every earlier position as well
-            k, v = cache.append(k, v)  # (B, T_past + T, H_kv, hd)
-        y = causal_attention(q, k, v, self.backend, documents)  # (B, T, H, hd)
+            k, v, mask = cache.append(k, v)  # (B, T_past + T or max_len, H_kv, hd)
+        y = causal_attention(q, k, v, self.backend, documents, mask)  # (B, T, H, hd)
         return self.proj(y.reshape(B, T, q_dim))
 
 
@@ -171,11 +199,16 @@ class Llama(nn.Module):
             self.to_empty(device=device)
             self.init_weights()
 
-    def new_kv_cache(self, batch: int = 1, max_len: int | None = None) -> list[KVCache]:
-        """Empty caches, one per block, for up to `max_len` positions (default block_size)."""
+    def new_kv_cache(
+        self, batch: int = 1, max_len: int | None = None, static: bool = False
+    ) -> list[KVCache]:
+        """Empty caches, one per block, for up to `max_len` positions (default block_size);
+        `static`: fixed shapes for compiled decoding (`KVCache`)."""
         cfg, like = self.config, self.embed.weight
         max_len = max_len or cfg.block_size
-        return [KVCache(batch, max_len, cfg.n_kv_head, cfg.head_dim, like) for _ in self.blocks]
+        return [
+            KVCache(batch, max_len, cfg.n_kv_head, cfg.head_dim, like, static) for _ in self.blocks
+        ]
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -210,13 +243,14 @@ class Llama(nn.Module):
         attends only to earlier tokens of its own document, and with
         `config.document_positions == "restart"` its RoPE position counts from its document's
         first token."""
-        start = cache[0].length if cache else 0
         T = idx.size(1)
-        if start + T > self.config.block_size:
+        where = cache[0].positions(T) if cache else slice(0, T)
+        # a static cache's position stays on the device: its buffer bounds it instead
+        if isinstance(where, slice) and where.stop > self.config.block_size:
             raise ValueError(
-                f"sequence length {start + T} exceeds block_size {self.config.block_size}"
+                f"sequence length {where.stop} exceeds block_size {self.config.block_size}"
             )
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        cos, sin = self.rope_cos[where], self.rope_sin[where]
         mask = None
         if documents is not None:
             if cache:
