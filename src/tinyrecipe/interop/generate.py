@@ -3,7 +3,7 @@ checkpoint tinyrecipe reads (`tinyrecipe generate` is its command line)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
 from pathlib import Path
 
 import torch
@@ -47,13 +47,24 @@ def compile_options(device: torch.device) -> dict:
     return options
 
 
-def _compiled(model: Llama, cache: list) -> Callable:
-    # CUDA graphs replay fixed addresses: the cache buffers are marked as such, so writing them
-    # in place is part of the graph rather than a reason to skip it
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _static_cache(model: Llama, batch: int) -> list:
+    """A static cache for `batch` rows, reused by every compiled generation of `model` (emptied,
+    not reallocated): CUDA graphs replay fixed addresses, so the buffers are marked static and
+    keep their addresses from one call to the next."""
+    caches = _STATIC_CACHES.setdefault(model, {})
+    weight = model.embed.weight
+    cache = caches.get(batch)
+    if cache is None or cache[0].k.dtype != weight.dtype or cache[0].k.device != weight.device:
+        cache = caches[batch] = model.new_kv_cache(batch, static=True)
+        for block_cache in cache:
+            for tensor in (block_cache.k, block_cache.v, block_cache.length):
+                torch._dynamo.mark_static_address(tensor, guard=False)
     for block_cache in cache:
-        for tensor in (block_cache.k, block_cache.v, block_cache.length):
-            torch._dynamo.mark_static_address(tensor)
-    return torch.compile(model, **compile_options(model.embed.weight.device))
+        block_cache.length.zero_()  # what lies beyond the position is masked
+    return cache
 
 
 @torch.no_grad()
@@ -77,11 +88,18 @@ def generate(
     layer launched from Python."""
     if compile and not use_cache:
         raise ValueError("compile=True decodes with the KV cache; drop use_cache=False")
+    if idx.size(1) > model.config.block_size:
+        raise ValueError(
+            f"the prompt has {idx.size(1)} tokens, more than the model's context "
+            f"(block_size {model.config.block_size})"
+        )
     total = min(model.config.block_size, idx.size(1) + max_new_tokens)
-    cache = None
-    if use_cache:  # a static cache spans the whole context: one graph for every prompt length
-        cache = model.new_kv_cache(idx.size(0), None if compile else total, static=compile)
-    step = _compiled(model, cache) if compile else model
+    cache, step = None, model
+    if compile:  # a static cache spans the whole context: one graph for every prompt length
+        cache = _static_cache(model, idx.size(0))
+        step = torch.compile(model, **compile_options(model.embed.weight.device))
+    elif use_cache:
+        cache = model.new_kv_cache(idx.size(0), total)
     logits = model(idx, cache=cache)[:, -1]
     while idx.size(1) < total:
         nxt = _next_token(logits.float(), temperature, top_k, top_p, generator)
