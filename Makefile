@@ -73,9 +73,9 @@ format: venv-dev
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The TinyLlama recipe's real path and the GPU-only checks on one GPU (~6 min on an H100/H200).
+# The TinyLlama recipe's real path and the GPU-only checks on one GPU (~8 min on an H100/H200).
 gpu-check: venv
-	$(PY) benchmarks/gpu_check.py
+	$(PY) benchmarks/gpu_check.py --profile
 
 bench: venv-dev
 	$(PY) benchmarks/bench_model.py

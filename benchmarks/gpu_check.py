@@ -79,7 +79,7 @@ def settings(cpu: bool) -> dict:
         seq=2048,
         micro=8,
         accumulate=16,
-        steps=5,
+        steps=6,  # 2 to warm up (compile), 3 timed, the last profiled with --profile
         warm=2,
         precision="bf16-mixed",
         accelerator="gpu",
@@ -215,6 +215,7 @@ def run_recipe(
         ]
 
     times: list[float] = []
+    profiled: dict = {}
 
     class StepTimer(Callback):
         """Optimizer-step times, each taken when the device has done the step (an event waited
@@ -238,6 +239,8 @@ def run_recipe(
             self._time_queued()
             self.queued = event
             if self.profiler is not None:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()  # the step's last kernels inside the profile
                 self.profiler.stop()
                 table = self.profiler.key_averages().table(
                     sort_by="self_device_time_total"
@@ -246,6 +249,7 @@ def run_recipe(
                     row_limit=40,
                 )
                 (out / f"recipe-{variant}-profile.txt").write_text(table)
+                profiled.update(summarize_profile(self.profiler.events()))
                 self.profiler = None
             if profile and trainer.global_step == steps - 1:
                 from torch.profiler import ProfilerActivity
@@ -255,7 +259,7 @@ def run_recipe(
                 self.last = None
                 activities = [ProfilerActivity.CPU]
                 activities += [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
-                self.profiler = torch_profile(activities=activities)
+                self.profiler = torch_profile(activities=activities, with_flops=True)
                 self.profiler.start()
 
         def on_train_end(self, *_):
@@ -307,11 +311,76 @@ def run_recipe(
         "checkpoint": str(ckpt.resolve()) if ckpt.exists() else None,
         "checkpoint_complete": (ckpt / ".metadata").is_file() if ckpt.is_dir() else ckpt.is_file(),
     }
+    if profiled:
+        row["profile"] = profiled
     if torch.cuda.is_available():
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
         row["estimate_error"] = row["estimate_gib"] / row["peak_allocated_gib"] - 1
     return row
+
+
+# ---- where a step's time goes ---------------------------------------------------------------------
+
+CATEGORIES = (  # (category, pattern over a kernel's or, on CPU, an operator's lower-cased name)
+    ("attention", r"flash|fmha|cudnn|attention|sdpa|sdp_"),
+    (
+        "matmul",
+        r"gemm|xmma|cutlass|nvjet|cublas|aten::(mm|addmm|bmm|baddbmm|linear|matmul)\b|mkldnn",
+    ),
+    ("communication", r"nccl|all_?gather|reduce_?scatter|all_?reduce|c10d"),
+    ("optimizer", r"multi_tensor|adam|foreach"),
+    ("copies and casts", r"copy|cast|memcpy|memset|cat\b|cat_|split_with_sizes|fill|to_copy|index"),
+    ("fused (inductor)", r"^triton_|cpp_fused|compiled"),
+    (
+        "elementwise and reductions",
+        r"elementwise|reduce_kernel|aten::(mul|add|sub|div|silu|exp|rsqrt|pow|mean|sum|neg|where"
+        r"|masked_fill|softmax|log|amax|sigmoid|square|clamp|gather|scatter|embedding|ne|eq)",
+    ),
+)
+
+
+def categorize(name: str) -> str:
+    import re
+
+    lowered = name.lower()
+    return next((c for c, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
+
+
+def summarize_profile(events) -> dict:
+    """One profiled step by category: milliseconds of device kernels (GPU) or of operators'
+    own time (CPU), the step's span, the time the device was busy (overlapping streams counted
+    once) and idle, and the rate of the matrix products from the profiler's FLOP counts."""
+    from torch.autograd import DeviceType
+
+    device = [e for e in events if e.device_type != DeviceType.CPU]
+    timed = device or [e for e in events if e.device_type == DeviceType.CPU]
+    if not timed:
+        return {}
+    own = (lambda e: e.time_range.elapsed_us()) if device else (lambda e: e.self_cpu_time_total)
+    by: dict[str, float] = {}
+    for e in timed:
+        by[categorize(e.name)] = by.get(categorize(e.name), 0.0) + own(e) / 1e3
+    spans = sorted((e.time_range.start, e.time_range.end) for e in timed)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:  # the union of the intervals
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    span = max(b for _, b in spans) - spans[0][0]
+    matmul_flops = sum(
+        e.flops or 0
+        for e in events
+        if e.device_type == DeviceType.CPU and categorize(e.name) == "matmul"
+    )
+    matmul_ms = by.get("matmul", 0.0)
+    return {
+        "ms_by_category": dict(sorted(by.items(), key=lambda kv: -kv[1])),
+        "span_ms": span / 1e3,
+        "busy_ms": busy / 1e3,
+        "idle_fraction": max(0.0, 1 - busy / span) if span > 0 else None,
+        "matmul_tflops": matmul_flops / matmul_ms / 1e9 if matmul_ms else None,
+    }
 
 
 # ---- kernels and numerics ------------------------------------------------------------------------
@@ -496,6 +565,16 @@ def table(report: dict) -> str:
             f"{r['estimate_gib']:.1f} | {f(r.get('estimate_error'), '+.0%')} | {f(r['loss'], '.3f')} | "
             f"{f(r['val_loss'], '.3f')} | {'yes' if r['checkpoint_complete'] else '-'} |"
         )
+    for name in [k for k in report if k.startswith("recipe ")]:
+        prof = report[name].get("profile")
+        if prof:
+            parts = ", ".join(f"{k} {v:,.0f} ms" for k, v in prof["ms_by_category"].items())
+            rate = prof.get("matmul_tflops")
+            lines.append(
+                f"\nprofile of one step ({name}): {parts}; matmuls at "
+                f"{f(rate, ',.1f')} TFLOP/s; device busy {prof['busy_ms']:,.0f} of "
+                f"{prof['span_ms']:,.0f} ms (idle {f(prof['idle_fraction'], '.1%')})"
+            )
     att = report.get("attention", {})
     if att and "error" not in att:
         lines += [

@@ -37,7 +37,7 @@ def test_gpu_check_runs_its_real_paths_on_cpu(tmp_path):
     """`make gpu-check`'s CPU dry run: the TinyLlama recipe through the fit parser and Trainer
     (FSDP2 strategy at world size 1, accumulation, clipping, validation, a sharded checkpoint),
     the attention backends, bf16 against fp32 and generation, each reported."""
-    result = run("gpu_check.py", "--cpu", "--out", str(tmp_path))
+    result = run("gpu_check.py", "--cpu", "--out", str(tmp_path), "--profile")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     recipe = report["recipe eager"]
@@ -49,3 +49,6 @@ def test_gpu_check_runs_its_real_paths_on_cpu(tmp_path):
     assert report["precision"]["max_abs_diff"] < 0.05
     assert report["generate"]["batch 1"]["new_tokens_per_s"] > 0
     assert "| recipe eager |" in result.stdout
+    profile = recipe["profile"]  # one step by category, from the profiler's own events
+    assert profile["ms_by_category"]["matmul"] > 0 and profile["matmul_tflops"] > 0
+    assert 0 <= profile["idle_fraction"] < 1 and "profile of one step" in result.stdout
