@@ -133,6 +133,7 @@ def test_bad_input_is_one_line(exported, corpus, eval_task, tmp_path, capsys):
     line = error_line(capsys, *base, "--tasks", "stdlib_mcq", "--include-path", eval_task)
     assert "unknown task 'stdlib_mcq'; did you mean stdlib_mc" in line
     assert "must be a positive" in error_line(capsys, *base, "--tasks", "stdlib_mc", "--limit", "0")
+    assert "not a device" in error_line(capsys, *base, "--tasks", "stdlib_mc", "--device", "tpu")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "broken.yaml").write_text(

@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
-from tinyrecipe.cli.generate import add_model_arguments
+from tinyrecipe.cli.generate import add_model_arguments, load_model
 from tinyrecipe.data.tokenizer import load_tokenizer
 from tinyrecipe.interop.evaluate import TinyRecipeLM, evaluate, table
-from tinyrecipe.interop.generate import load_checkpoint_model
 from tinyrecipe.io import atomic_write
 
 
@@ -37,16 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-bos", action="store_true", help="contexts without BOS (docs/evaluation.md)"
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if args.limit is not None and args.limit <= 0:
         raise ValueError(f"--limit {args.limit} must be a positive number of examples per task")
-    device = torch.device(args.device)
-    model = load_checkpoint_model(args.ckpt).to(device)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
     lm = TinyRecipeLM(
-        model, load_tokenizer(args.tokenizer), args.batch_size, add_bos_token=not args.no_bos
+        load_model(args),
+        load_tokenizer(args.tokenizer),
+        args.batch_size,
+        add_bos_token=not args.no_bos,
     )
     scores = evaluate(
         lm,

@@ -12,16 +12,44 @@ import torch
 
 from tinyrecipe.data.tokenizer import load_tokenizer
 from tinyrecipe.interop.generate import continuation, generate, load_checkpoint_model
+from tinyrecipe.model import Llama
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--ckpt and --tokenizer, as every command that runs a trained model takes them."""
+    """--ckpt, --tokenizer, --device and --dtype, as every command that runs a trained model
+    takes them (`load_model` reads them)."""
     parser.add_argument(
         "--ckpt", required=True, help="checkpoint file or directory, or a Hugging Face directory"
     )
     parser.add_argument(
         "--tokenizer", required=True, help="directory with tokenizer.json or tokenizer.model"
     )
+    parser.add_argument(
+        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ..."
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", "float32", "bfloat16"),
+        help="auto: bfloat16 on a GPU that has it, else float32",
+    )
+
+
+def load_model(args: argparse.Namespace) -> Llama:
+    """The checkpoint's decoder on --device in --dtype, in eval mode."""
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(auto if args.device == "auto" else args.device)
+    except RuntimeError:
+        raise ValueError(
+            f"{args.device!r} is not a device for --device (auto, cpu, cuda, cuda:1, ...)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"no CUDA device on this machine for --device {args.device}; use cpu")
+    dtype = torch.float32 if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    return load_checkpoint_model(args.ckpt).to(device=device, dtype=dtype)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,28 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument(
-        "--device", default="auto", help="auto (a GPU when there is one), cpu, cuda, cuda:1, ..."
-    )
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", "float32", "bfloat16"),
-        help="auto: bfloat16 on a GPU that has it, else float32",
-    )
-    parser.add_argument(
         "--compile",
         action="store_true",
         help="decode with one compiled graph per token (CUDA graphs on a GPU); compiling "
         "takes a while once, so it pays off for long or many generations",
     )
     args = parser.parse_args(argv)
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else torch.float32
-    if args.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        dtype = torch.bfloat16
-    model = load_checkpoint_model(args.ckpt).to(device=device, dtype=dtype)
+    model = load_model(args)
+    device = model.embed.weight.device
     tok = load_tokenizer(args.tokenizer)
     prompt_ids = tok.encode(args.prompt)
     idx = torch.tensor([[tok.bos_id] + prompt_ids], device=device)
