@@ -611,6 +611,12 @@ def table(report: dict) -> str:
             f"\ntargets: MFU >= {MFU_TARGET:.0%} -> {c['mfu']:.1%}; estimate within "
             f"{MEMORY_TOLERANCE:.0%} of the peak -> {f(c.get('estimate_error'), '+.1%')}"
         )
+        m = report.get("recipe compiled-mb16", {})
+        if m.get("mfu") is not None:
+            lines.append(
+                f"micro-batch 16: MFU {m['mfu']:.1%} ({m['mfu'] / c['mfu'] - 1:+.1%} against 8), "
+                f"peak {f(m.get('peak_allocated_gib'), '.1f')} GiB at world size 1"
+            )
     return "\n".join(lines)
 
 
