@@ -36,6 +36,15 @@ def test_fabric_loop_matches_the_trainer_loss_sequence(corpus, tmp_path):
     assert config.n_layer == 2 and "embed.weight" in state
 
 
+@pytest.fixture(scope="module")
+def one_process(corpus, tmp_path_factory):
+    """The logs of 3 Fabric steps on one process, 4 rows a step."""
+    root = tmp_path_factory.mktemp("one")
+    one = write_recipe(root, corpus, max_steps=3, every=100, batch_size=4)
+    assert fabric(one, "--trainer.log_every_n_steps", "1").returncode == 0
+    return scalars(root / "fabric")
+
+
 @pytest.mark.parametrize(
     "strategy",
     [
@@ -52,12 +61,10 @@ def test_fabric_loop_matches_the_trainer_loss_sequence(corpus, tmp_path):
     ],
     ids=["ddp", "hsdp"],
 )
-def test_fabric_two_processes_match_one_and_resume_on_one(corpus, tmp_path, strategy):
+def test_fabric_two_processes_match_one_and_resume_on_one(one_process, corpus, tmp_path, strategy):
     """3 steps on one process against 2 steps on two processes resumed on one for the third
     (elastic: 2 x 2 rows, then 1 x 4 rows a step; the same samples in the same steps)."""
     log = ["--trainer.log_every_n_steps", "1"]
-    one = write_recipe(tmp_path / "one", corpus, max_steps=3, every=100, batch_size=4)
-    assert fabric(one, *log).returncode == 0
     two = write_recipe(tmp_path / "two", corpus, max_steps=2, every=100, batch_size=2)
     result = fabric(two, *log, "--trainer.devices", "2", *strategy)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -75,7 +82,7 @@ def test_fabric_two_processes_match_one_and_resume_on_one(corpus, tmp_path, stra
         str(tmp_path / "two/fabric/last.ckpt"),
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = scalars(tmp_path / "one/fabric"), scalars(tmp_path / "two/fabric")
+    a, b = one_process, scalars(tmp_path / "two/fabric")
     assert [s for s, _ in b["train/loss"]] == [1, 2, 3]
     for (_, x), (_, y) in zip(a["train/loss"], b["train/loss"], strict=True):
         assert x == pytest.approx(y, abs=1e-4)
