@@ -12,6 +12,9 @@ Sections (each reported even when another fails; results in <out>/gpu_check.json
              MFU target, at what memory?).
   attention  FlashAttention-2 (when installed) and every SDPA backend against an fp64 reference,
              bf16, the 1.1B shape: error and forward+backward time.
+  loss       the head's loss for one micro-batch (8 x 2048 tokens, vocab 32000, bf16): plain
+             cross-entropy, the chunked loss eager, and with its compiled softmax kernel (the
+             recipe's): forward + backward ms, peak memory, the loss against the plain one.
   precision  bf16-mixed against fp32: the loss over 50 steps of the llama-60m preset.
   generate   1.1B greedy decoding with the KV cache, bf16: tokens/s at batch 1 and 8, eager and
              compiled (static cache, CUDA graphs).
@@ -72,6 +75,7 @@ def settings(cpu: bool) -> dict:
             gen_new=8,
             gen_prompt=8,
             gen_compile=False,  # compiling on CPU takes longer than the rest of this check
+            loss_compile=False,  # (tests/test_loss.py checks the compiled kernel on CPU)
         )
     return dict(
         preset="tinyllama-1.1b",
@@ -92,6 +96,7 @@ def settings(cpu: bool) -> dict:
         gen_new=256,
         gen_prompt=128,
         gen_compile=True,
+        loss_compile=True,
     )
 
 
@@ -461,6 +466,48 @@ def check_attention(s: dict) -> dict:
     return rows
 
 
+def check_loss(s: dict) -> dict:
+    """The head's loss on one micro-batch: plain, chunked eager, chunked with compiled kernels."""
+    import torch.nn.functional as F
+
+    from tinyrecipe.model.loss import linear_cross_entropy
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    d = 2048 if device == "cuda" else 64
+    tokens = s["micro"] * s["seq"]
+    g = torch.Generator(device).manual_seed(0)
+    h = torch.randn(tokens, d, device=device, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(s["vocab"], d, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
+    targets = torch.randint(0, s["vocab"], (tokens,), device=device, generator=g)
+    runs = {
+        "plain": lambda: F.cross_entropy((h @ w.T).float(), targets),
+        "chunked": lambda: linear_cross_entropy(h, w, targets, s["chunk"]),
+    }
+    if s["loss_compile"]:
+        runs["chunked, compiled kernel"] = lambda: linear_cross_entropy(
+            h, w, targets, s["chunk"], compiled=True
+        )
+    rows, ref = {}, None
+    for name, fn in runs.items():
+        loss = fn()  # the first call compiles
+        loss.backward()
+        ref = loss.item() if ref is None else ref
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        seconds = _timed(lambda fn=fn: fn().backward())
+        peak = torch.cuda.max_memory_allocated() - before if device == "cuda" else None
+        rows[name] = {
+            "fwd_bwd_ms": seconds * 1e3,
+            "peak_mib": None if peak is None else peak / 2**20,
+            "loss_rel_diff": abs(loss.item() - ref) / ref,
+        }
+        h.grad = w.grad = None
+    return rows
+
+
 def check_precision(s: dict) -> dict:
     """The shared step (tinyrecipe.train.step) in fp32 and bf16 autocast from the same init."""
     from tinyrecipe.data.prep import markov_documents
@@ -595,6 +642,15 @@ def table(report: dict) -> str:
             f"{p['fp32_first_last'][1]:.3f}, bf16-mixed {p['bf16_first_last'][0]:.3f} -> "
             f"{p['bf16_first_last'][1]:.3f}; max |diff| {p['max_abs_diff']:.4f}, final {p['final_rel_diff']:.2%}",
         ]
+    lo = report.get("loss", {})
+    if lo and "error" not in lo:
+        lines += ["", "| head loss, one micro-batch | fwd+bwd ms | peak MiB | loss vs plain |"]
+        lines.append("|---|---|---|---|")
+        for name, r in lo.items():
+            lines.append(
+                f"| {name} | {r['fwd_bwd_ms']:.1f} | {f(r['peak_mib'], ',.0f')} | "
+                f"{r['loss_rel_diff']:.1e} |"
+            )
     g = report.get("generate", {})
     if g and "error" not in g:
         lines += [
@@ -602,7 +658,7 @@ def table(report: dict) -> str:
             "generate (greedy, KV cache): "
             + ", ".join(f"{k}: {v['new_tokens_per_s']:,.0f} new tokens/s" for k, v in g.items()),
         ]
-    for name in ("attention", "precision", "generate"):
+    for name in ("attention", "loss", "precision", "generate"):
         if "error" in report.get(name, {}):
             lines.append(f"{name} failed: {report[name]['error'][:300]}")
     c = report.get("recipe compiled", {})
@@ -625,7 +681,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="tiny sizes on CPU (tests this script)")
     p.add_argument("--peak-flops", type=float, help="bf16 peak FLOP/s of a GPU not in the table")
     p.add_argument("--out", default=os.environ.get("OUT", "out/gpu-check"))
-    p.add_argument("--only", help="comma-separated sections: recipe,attention,precision,generate")
+    p.add_argument(
+        "--only", help="comma-separated sections: recipe,attention,loss,precision,generate"
+    )
     p.add_argument("--runs", help=f"recipe variants to run, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--profile", action="store_true", help="profile one step of the first run")
     p.add_argument("--_recipe", choices=list(VARIANTS), help=argparse.SUPPRESS)
@@ -656,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_source": source,
         }
     }
-    only = set((args.only or "recipe,attention,precision,generate").split(","))
+    only = set((args.only or "recipe,attention,loss,precision,generate").split(","))
     if "recipe" in only:
         runs = args.runs.split(",") if args.runs else list(s["runs"])
         for i, name in enumerate(runs):
@@ -677,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
             _save(out, report)
     for name, fn in (
         ("attention", check_attention),
+        ("loss", check_loss),
         ("precision", check_precision),
         ("generate", check_generate),
     ):

@@ -47,6 +47,7 @@ def test_gpu_check_runs_its_real_paths_on_cpu(tmp_path):
     assert report["attention"]["sdpa math"]["rel_error"] < 1e-5
     assert "not installed" in report["attention"]["flash-attn"]["error"]
     assert report["precision"]["max_abs_diff"] < 0.05
+    assert report["loss"]["chunked"]["loss_rel_diff"] < 1e-5 and "| chunked |" in result.stdout
     assert report["generate"]["batch 1"]["new_tokens_per_s"] > 0
     assert "| recipe eager |" in result.stdout
     profile = recipe["profile"]  # one step by category, from the profiler's own events

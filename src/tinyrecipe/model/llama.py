@@ -195,6 +195,8 @@ class Llama(nn.Module):
             self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # the chunked loss's bf16/fp16 softmax work as compiled kernels (set by compile_blocks)
+        self.compile_loss = False
         if device.type != "meta":
             self.to_empty(device=device)
             self.init_weights()
@@ -272,7 +274,7 @@ class Llama(nn.Module):
         if targets is not None and self.config.loss_chunk_size:
             chunk = self.config.loss_chunk_size
             loss, self.z_loss_term = linear_cross_entropy_z(
-                x, self.lm_head.weight, targets, chunk, z_loss
+                x, self.lm_head.weight, targets, chunk, z_loss, self.compile_loss
             )
             return None, loss
         logits = self.lm_head(x)  # (B, T, vocab)

@@ -32,10 +32,12 @@ def apply_activation_checkpointing(model: Llama) -> None:
 
 def compile_blocks(model: Llama) -> None:
     """`torch.compile` each decoder block in place (state-dict names unchanged). All blocks share
-    one compiled graph, so compile time is one block's, not the model's (torchtitan's choice)."""
+    one compiled graph, so compile time is one block's, not the model's (torchtitan's choice).
+    The chunked loss's bf16/fp16 softmax work is compiled too (`tinyrecipe.model.loss`)."""
     load_flash_attn()  # settle the kernel choice outside the graph
     for block in model.blocks:
         block.compile()
+    model.compile_loss = True
 
 
 def bf16_mixed_policy():

@@ -13,8 +13,9 @@ The activation count follows what this decoder's autograd graph keeps per token 
 
 The head keeps the final norm's tensors (~6d measured) and, with the plain loss, the fp32
 log-softmax (V) per token; backward adds two more (tokens x V) fp32 buffers. With
-`loss_chunk_size` only one chunk of fp32 logits exists at a time (one buffer, reused; in bf16
-also its bf16 copy), plus the fp32 head gradient and the hidden states' gradient.
+`loss_chunk_size` only one chunk of logits exists at a time (fp32: one buffer, reused; bf16:
+the matmul's output, its fp32 copy and the bf16 gradient, or with compiled kernels only the
+two bf16 tensors), plus the fp32 head gradient and the hidden states' gradient.
 Compiled blocks (`model.compile`) keep 2d + f values fewer per token per layer: inductor
 recomputes the norms' and SwiGLU's elementwise outputs in backward instead of saving them
 (saved-tensor hooks on compiled and eager blocks, parameters left out, fitted over four
@@ -105,9 +106,10 @@ def estimate_memory(
         blocks += micro_batch * T * T  # one bool mask, shared by every block
     if config.loss_chunk_size:
         chunk = min(config.loss_chunk_size, tokens)
-        # one fp32 logits buffer (plus its 16-bit copy for the gradient matmuls), the fp32
-        # head gradient and the hidden-state gradient
-        loss_buffers = chunk * V * (4 if act == 4 else 6) + V * d * 4 + tokens * d * act
+        # a chunk's logits (fp32: one buffer; 16-bit: the logits, eager's fp32 copy, the
+        # gradient), the fp32 head gradient and the hidden-state gradient
+        per_logit = 4 if act == 4 or compiled else 8
+        loss_buffers = chunk * V * per_logit + V * d * 4 + tokens * d * act
     else:
         loss_buffers = tokens * V * 4 * 3  # log-softmax kept; two fp32 buffers in backward
     fsdp_buffers = 0

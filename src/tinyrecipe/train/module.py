@@ -64,7 +64,8 @@ def describe(module: CausalLMModule, precision: str, device: torch.device) -> st
         f"attention={select_backend(probe, cfg.attention)}, "
         f"compile={'per-block' if hp.compile else 'off'}, "
         f"activation_checkpointing={hp.activation_checkpointing}, "
-        f"loss={f'chunked({cfg.loss_chunk_size})' if cfg.loss_chunk_size else 'plain'}, "
+        f"loss={f'chunked({cfg.loss_chunk_size})' if cfg.loss_chunk_size else 'plain'}"
+        f"{'+compiled' if cfg.loss_chunk_size and hp.compile and probe.dtype != torch.float32 else ''}, "
         f"adamw={hp.optimizer_kernel}, precision={precision}"
     )
 
