@@ -56,7 +56,7 @@ def test_sample_task_is_four_way_multiple_choice_on_held_out_text(eval_task):
     assert "stdlib_mc" in task_manager(eval_task).all_tasks
 
 
-def test_a_task_manager_is_reused_until_its_directory_changes(tmp_path, monkeypatch):
+def test_a_task_manager_is_reused_until_a_file_under_it_changes(tmp_path, monkeypatch):
     import lm_eval.tasks
 
     from tinyrecipe.interop import evaluate as module
@@ -68,9 +68,15 @@ def test_a_task_manager_is_reused_until_its_directory_changes(tmp_path, monkeypa
     module._task_manager.cache_clear()
     first = module.task_manager(tmp_path)
     assert module.task_manager(tmp_path) is first and len(built) == 1
-    (tmp_path / "new_task.yaml").write_text("task: new_task\n")
-    os.utime(tmp_path, ns=(0, tmp_path.stat().st_mtime_ns + 1))  # however coarse the clock
+    (tmp_path / "group").mkdir()
     assert module.task_manager(tmp_path) is not first and len(built) == 2
+    task = tmp_path / "group" / "new_task.yaml"  # added in a subdirectory, then edited
+    task.write_text("task: new_task\n")
+    assert len({id(module.task_manager(tmp_path)) for _ in range(2)}) == 1 and len(built) == 3
+    task.write_text("task: renamed\n")
+    os.utime(task, ns=(0, task.stat().st_mtime_ns + 1))  # however coarse the clock
+    module.task_manager(tmp_path)
+    assert len(built) == 4
     module._task_manager.cache_clear()
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -214,19 +215,30 @@ class TinyRecipeLM(TemplateLM):
 
 def task_manager(include_path: str | Path | list | None = None):
     """lm-eval's TaskManager with tinyrecipe's tasks (`tinyllama-commonsense`) and the user's.
-    Indexing lm-eval's thousands of task YAMLs takes seconds, so a manager is reused while its
-    directories are unchanged (a file added to one changes its modification time)."""
+    Indexing lm-eval's thousands of task YAMLs takes seconds, so a manager is reused while the
+    files under its directories are unchanged (none added, removed or modified, at any depth)."""
     paths = [str(TASKS_DIR)]
     if include_path:
         for path in include_path if isinstance(include_path, list) else [include_path]:
             if not Path(path).is_dir():
                 raise FileNotFoundError(f"--include-path '{path}' is not a directory of task YAMLs")
             paths.append(str(path))
-    return _task_manager(tuple(paths), tuple(Path(p).stat().st_mtime_ns for p in paths))
+    return _task_manager(tuple(paths), tuple(_tree_stamp(p) for p in paths))
+
+
+def _tree_stamp(root: str) -> tuple[int, int]:
+    """(number of entries, newest modification time) under `root`: changes when a file or folder
+    is added, removed or edited anywhere below it."""
+    count, newest = 0, os.stat(root).st_mtime_ns
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            count += 1
+            newest = max(newest, os.stat(os.path.join(folder, name)).st_mtime_ns)
+    return count, newest
 
 
 @functools.lru_cache(maxsize=8)
-def _task_manager(paths: tuple[str, ...], _stamps: tuple[int, ...]):
+def _task_manager(paths: tuple[str, ...], _stamps: tuple[tuple[int, int], ...]):
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=list(paths))
