@@ -1,5 +1,5 @@
-"""FSDP2 at scale, on 2 CPU processes: one gradient reduction per optimizer step, no collective
-beyond it and the sharding's own, the same gradient norm as one process, an atomic sharded
+"""FSDP2 at scale, on 2 CPU processes: one gradient reduction and one gather of the weights per
+optimizer step (the TinyLlama recipe's strategy), no collective beyond them, the same gradient norm as one process, an atomic sharded
 checkpoint that survives kill -9, and a Fabric start-up that never holds the whole model."""
 
 import json
@@ -37,6 +37,17 @@ COMMON = [
     "6",
     "--model.spike_window",
     "2",
+]
+# the TinyLlama recipe's strategy: the weights gathered once per optimizer step
+FSDP2_RECIPE = [
+    "--trainer.devices",
+    "2",
+    "--trainer.strategy",
+    "tinyrecipe.train.strategy.FSDP2Strategy",
+    "--trainer.strategy.reshard_after_forward",
+    "false",
+    "--trainer.strategy.reshard_after_backward",
+    "false",
 ]
 # 2 replicas x 2 shards: fully_shard over a (replicate, shard) mesh
 HSDP = [
@@ -84,7 +95,7 @@ def runs(corpus, tmp_path_factory):
     out = {}
     for name, batch, flags in (
         ("one", 4, []),
-        ("fsdp2", 2, ["--trainer.devices", "2", "--trainer.strategy", "fsdp2"]),
+        ("fsdp2", 2, FSDP2_RECIPE),
         ("lightning", 2, ["--trainer.devices", "2", *LIGHTNING_MP]),
         (
             "hsdp",
@@ -101,22 +112,24 @@ def runs(corpus, tmp_path_factory):
     return out
 
 
-def test_one_gradient_reduction_and_one_all_reduce_per_step(runs):
+def test_one_gradient_reduction_one_gather_and_one_all_reduce_per_step(runs):
     for rank in counts(runs["fsdp2"], 2):
         assert len(rank) == STEPS
         for step in rank[1:]:  # the first step also holds the setup's collectives
             scatters = sum(v for k, v in step.items() if k.startswith("reduce_scatter"))
             assert scatters == FSDP_MODULES, step  # once per sharded module, not per micro-batch
+            gathers = sum(v for k, v in step.items() if k.startswith("all_gather"))
+            assert gathers == FSDP_MODULES, step  # the weights kept gathered through the step
             assert step.get("all_reduce") == 1, step  # the step's norm + loss
             assert step.get("broadcast") == 1, step  # Lightning's SIGTERM check, once per step
             sharding = ("reduce_scatter", "all_gather", "all_reduce", "broadcast")
             assert {k: v for k, v in step.items() if not k.startswith(sharding)} == {}, step
-    # Lightning's own ModelParallelStrategy reduces on every micro-batch: the count sees it
+    # Lightning's own ModelParallelStrategy reduces on every micro-batch and gathers each
+    # module's weights for every forward and every backward: the counts see it
     for step in counts(runs["lightning"], 2)[0][1:]:
-        assert (
-            sum(v for k, v in step.items() if k.startswith("reduce_scatter"))
-            == ACCUMULATE * FSDP_MODULES
-        )
+        scatters = sum(v for k, v in step.items() if k.startswith("reduce_scatter"))
+        gathers = sum(v for k, v in step.items() if k.startswith("all_gather"))
+        assert scatters == ACCUMULATE * FSDP_MODULES and gathers == ACCUMULATE * 2 * FSDP_MODULES
 
 
 def test_no_sync_accumulation_trains_like_synced_and_like_one_process(runs):
@@ -218,15 +231,8 @@ def test_a_sharded_checkpoint_resumed_wrongly_is_one_line(runs, tmp_path):
 def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, tmp_path):
     """Both ranks die while writing the step-3 checkpoint; the step-2 one stays whole."""
     root = write_recipe(tmp_path / "run", corpus, max_steps=STEPS, every=1000, batch_size=2).parent
-    flags = [*COMMON]  # the settings of runs["fsdp2"], compared with below
-    flags += [
-        "--trainer.devices",
-        "2",
-        "--trainer.strategy",
-        "fsdp2",
-        "--checkpoint.every_n_train_steps",
-        "2",
-    ]
+    # the settings of runs["fsdp2"], compared with below
+    flags = [*COMMON, *FSDP2_RECIPE, "--checkpoint.every_n_train_steps", "2"]
     killed = counted_fit(root, *flags, env={"TINYRECIPE_KILL_AT": "checkpoint.write:2"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = root / "checkpoints/last.ckpt"

@@ -46,24 +46,37 @@ def one_process(corpus, tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "strategy",
+    ("strategy", "resumed_batch"),
     [
-        ["--trainer.strategy", "ddp"],
-        # FSDP2Strategy's options reach the Fabric loop: a (replicate 2, shard 1) HSDP mesh
-        [
-            "--trainer.strategy",
-            "fsdp2",
-            "--trainer.strategy.shard_group_size",
-            "1",
-            "--trainer.strategy.reshard_after_forward",
-            "false",
-        ],
+        (["--trainer.strategy", "ddp"], "4"),
+        # FSDP2Strategy's options reach the Fabric loop: a (replicate 2, shard 1) HSDP mesh,
+        # 2 micro-batches a step with the weights kept gathered between them
+        (
+            [
+                "--trainer.strategy",
+                "fsdp2",
+                "--trainer.strategy.shard_group_size",
+                "1",
+                "--trainer.strategy.reshard_after_forward",
+                "false",
+                "--trainer.strategy.reshard_after_backward",
+                "false",
+                "--trainer.accumulate_grad_batches",
+                "2",
+                "--data.batch_size",
+                "1",
+            ],
+            "2",
+        ),
     ],
-    ids=["ddp", "hsdp"],
+    ids=["ddp", "hsdp-accumulating"],
 )
-def test_fabric_two_processes_match_one_and_resume_on_one(one_process, corpus, tmp_path, strategy):
+def test_fabric_two_processes_match_one_and_resume_on_one(
+    one_process, corpus, tmp_path, strategy, resumed_batch
+):
     """3 steps on one process against 2 steps on two processes resumed on one for the third
-    (elastic: 2 x 2 rows, then 1 x 4 rows a step; the same samples in the same steps)."""
+    (elastic: 2 x 2 rows or 2 x 2 micro-batches of 1, then 4 rows a step; the same samples in
+    the same steps)."""
     log = ["--trainer.log_every_n_steps", "1"]
     two = write_recipe(tmp_path / "two", corpus, max_steps=2, every=100, batch_size=2)
     result = fabric(two, *log, "--trainer.devices", "2", *strategy)
@@ -75,7 +88,7 @@ def test_fabric_two_processes_match_one_and_resume_on_one(one_process, corpus, t
         "--trainer.devices",
         "1",
         "--data.batch_size",
-        "4",
+        resumed_batch,
         "--trainer.max_steps",
         "3",
         "--resume",

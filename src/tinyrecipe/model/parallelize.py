@@ -12,6 +12,7 @@ a model built on the meta device never exists whole in memory.
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -64,6 +65,27 @@ def apply_fsdp2(model: Llama, mesh, reshard_after_forward: bool = True, mp_polic
     for block in model.blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
+
+
+@contextmanager
+def keep_gathered(model: torch.nn.Module, enabled: bool = True):
+    """While enabled (a micro-batch that is not the last of its optimizer step), every FSDP2
+    module keeps its gathered weights after backward instead of resharding them, so the next
+    micro-batch's forward gathers nothing (FSDP2's `set_reshard_after_backward(False)`). With
+    `reshard_after_forward=False` too, the weights are gathered once per optimizer step, not
+    twice per micro-batch: the step's last micro-batch reshards as usual, before the optimizer
+    updates the shards. The price: each rank holds the whole model's gathered compute-dtype
+    weights through the step (2.2 GB in bf16 at 1.1B)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)] if enabled else []
+    for module in modules:
+        module.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.set_reshard_after_backward(True, recurse=False)
 
 
 def reshard(model: torch.nn.Module) -> None:

@@ -24,7 +24,8 @@ TinyLlama recipe peaked at 39.9 GiB, this estimate 40.7 (docs/performance.md).
 Activation checkpointing keeps each block's input and recomputes one block at a time.
 FSDP (world_size > 1, sharded=True) divides parameters, gradients and optimizer states by the
 number of devices and adds two unsharded blocks in the compute dtype (the one running and the
-one prefetched).
+one prefetched), or the whole model's when its gathered weights are kept (`reshard_after_forward`
+or `reshard_after_backward` False).
 
 `benchmarks/bench_train.py` prints the estimate next to the measured peak (CPU: 442 MiB
 measured vs 483 MiB estimated for the tiny preset at 8 x 256, fp32).
@@ -71,6 +72,7 @@ def estimate_memory(
     compiled: bool = False,
     shard_group: int | None = None,
     document_mask: bool = False,
+    gathered: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per device for one training step of `config` at `micro_batch` x `seq_len`.
 
@@ -80,7 +82,8 @@ def estimate_memory(
     holds the unsharded fp32 gradients between micro-batches (FSDP2 reduces them once per step,
     `tinyrecipe.train.strategy`). `shard_group`: HSDP, sharded over groups of that many devices
     and replicated across them. `document_mask`: the (B, T, T) boolean mask SDPA reads (flash-attn's
-    varlen kernel needs none)."""
+    varlen kernel needs none). `gathered`: FSDP keeps every block's gathered weights (ZeRO-2, or
+    kept from one micro-batch to the next)."""
     T = config.block_size if seq_len is None else seq_len
     tokens = micro_batch * T
     d, f, L, V = config.d_model, config.d_ff, config.n_layer, config.vocab_size
@@ -115,7 +118,7 @@ def estimate_memory(
     fsdp_buffers = 0
     if sharded and shards > 1:
         block_params = (n - (V * d) * (1 if config.tie_embeddings else 2)) // L
-        fsdp_buffers = 2 * block_params * act
+        fsdp_buffers = (n if gathered else 2 * block_params) * act
     return MemoryEstimate(params, grads, optimizer, blocks + head_in, loss_buffers, fsdp_buffers)
 
 
@@ -133,6 +136,7 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
     config = resolve_config(model.get("preset", DEFAULT_PRESET), model.get("config"))
     strategy = trainer.get("strategy", "auto")
     strategy_name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy)
+    strategy_args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
     devices = trainer.get("devices", 1)
     world = (devices if isinstance(devices, int) and devices > 0 else 1) * trainer.get(
         "num_nodes", 1
@@ -148,9 +152,9 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
         "accumulation": _accumulation(recipe, trainer, data, world),
         "compiled": bool(model.get("compile", False)),
-        "shard_group": (strategy.get("init_args") or {}).get("shard_group_size")
-        if isinstance(strategy, dict)
-        else None,
+        "shard_group": strategy_args.get("shard_group_size"),
+        "gathered": strategy_args.get("reshard_after_forward") is False
+        or strategy_args.get("reshard_after_backward") is False,
         "document_mask": bool(data.get("document_mask", False)),
     }
     estimate = estimate_memory(
@@ -165,5 +169,6 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         compiled=settings["compiled"],
         shard_group=settings["shard_group"],
         document_mask=settings["document_mask"],
+        gathered=settings["gathered"],
     )
     return estimate, settings

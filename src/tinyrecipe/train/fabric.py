@@ -29,7 +29,7 @@ from lightning.fabric.strategies import ModelParallelStrategy
 
 from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.io import publish, remove_stale, temp_sibling
-from tinyrecipe.model.parallelize import hsdp_mesh, reshard
+from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered, reshard
 from tinyrecipe.planning.flops import device_peak, train_flops_per_token
 from tinyrecipe.train.checkpoint import refuse_sharded
 from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr, shape_diff
@@ -69,6 +69,7 @@ def _strategy(spec: Any, module: CausalLMModule, precision: str):
         args.pop(unused, None)
     # FSDP2Strategy's own options, applied here as the Trainer path applies them
     reshard_after_forward = args.pop("reshard_after_forward", True)
+    reshard_after_backward = args.pop("reshard_after_backward", True)
     shard_group_size = args.pop("shard_group_size", None)
 
     def parallelize_fn(m: CausalLMModule, mesh) -> CausalLMModule:
@@ -91,7 +92,9 @@ def _strategy(spec: Any, module: CausalLMModule, precision: str):
                 )
             super().setup_environment()
 
-    return FSDP2(parallelize_fn=parallelize_fn, **args)
+    strategy = FSDP2(parallelize_fn=parallelize_fn, **args)
+    strategy.reshard_after_backward = reshard_after_backward  # read by the accumulation loop
+    return strategy
 
 
 def _save(fabric: L.Fabric, path: Path, state: dict) -> None:
@@ -203,6 +206,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
 
     data.setup("fit")
     accumulate = int(t.get("accumulate_grad_batches") or 1)
+    reshard_after_backward = getattr(strategy, "reshard_after_backward", True)
     if hasattr(data, "set_rank_world"):
         data.set_rank_world(fabric.global_rank, fabric.world_size, accumulate)
     state = {
@@ -251,7 +255,11 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         loss_sum = z_sum = None
         for micro in range(accumulate):
             batch = next(batches)
-            with fabric.no_backward_sync(model, enabled=micro < accumulate - 1):
+            not_last = micro < accumulate - 1
+            with (
+                fabric.no_backward_sync(model, enabled=not_last),
+                keep_gathered(module.model, enabled=not_last and not reshard_after_backward),
+            ):
                 loss = micro_batch_loss(model, batch)
                 fabric.backward(loss / accumulate)
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
