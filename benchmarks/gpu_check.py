@@ -297,8 +297,12 @@ def run_recipe(
         micro,
         s["seq"],
         precision=s["precision"],
+        sharded=True,  # FSDP2 at world size 1: its gathered compute-dtype weights count
         accumulation=accumulate,
         compiled=compiled,
+        gathered=not (
+            trainer.strategy.reshard_after_forward and trainer.strategy.reshard_after_backward
+        ),
     )
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     ckpt = root / "checkpoints" / "last.ckpt"

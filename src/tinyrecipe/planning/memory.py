@@ -22,7 +22,7 @@ recomputes the norms' and SwiGLU's elementwise outputs in backward instead of sa
 shapes: 6d + 2kv + 3f against 8d + 2kv + 4f, + H fp32 each). On an H200 the compiled
 TinyLlama recipe peaked at 39.9 GiB, this estimate 40.7 (docs/performance.md).
 Activation checkpointing keeps each block's input and recomputes one block at a time.
-FSDP (world_size > 1, sharded=True) divides parameters, gradients and optimizer states by the
+FSDP (sharded=True, any world size) divides parameters, gradients and optimizer states by the
 number of devices and adds two unsharded blocks in the compute dtype (the one running and the
 one prefetched), or the whole model's when its gathered weights are kept (`reshard_after_forward`
 or `reshard_after_backward` False).
@@ -116,7 +116,7 @@ def estimate_memory(
     else:
         loss_buffers = tokens * V * 4 * 3  # log-softmax kept; two fp32 buffers in backward
     fsdp_buffers = 0
-    if sharded and shards > 1:
+    if sharded:
         block_params = (n - (V * d) * (1 if config.tie_embeddings else 2)) // L
         fsdp_buffers = (n if gathered else 2 * block_params) * act
     return MemoryEstimate(params, grads, optimizer, blocks + head_in, loss_buffers, fsdp_buffers)
