@@ -17,8 +17,8 @@ for data-parallel FSDP2 training, with what a long multi-GPU run needs and Light
   the bf16 weights unsharded in memory (2.2 GB at 1.1B). `reshard_after_backward` (default True):
   False keeps them from one micro-batch to the next within an optimizer step
   (`tinyrecipe.model.parallelize.keep_gathered`); with both False the weights are gathered once
-  per step instead of twice per micro-batch (32 times at TinyLlama's 16), for the same memory.
-  `recipes/tinyllama-1.1b.yaml` sets both.
+  per step instead of twice per micro-batch (32 times at TinyLlama's 16), for the memory of
+  `reshard_after_forward` False alone. `recipes/tinyllama-1.1b.yaml` sets both.
 * **Defaults that mean FSDP**: all devices of all nodes shard the model (`data_parallel_size`
   "auto" = world size, `tensor_parallel_size` 1). Lightning's own "auto" for both would make the
   devices of a node a tensor-parallel group.
