@@ -113,6 +113,11 @@ def test_tinyllama_v11_stages_stack_into_the_cards_schedule():
     assert stage["weights"]["slimpajama"] == 0.75
     assert two["trainer"]["max_steps"] * tokens == pytest.approx(1.85e12, rel=1e-6)
     model, trainer = three["model"], three["trainer"]
+    # every stage keeps the flagship's strategy: the weights gathered once per optimizer step
+    assert trainer["strategy"]["class_path"] == "tinyrecipe.train.strategy.FSDP2Strategy"
+    assert not any(
+        trainer["strategy"]["init_args"][f"reshard_after_{k}"] for k in ("forward", "backward")
+    )
     assert three["global_batch_size"] == 4 * 896 and three["data"]["allow_global_batch_change"]
     assert model["schedule"] == "wsd" and model["decay_from"] == two["trainer"]["max_steps"]
     assert trainer["max_steps"] == model["decay_from"] + model["decay_steps"]
