@@ -52,7 +52,7 @@ def skipped(result, reason: str, n: int) -> None:
     assert f"{reason} {n}" in result.stdout, result.stdout
 
 
-def cli_fit(recipe, *extra: str):
+def cli_fit(recipe, *extra: str, command: str = "fit"):
     """`tinyrecipe fit` in this process (these runs stop before training; a subprocess would
     spend seconds importing Lightning again): its exit code and what it wrote."""
     import io
@@ -64,7 +64,7 @@ def cli_fit(recipe, *extra: str):
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        code = cli_main(["fit", "--config", str(recipe), *map(str, extra)])
+        code = cli_main([command, "--config", str(recipe), *map(str, extra)])
     return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
@@ -260,6 +260,17 @@ def unreadable_index(tmp_path, corpus):
     one_line_error(_fit_on(tmp_path, corpus, split), str(split / "index.json"), "unreadable")
 
 
+def gpu_recipe_without_the_gpus(tmp_path, corpus):
+    """The flagship recipe where its GPUs are missing: checked before anything is built."""
+    recipe = ROOT / "recipes/tinyllama-1.1b.yaml"
+    if not torch.cuda.is_available():
+        for command in ("fit", "fabric"):
+            result = cli_fit(recipe, command=command)
+            one_line_error(result, "trainer.accelerator is 'gpu'", "recipes/quickstart.yaml")
+    else:  # more GPUs than the machine has: Lightning's refusal, said in one line
+        one_line_error(cli_fit(recipe, "--trainer.devices", "64"), "Lightning refuses", "only has")
+
+
 def sft_bad_records(tmp_path, corpus):
     from tinyrecipe.data.sft import SFTDataModule
 
@@ -296,6 +307,7 @@ CASES = {
         checkpoint_cut_short,
         missing_chunk_file,
         unreadable_index,
+        gpu_recipe_without_the_gpus,
         sft_bad_records,
     )
 }

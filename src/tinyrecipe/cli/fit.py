@@ -31,6 +31,7 @@ from typing import Any
 
 import lightning as L
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 
 import tinyrecipe.train.strategy  # noqa: F401  (registers trainer.strategy: fsdp2)
@@ -72,6 +73,22 @@ def world_size(devices: Any, num_nodes: int, accelerator: str | None) -> int:
         cuda = accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available()
         n = torch.cuda.device_count() if cuda else 1
     return n * (num_nodes or 1)
+
+
+def check_accelerator(accelerator: str | None) -> None:
+    """A GPU recipe on a machine without one: one line naming the key and what to do (Lightning
+    says "No supported gpu backend found!" from deep in the Trainer or Fabric)."""
+    import torch
+
+    if accelerator not in ("gpu", "cuda") or torch.cuda.is_available():
+        return
+    if accelerator == "gpu" and torch.backends.mps.is_available():
+        return
+    raise ValueError(
+        f"trainer.accelerator is {accelerator!r} but torch finds no GPU on this machine "
+        "(torch.cuda.is_available() is False); run the recipe on a GPU machine, or here with "
+        "--trainer.accelerator cpu and a CPU-sized recipe such as recipes/quickstart.yaml"
+    )
 
 
 def device_precision(accelerator: str | None) -> str:
@@ -151,6 +168,11 @@ class TinyRecipeCLI(LightningCLI):
         if self.subcommand == "validate":
             # Lightning's table repeats every metric under each DataLoader; ours below does not
             self.config["validate"]["verbose"] = False
+
+    def instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_accelerator(config.trainer.accelerator)  # before the model and data are built
+        super().instantiate_classes()
 
     def after_validate(self) -> None:
         if self.trainer.is_global_zero:
@@ -250,20 +272,26 @@ def _show_tinyrecipe_info() -> None:
 def main(argv: list[str]) -> int:
     """`argv` starts with the subcommand: fit, validate or fabric."""
     _show_tinyrecipe_info()
-    if argv[:1] == ["fabric"]:
-        from tinyrecipe.train.fabric import train
+    try:
+        if argv[:1] == ["fabric"]:
+            from tinyrecipe.train.fabric import train
 
-        recipe, resume = parse_recipe(argv[1:])
-        train(recipe, resume=resume)
-        return 0
-    args = expand_strategy_name(argv)
-    with warnings.catch_warnings():  # "args= and sys.argv both given": rewritten on purpose
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        TinyRecipeCLI(
-            # from the console LightningCLI reads sys.argv itself
-            args=None if args == sys.argv[1:] else args,
-            save_config_kwargs={"overwrite": True},
-        )
+            recipe, resume = parse_recipe(argv[1:])
+            check_accelerator(recipe["trainer"].get("accelerator"))
+            train(recipe, resume=resume)
+            return 0
+        args = expand_strategy_name(argv)
+        with warnings.catch_warnings():  # "args= and sys.argv both given": rewritten on purpose
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            TinyRecipeCLI(
+                # from the console LightningCLI reads sys.argv itself
+                args=None if args == sys.argv[1:] else args,
+                save_config_kwargs={"overwrite": True},
+            )
+    except MisconfigurationException as err:
+        # Lightning's word for settings it refuses (devices this machine lacks, ...): a user
+        # error, said in one line by the `tinyrecipe` wrapper
+        raise ValueError(f"Lightning refuses the recipe's settings: {err}") from err
     return 0
 
 
