@@ -94,7 +94,7 @@ def runs(corpus, tmp_path_factory):
     common = COMMON
     out = {}
     for name, batch, flags in (
-        ("one", 4, []),
+        ("one", 4, ["--trainer.val_check_interval", str(ACCUMULATE)]),  # validates every step
         ("fsdp2", 2, FSDP2_RECIPE),
         ("lightning", 2, ["--trainer.devices", "2", *LIGHTNING_MP]),
         (
@@ -229,10 +229,13 @@ def test_a_sharded_checkpoint_resumed_wrongly_is_one_line(runs, tmp_path):
 
 @pytest.mark.faults
 def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, tmp_path):
-    """Both ranks die while writing the step-3 checkpoint; the step-2 one stays whole."""
+    """Both ranks die while writing the step-3 checkpoint; the step-2 one stays whole. The run
+    validates after every step with the weights kept gathered (the recipe's flags): validation
+    sees each step's new weights (its losses are one process's) and changes no training weight."""
     root = write_recipe(tmp_path / "run", corpus, max_steps=STEPS, every=1000, batch_size=2).parent
-    # the settings of runs["fsdp2"], compared with below
+    # the settings of runs["fsdp2"], compared with below, validating every step like runs["one"]
     flags = [*COMMON, *FSDP2_RECIPE, "--checkpoint.every_n_train_steps", "2"]
+    flags += ["--trainer.val_check_interval", str(ACCUMULATE)]
     killed = counted_fit(root, *flags, env={"TINYRECIPE_KILL_AT": "checkpoint.write:2"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = root / "checkpoints/last.ckpt"
@@ -244,6 +247,11 @@ def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, tmp_path):
     _, got = load_tinyrecipe_checkpoint(last)
     for name, tensor in want.items():
         assert torch.equal(tensor, got[name]), name
+    val = dict(scalars(root / "tensorboard")["val/loss"])  # the resumed run logs step 3 again
+    reference = dict(scalars(runs["one"] / "tensorboard")["val/loss"])
+    assert sorted(val) == sorted(reference) and len(val) == STEPS, (val, reference)
+    for step, loss in reference.items():
+        assert val[step] == pytest.approx(loss, rel=5e-6), step
 
 
 FABRIC_STARTUP = """
