@@ -91,3 +91,16 @@ def corpus(tmp_path_factory):
         100,
     ).stdout
     return {"root": root, "sample_out": out, "slim_out": slim, "star_out": star}
+
+
+EVAL_LIMIT = 10  # questions per evaluation test: 40 log-likelihood requests
+
+
+@pytest.fixture(scope="session")
+def eval_task(corpus, tmp_path_factory):
+    """The offline 4-way multiple-choice task `stdlib_mc` (lm-eval YAML + data) from the corpus."""
+    from tinyrecipe.data.sample import make_eval_sample
+
+    out = tmp_path_factory.mktemp("eval")
+    make_eval_sample(corpus["root"] / "raw", out, n_items=40)
+    return out

@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import EVAL_LIMIT, ROOT
 from tests.test_training import MICRO, scalars, write_recipe
+from tinyrecipe.cli import main as cli_main
 from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint
 
 ACCUMULATE, STEPS = 4, 3
@@ -228,14 +229,19 @@ def test_a_sharded_checkpoint_resumed_wrongly_is_one_line(runs, tmp_path):
 
 
 @pytest.mark.faults
-def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, tmp_path):
+def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, eval_task, tmp_path):
     """Both ranks die while writing the step-3 checkpoint; the step-2 one stays whole. The run
     validates after every step with the weights kept gathered (the recipe's flags): validation
-    sees each step's new weights (its losses are one process's) and changes no training weight."""
+    sees each step's new weights (its losses are one process's) and changes no training weight.
+    At the end both ranks score a downstream task together (requests split, forwards in step):
+    the scores of `tinyrecipe eval` of the final checkpoint in one process."""
     root = write_recipe(tmp_path / "run", corpus, max_steps=STEPS, every=1000, batch_size=2).parent
     # the settings of runs["fsdp2"], compared with below, validating every step like runs["one"]
     flags = [*COMMON, *FSDP2_RECIPE, "--checkpoint.every_n_train_steps", "2"]
     flags += ["--trainer.val_check_interval", str(ACCUMULATE)]
+    flags += ["--downstream_eval.tasks", "stdlib_mc", "--downstream_eval.every_n_steps", "1000"]
+    flags += ["--downstream_eval.limit", str(EVAL_LIMIT)]
+    flags += ["--downstream_eval.include_path", str(eval_task)]
     killed = counted_fit(root, *flags, env={"TINYRECIPE_KILL_AT": "checkpoint.write:2"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     last = root / "checkpoints/last.ckpt"
@@ -252,6 +258,17 @@ def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, tmp_path):
     assert sorted(val) == sorted(reference) and len(val) == STEPS, (val, reference)
     for step, loss in reference.items():
         assert val[step] == pytest.approx(loss, rel=5e-6), step
+    logged = scalars(root / "tensorboard")
+    # at the end of training: the killed run's (before its final save) and the resumed run's
+    assert [s for s, _ in logged["eval/stdlib_mc/acc"]] == [STEPS, STEPS]
+    out = tmp_path / "scores.json"
+    tok = ["--tokenizer", str(corpus["root"] / "tok"), "--include-path", str(eval_task)]
+    args = ["eval", "--ckpt", str(last), *tok, "--tasks", "stdlib_mc", "--limit", str(EVAL_LIMIT)]
+    assert cli_main([*args, "--json", str(out)]) == 0
+    scores = json.loads(out.read_text())["results"]["stdlib_mc"]
+    for metric in ("acc", "acc_norm"):
+        for _, value in logged[f"eval/stdlib_mc/{metric}"]:
+            assert value == pytest.approx(scores[metric]), metric
 
 
 FABRIC_STARTUP = """

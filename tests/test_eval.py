@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
+from tests.conftest import EVAL_LIMIT as LIMIT
 from tests.conftest import ROOT
 from tests.test_training import MICRO, scalars, write_recipe
 from tinyrecipe.cli import main as cli_main
-from tinyrecipe.data.sample import make_eval_sample
 from tinyrecipe.data.tokenizer import load_tokenizer
 from tinyrecipe.interop.checkpoint import save_tinyrecipe_checkpoint
 from tinyrecipe.interop.convert import to_hf
@@ -21,14 +21,6 @@ from tinyrecipe.interop.evaluate import TinyRecipeLM, evaluate, task_manager
 from tinyrecipe.model import Llama, ModelConfig
 
 pytest.importorskip("lm_eval")
-LIMIT = 10  # questions per test: 40 log-likelihood requests
-
-
-@pytest.fixture(scope="module")
-def eval_task(corpus, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval")
-    make_eval_sample(corpus["root"] / "raw", out, n_items=40)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +45,7 @@ def test_sample_task_is_four_way_multiple_choice_on_held_out_text(eval_task):
     assert all(len(set(d["choices"])) == 4 for d in docs)
     labels = [d["label"] for d in docs]
     assert len(set(labels)) > 1  # the answer is not always in one place
-    assert "stdlib_mc" in task_manager(eval_task).all_tasks
+    assert "stdlib_mc" in task_manager(eval_task, ["stdlib_mc"]).all_tasks
 
 
 def test_a_task_manager_is_reused_until_a_file_under_it_changes(tmp_path, monkeypatch):
@@ -63,7 +55,9 @@ def test_a_task_manager_is_reused_until_a_file_under_it_changes(tmp_path, monkey
 
     built = []
     monkeypatch.setattr(
-        lm_eval.tasks, "TaskManager", lambda include_path: built.append(1) or object()
+        lm_eval.tasks,
+        "TaskManager",
+        lambda include_path, include_defaults: built.append(1) or object(),
     )
     module._task_manager.cache_clear()
     first = module.task_manager(tmp_path)
@@ -91,7 +85,7 @@ def test_same_loglikelihoods_and_scores_as_hflm(exported, corpus, eval_task, bos
     hf = HFLM(
         pretrained=str(tmp / "hf"), batch_size=4, device="cpu", dtype="float32", add_bos_token=bos
     )
-    task = task_manager(eval_task).load_task_or_group(["stdlib_mc"])["stdlib_mc"]
+    task = task_manager(eval_task, ["stdlib_mc"]).load_task_or_group(["stdlib_mc"])["stdlib_mc"]
     task.build_all_requests(limit=LIMIT)
     requests = task.instances
     a, b = ours.loglikelihood(requests), hf.loglikelihood(requests)
@@ -138,6 +132,13 @@ def test_bad_input_is_one_line(exported, corpus, eval_task, tmp_path, capsys):
     base = ["eval", "--ckpt", tmp / "model.ckpt", "--tokenizer", corpus["root"] / "tok"]
     line = error_line(capsys, *base, "--tasks", "stdlib_mcq", "--include-path", eval_task)
     assert "unknown task 'stdlib_mcq'; did you mean stdlib_mc" in line
+    # an unknown name was looked up among lm-eval's tasks too (the manager is cached); a task of
+    # the user's own directory indexes that directory alone; a group of lm-eval's tasks, all
+    full = task_manager(eval_task, ["stdlib_mcq"])
+    own = task_manager(eval_task, ["stdlib_mc"])
+    assert "stdlib_mc" in own.all_tasks and "hellaswag" not in own.all_tasks
+    assert task_manager(eval_task, ["tinyllama-commonsense"]) is full
+    assert {"stdlib_mc", "hellaswag", "tinyllama-commonsense"} <= set(full.all_tasks)
     assert "must be a positive" in error_line(capsys, *base, "--tasks", "stdlib_mc", "--limit", "0")
     assert "not a device" in error_line(capsys, *base, "--tasks", "stdlib_mc", "--device", "tpu")
     bad = tmp_path / "bad"

@@ -244,7 +244,8 @@ class DownstreamEval(Callback):
             from tinyrecipe.interop.evaluate import load_tasks, task_manager
 
             names = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
-            load_tasks([n.strip() for n in names if n.strip()], task_manager(self.include_path))
+            names = [n.strip() for n in names if n.strip()]
+            load_tasks(names, task_manager(self.include_path, names))
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.tasks and self.at_start and trainer.global_step == 0:
