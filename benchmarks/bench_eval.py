@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         model = Llama(config).eval()
         save_tinyrecipe_checkpoint(config, model.state_dict(), tmp / "model.ckpt")
         to_hf(tmp / "model.ckpt", tmp / "hf", tokenizer_dir=tmp / "tok")
-        task = task_manager(tmp / "task", ["stdlib_mc"]).load_task_or_group(["stdlib_mc"])["stdlib_mc"]
+        manager = task_manager(tmp / "task", ["stdlib_mc"])
+        task = manager.load_task_or_group(["stdlib_mc"])["stdlib_mc"]
         task.build_all_requests()
         requests = task.instances
         lms = {
