@@ -120,6 +120,25 @@ def test_rolling_and_generation_match_hflm(exported, corpus):
     assert ours.generate_until(until) == hf.generate_until(until)
 
 
+def test_generation_ends_at_eos_however_far_it_ran(exported, corpus, monkeypatch):
+    """Under several processes every rank generates all `max_gen_toks` (a sharded model steps
+    together): the text still ends where the model said EOS, as in one process."""
+    from lm_eval.api.instance import Instance
+
+    from tinyrecipe.interop import evaluate as module
+
+    model, _ = exported
+    tok = load_tokenizer(corpus["root"] / "tok")
+    words = tok.encode(" return x")
+
+    def past_eos(model, idx, new, **kwargs):
+        return torch.tensor([idx[0].tolist() + words + [tok.eos_id] + words])
+
+    monkeypatch.setattr(module, "generate", past_eos)
+    request = Instance("generate_until", {}, ("def f(x):", {"until": ["\n\n"]}), 0)
+    assert TinyRecipeLM(model, tok).generate_until([request]) == [tok.decode(words)]
+
+
 def error_line(capsys, *argv) -> str:
     assert cli_main(list(map(str, argv))) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -207,7 +207,9 @@ class TinyRecipeLM(TemplateLM):
                 )[0, len(ids) :].tolist()
             if n >= len(requests):
                 continue
-            text = self.tok.decode([t for t in tokens if t != self.tok.eos_id])
+            if self.tok.eos_id in tokens:  # several processes generate on past it
+                tokens = tokens[: tokens.index(self.tok.eos_id)]
+            text = self.tok.decode(tokens)
             cuts = [text.index(s) for s in until if s and s in text]
             out.append(text[: min(cuts)] if cuts else text)
         return out
