@@ -103,4 +103,16 @@ def eval_task(corpus, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("eval")
     make_eval_sample(corpus["root"] / "raw", out, n_items=40)
+    # and `stdlib_gen`, the same items as greedy generation (a few tokens, exact match)
+    mc = (out / "stdlib_mc.yaml").read_text()
+    data = mc[mc.index("dataset_path") : mc.index("output_type")]
+    (out / "stdlib_gen.yaml").write_text(
+        "task: stdlib_gen\n"
+        + data
+        + "output_type: generate_until\ndoc_to_text: context\n"
+        + 'doc_to_target: "{{choices[label]}}"\ntarget_delimiter: ""\n'
+        + 'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 4\n'
+        + "metric_list:\n  - metric: exact_match\n    aggregation: mean\n"
+        + "    higher_is_better: true\n"
+    )
     return out

@@ -233,13 +233,14 @@ def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, eval_task, tmp
     """Both ranks die while writing the step-3 checkpoint; the step-2 one stays whole. The run
     validates after every step with the weights kept gathered (the recipe's flags): validation
     sees each step's new weights (its losses are one process's) and changes no training weight.
-    At the end both ranks score a downstream task together (requests split, forwards in step):
-    the scores of `tinyrecipe eval` of the final checkpoint in one process."""
+    At the end both ranks score downstream tasks together (requests split, forwards in step,
+    generation too): the scores of `tinyrecipe eval` of the final checkpoint in one process."""
     root = write_recipe(tmp_path / "run", corpus, max_steps=STEPS, every=1000, batch_size=2).parent
     # the settings of runs["fsdp2"], compared with below, validating every step like runs["one"]
     flags = [*COMMON, *FSDP2_RECIPE, "--checkpoint.every_n_train_steps", "2"]
     flags += ["--trainer.val_check_interval", str(ACCUMULATE)]
-    flags += ["--downstream_eval.tasks", "stdlib_mc", "--downstream_eval.every_n_steps", "1000"]
+    tasks = "stdlib_mc,stdlib_gen"  # log-likelihoods, and greedy generation in lockstep
+    flags += ["--downstream_eval.tasks", tasks, "--downstream_eval.every_n_steps", "1000"]
     flags += ["--downstream_eval.limit", str(EVAL_LIMIT)]
     flags += ["--downstream_eval.include_path", str(eval_task)]
     killed = counted_fit(root, *flags, env={"TINYRECIPE_KILL_AT": "checkpoint.write:2"})
@@ -263,12 +264,13 @@ def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, eval_task, tmp
     assert [s for s, _ in logged["eval/stdlib_mc/acc"]] == [STEPS, STEPS]
     out = tmp_path / "scores.json"
     tok = ["--tokenizer", str(corpus["root"] / "tok"), "--include-path", str(eval_task)]
-    args = ["eval", "--ckpt", str(last), *tok, "--tasks", "stdlib_mc", "--limit", str(EVAL_LIMIT)]
+    args = ["eval", "--ckpt", str(last), *tok, "--tasks", tasks, "--limit", str(EVAL_LIMIT)]
     assert cli_main([*args, "--json", str(out)]) == 0
-    scores = json.loads(out.read_text())["results"]["stdlib_mc"]
-    for metric in ("acc", "acc_norm"):
-        for _, value in logged[f"eval/stdlib_mc/{metric}"]:
-            assert value == pytest.approx(scores[metric]), metric
+    scores = json.loads(out.read_text())["results"]
+    for task, metric in (("mc", "acc"), ("mc", "acc_norm"), ("gen", "exact_match")):
+        expected = scores[f"stdlib_{task}"][metric]
+        values = [v for _, v in logged[f"eval/stdlib_{task}/{metric}"]]
+        assert values == pytest.approx([expected] * 2), (task, metric)
 
 
 FABRIC_STARTUP = """
