@@ -99,6 +99,8 @@ EVAL_LIMIT = 10  # questions per evaluation test: 40 log-likelihood requests
 @pytest.fixture(scope="session")
 def eval_task(corpus, tmp_path_factory):
     """The offline 4-way multiple-choice task `stdlib_mc` (lm-eval YAML + data) from the corpus."""
+    import yaml
+
     from tinyrecipe.data.sample import make_eval_sample
 
     out = tmp_path_factory.mktemp("eval")
@@ -106,17 +108,18 @@ def eval_task(corpus, tmp_path_factory):
     # and `stdlib_gen`, the same items as greedy generation of a few tokens, scored by a
     # fingerprint of each (context, generated text) pair: any other text, or a text scored
     # against another item, moves the mean (a random model's exact match would be 0 anyway)
-    mc = (out / "stdlib_mc.yaml").read_text()
-    data = mc[mc.index("dataset_path") : mc.index("output_type")]
+    mc = yaml.safe_load((out / "stdlib_mc.yaml").read_text())
+    gen = {k: mc[k] for k in ("dataset_path", "dataset_kwargs", "test_split", "doc_to_text")}
+    gen |= {
+        "task": "stdlib_gen",
+        "output_type": "generate_until",
+        "doc_to_target": "{{choices[label]}}",
+        "target_delimiter": "",
+        "generation_kwargs": {"until": ["\n"], "max_gen_toks": 4},
+        "metric_list": [{"metric": "fingerprint", "aggregation": "mean", "higher_is_better": True}],
+    }
     (out / "stdlib_gen.yaml").write_text(
-        "task: stdlib_gen\n"
-        + data
-        + "output_type: generate_until\ndoc_to_text: context\n"
-        + 'doc_to_target: "{{choices[label]}}"\ntarget_delimiter: ""\n'
-        + 'generation_kwargs:\n  until: ["\\n"]\n  max_gen_toks: 4\n'
-        + "process_results: !function fingerprint.score\n"
-        + "metric_list:\n  - metric: fingerprint\n    aggregation: mean\n"
-        + "    higher_is_better: true\n"
+        yaml.safe_dump(gen) + "process_results: !function fingerprint.score\n"  # a YAML tag
     )
     (out / "fingerprint.py").write_text(
         "import zlib\n\n\ndef score(doc, results):\n"
