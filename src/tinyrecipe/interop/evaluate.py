@@ -236,6 +236,11 @@ def task_manager(include_path: str | Path | list | None = None, names: list[str]
     return _task_manager(*key, defaults=True)
 
 
+def task_names(tasks: str | list[str]) -> list[str]:
+    """`"a, b"` or `["a", "b"]` -> `["a", "b"]` (blanks dropped)."""
+    return [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+
+
 def _defined_in(manager, name: str, depth: int = 0) -> bool:
     """Whether `name` and all it stands for (a group's tasks, recursively) are in `manager`."""
     entry = manager.task_index.get(name)
@@ -306,9 +311,7 @@ def evaluate(
 
     if limit is not None and limit <= 0:
         raise ValueError(f"--limit {limit} must be a positive number of examples per task")
-    names = [
-        t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()
-    ]
+    names = task_names(tasks)
     if not names:
         raise ValueError("no tasks given; name lm-eval tasks or groups, e.g. --tasks arc_easy")
     manager = task_manager(include_path, names)

@@ -241,10 +241,9 @@ class DownstreamEval(Callback):
         # Load the tasks now: a task whose data cannot be had fails in one line at the start,
         # not hours into the run at the first evaluation.
         if self.tasks:
-            from tinyrecipe.interop.evaluate import load_tasks, task_manager
+            from tinyrecipe.interop.evaluate import load_tasks, task_manager, task_names
 
-            names = self.tasks.split(",") if isinstance(self.tasks, str) else list(self.tasks)
-            names = [n.strip() for n in names if n.strip()]
+            names = task_names(self.tasks)
             load_tasks(names, task_manager(self.include_path, names))
 
     def on_train_start(self, trainer, pl_module) -> None:
