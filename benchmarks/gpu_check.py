@@ -453,22 +453,43 @@ def check_attention(s: dict) -> dict:
 
             measure(name, run)
     # data.document_mask: four documents a row, each attending only to itself
-    from tinyrecipe.model.attention import DocumentMask
+    from tinyrecipe.model.attention import (
+        DocumentMask,
+        _document_attention,
+        load_torch_varlen,
+        masked_sdpa,
+    )
 
     documents = (torch.arange(T, device=device) * 4 // T).expand(B, T)
     pieces = [slice(i * T // 4, (i + 1) * T // 4) for i in range(4)]
     ref = torch.cat(
         [causal_attention(*(t[:, p].double() for t in (q, k, v)), "sdpa") for p in pieces], 1
     )
-    for name, flash in (("document mask, sdpa", False), ("document mask, flash varlen", True)):
-        if flash and not (device == "cuda" and load_flash_attn() is not None):
-            rows[name] = {"error": "flash-attn not installed (pip install 'tinyrecipe[gpu]')"}
-            continue
-        mask = DocumentMask.from_documents(documents, for_flash=flash)
-        measure(
-            name,
-            lambda a, b, c, m=mask, f=flash: causal_attention(a, b, c, "flash" if f else "sdpa", m),
-        )
+    dense = DocumentMask.from_documents(documents)
+    sequences = DocumentMask.from_documents(documents, varlen=True)
+    kernels = {  # name: (available, the kernel's call)
+        "document mask, flash-attn varlen": (
+            device == "cuda" and load_flash_attn() is not None,
+            lambda a, b, c: _document_attention(a, b, c, "flash", sequences),
+        ),
+        "document mask, torch varlen": (
+            device == "cuda" and load_torch_varlen() is not None,
+            lambda a, b, c: _document_attention(a, b, c, "varlen", sequences),
+        ),
+        # SDPA's dense mask, KV heads repeated on CUDA (the fallback), and grouped as before
+        "document mask, sdpa": (True, lambda a, b, c: _document_attention(a, b, c, "sdpa", dense)),
+        "document mask, sdpa grouped kv": (
+            True,
+            lambda a, b, c: masked_sdpa(
+                *(t.transpose(1, 2) for t in (a, b, c)), dense.dense, repeat_kv=False
+            ).transpose(1, 2),
+        ),
+    }
+    for name, (available, fn) in kernels.items():
+        if available:
+            measure(name, fn)
+        else:
+            rows[name] = {"error": "not available here (flash-attn, or torch's varlen: CUDA)"}
     return rows
 
 

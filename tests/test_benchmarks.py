@@ -46,6 +46,9 @@ def test_gpu_check_runs_its_real_paths_on_cpu(tmp_path):
     assert recipe["checkpoint_complete"] and recipe["val_loss"] > 0
     assert report["attention"]["sdpa math"]["rel_error"] < 1e-5
     assert "not installed" in report["attention"]["flash-attn"]["error"]
+    for fallback in ("document mask, sdpa", "document mask, sdpa grouped kv"):
+        assert report["attention"][fallback]["rel_error"] < 1e-5  # fp32 on CPU
+    assert "not available" in report["attention"]["document mask, torch varlen"]["error"]
     assert report["precision"]["max_abs_diff"] < 0.05
     assert report["loss"]["chunked"]["loss_rel_diff"] < 1e-5 and "| chunked |" in result.stdout
     assert report["generate"]["batch 1"]["new_tokens_per_s"] > 0

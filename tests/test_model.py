@@ -201,17 +201,27 @@ def test_a_packed_blocks_logits_equal_each_document_alone(positions):
 
 
 def test_document_mask_for_either_kernel():
-    """cu_seqlens for flash-attn's varlen kernel: each document's start in the flattened batch;
-    a mask made for flash but run on SDPA (autocast changed the dtype) still masks."""
+    """cu_seqlens for a varlen kernel: each document's start in the flattened batch; a mask made
+    for a varlen kernel but run on SDPA (autocast changed the dtype) still masks."""
     from tinyrecipe.model.attention import DocumentMask, causal_attention
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
     documents = (torch.arange(16) * 3 // 16).expand(2, 16)
-    for_flash = DocumentMask.from_documents(documents, for_flash=True)
-    assert for_flash.cu_seqlens.tolist() == [0, 6, 11, 16, 22, 27, 32]
+    as_sequences = DocumentMask.from_documents(documents, varlen=True)
+    assert as_sequences.cu_seqlens.tolist() == [0, 6, 11, 16, 22, 27, 32]
     dense = causal_attention(q, k, v, "sdpa", DocumentMask.from_documents(documents))
-    torch.testing.assert_close(causal_attention(q, k, v, "sdpa", for_flash), dense)
+    torch.testing.assert_close(causal_attention(q, k, v, "sdpa", as_sequences), dense)
+
+
+def _each_sequence_alone(q, k, v, cu, causal):
+    """What a varlen kernel computes: (tokens, H, D) attended sequence by sequence of `cu`."""
+    out = torch.empty_like(q)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+        y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)
+        out[a:b] = y.transpose(0, 1)
+    return out
 
 
 def test_the_varlen_path_hands_flash_attn_the_documents_as_sequences(monkeypatch):
@@ -228,12 +238,7 @@ def test_the_varlen_path_hands_flash_attn_the_documents_as_sequences(monkeypatch
 
     def varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
         calls.append((q.shape, cu_q.dtype, max_q, causal))
-        out = torch.empty_like(q)
-        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist(), strict=True):
-            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
-            y = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, enable_gqa=True)
-            out[a:b] = y.transpose(0, 1)
-        return out
+        return _each_sequence_alone(q, k, v, cu_q, causal)
 
     monkeypatch.setitem(
         sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen)
@@ -242,7 +247,99 @@ def test_the_varlen_path_hands_flash_attn_the_documents_as_sequences(monkeypatch
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
     documents = (torch.arange(16) * 3 // 16).expand(2, 16)
-    got = causal_attention(q, k, v, "auto", DocumentMask.from_documents(documents, for_flash=True))
+    got = causal_attention(q, k, v, "auto", DocumentMask.from_documents(documents, varlen=True))
     want = attention._document_attention(q, k, v, "sdpa", DocumentMask.from_documents(documents))
     torch.testing.assert_close(got, want)
     assert calls == [(torch.Size([32, 4, 8]), torch.int32, 16, True)]
+
+
+def _torch_varlen_stand_in(api: str, calls: list):
+    """torch's varlen_attn (CUDA only) as each torch release has shipped its signature."""
+    if api == "is_causal":
+
+        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+            calls.append((q.shape, k.shape, cu_q.dtype, max_q, is_causal))
+            return _each_sequence_alone(q, k, v, cu_q, is_causal)
+
+    else:
+        gqa = api == "window_size+enable_gqa"
+
+        def varlen_attn(
+            q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **kw
+        ):
+            if not gqa and kw or gqa and not kw.get("enable_gqa") and k.size(1) != q.size(1):
+                raise ValueError(f"unexpected {kw} for {q.shape} {k.shape}")
+            causal = tuple(window_size) == (-1, 0)
+            calls.append((q.shape, k.shape, cu_q.dtype, max_q, causal))
+            return _each_sequence_alone(q, k, v, cu_q, causal)
+
+        if gqa:  # the argument exists (keyword-only), so the signature shows it
+            inner = varlen_attn
+
+            def varlen_attn(
+                q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False
+            ):
+                extra = {"enable_gqa": True} if enable_gqa else {}
+                return inner(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size, **extra)
+
+    return varlen_attn
+
+
+@pytest.mark.parametrize("api", ["is_causal", "window_size", "window_size+enable_gqa"])
+def test_documents_run_on_torchs_varlen_kernel_on_a_gpu_without_flash_attn(monkeypatch, api):
+    """On CUDA in fp16/bf16 without flash-attn, `auto` runs a document mask on torch's own varlen
+    kernel (no work across documents) instead of SDPA with a dense mask. The kernel cannot run
+    here: a stand-in with each signature torch has shipped checks what the adapter passes
+    (flattened tokens, causal, grouped KV heads) and that a packed batch's loss through the
+    model equals the SDPA mask's; on CPU, or when sdpa is asked for, SDPA stays."""
+    import sys
+    import types
+
+    from tinyrecipe.model import attention
+    from tinyrecipe.model.attention import DocumentMask, causal_attention
+
+    calls = []
+    fake = types.SimpleNamespace(varlen_attn=_torch_varlen_stand_in(api, calls))
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", fake)
+    monkeypatch.setattr(attention, "_VARLEN", [])
+    q = torch.randn(2, 16, 4, 8)
+    assert attention.document_backend(q) == "sdpa"  # a CPU tensor
+    monkeypatch.setattr(attention, "_gpu_half", lambda q: True)  # as if CUDA bf16
+    assert attention.document_backend(q) == "varlen"
+    assert attention.document_backend(q, "sdpa") == "sdpa"
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+    documents = (torch.arange(16) * 3 // 16).expand(2, 16)
+    got = causal_attention(q, k, v, "auto", DocumentMask.from_documents(documents, varlen=True))
+    want = attention._document_attention(q, k, v, "sdpa", DocumentMask.from_documents(documents))
+    torch.testing.assert_close(got, want)
+    assert calls == [(torch.Size([32, 4, 8]), torch.Size([32, 2, 8]), torch.int32, 16, True)]
+
+    model = Llama(SMALL)
+    idx = torch.randint(0, SMALL.vocab_size, (2, 16))
+    _, loss = model(idx, idx, documents=documents)
+    assert len(calls) == 1 + SMALL.n_layer  # every block ran the varlen kernel
+    monkeypatch.setattr(attention, "_gpu_half", lambda q: False)
+    _, reference = model(idx, idx, documents=documents)
+    assert len(calls) == 1 + SMALL.n_layer
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_masked_sdpa_repeats_kv_heads_where_cuda_has_no_grouped_masked_kernel():
+    """On CUDA, SDPA with a mask and grouped KV heads falls to its math kernel (the whole score
+    matrix kept for backward); repeating the KV heads lets the memory-efficient kernel take the
+    mask. The repeated form (forced here on CPU) equals the grouped one, values and gradients."""
+    from tinyrecipe.model.attention import block_causal, masked_sdpa
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, h, 16, 8, requires_grad=True) for h in (4, 2, 2))
+    mask = block_causal((torch.arange(16) * 3 // 16).expand(2, 16))
+    outs, grads = [], []
+    for repeat in (True, False):
+        out = masked_sdpa(q, k, v, mask, repeat_kv=repeat)
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)

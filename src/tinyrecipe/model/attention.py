@@ -3,12 +3,15 @@
 flash-attn is imported lazily, on the first call that could use it, never at module import.
 
 With a `DocumentMask` (packed blocks of several documents), a token attends only to earlier
-tokens of its own document: flash-attn's varlen kernel over the documents as sequences
-(`cu_seqlens`) on a GPU, SDPA with a block-diagonal causal mask elsewhere.
+tokens of its own document. On a GPU a varlen kernel takes the documents as sequences
+(`cu_seqlens`) and does no work across them: flash-attn's when it is installed, else torch's own
+(`torch.nn.attention.varlen`, FlashAttention-2 inside torch); elsewhere SDPA with a
+block-diagonal causal mask.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -56,12 +59,58 @@ def select_backend(q: torch.Tensor, requested: str = "auto") -> str:
     return "sdpa"
 
 
+_VARLEN: list = []  # [torch's varlen attention adapted to (q, k, v, cu_seqlens, max_len), or None]
+
+
+def load_torch_varlen():
+    """torch's `varlen_attn` (CUDA only) as `f(q, k, v, cu_seqlens, max_seqlen)` -> causal
+    attention of each sequence, or None when this torch has none. Its signature has changed
+    between torch releases: causal is `is_causal=True` in the first, `window_size=(-1, 0)`
+    since, and grouped KV heads need `enable_gqa=True` where that argument exists."""
+    if not _VARLEN:
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            _VARLEN.append(None)
+            return None
+        params = inspect.signature(varlen_attn).parameters
+        if "window_size" in params:
+            causal = {"window_size": (-1, 0)}
+        elif "is_causal" in params:
+            causal = {"is_causal": True}
+        else:  # a signature this code does not know: SDPA instead of guessing
+            _VARLEN.append(None)
+            return None
+        gqa = "enable_gqa" in params
+
+        def varlen(q, k, v, cu, max_seqlen):
+            extra = {"enable_gqa": True} if gqa and k.size(1) != q.size(1) else {}
+            return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, **causal, **extra)
+
+        _VARLEN.append(varlen)
+    return _VARLEN[0]
+
+
+def _gpu_half(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+def document_backend(q: torch.Tensor, requested: str = "auto") -> str:
+    """The kernel a document mask runs on for `q`: "flash" (flash-attn's varlen), "varlen"
+    (torch's, on CUDA fp16/bf16 when flash-attn is missing and `requested` is "auto") or "sdpa"."""
+    chosen = select_backend(q, requested)
+    if chosen == "sdpa" and requested == "auto" and _gpu_half(q) and load_torch_varlen():
+        return "varlen"
+    return chosen
+
+
 @dataclass
 class DocumentMask:
     """Where the documents of a packed batch are, built once per forward and shared by every
     block: `dense` (B, 1, T, T) bool, True where a query may attend a key (same document, not
     later), for SDPA; `cu_seqlens` (int32, the documents' starts in the flattened B x T tokens,
-    then B x T) and `max_seqlen` for flash-attn's varlen kernel, made only when it will run."""
+    then B x T) and `max_seqlen` for a varlen kernel (flash-attn's or torch's), made only when
+    one will run."""
 
     documents: torch.Tensor
     dense: torch.Tensor | None
@@ -69,10 +118,11 @@ class DocumentMask:
     max_seqlen: int = 0
 
     @staticmethod
-    def from_documents(documents: torch.Tensor, for_flash: bool = False) -> DocumentMask:
-        """`documents` (B, T): each token's document id, non-decreasing along a row."""
+    def from_documents(documents: torch.Tensor, varlen: bool = False) -> DocumentMask:
+        """`documents` (B, T): each token's document id, non-decreasing along a row; `varlen`:
+        the documents as sequences for a varlen kernel instead of SDPA's dense mask."""
         B, T = documents.shape
-        if for_flash:
+        if varlen:
             flat = documents + torch.arange(B, device=documents.device)[:, None] * (T + 1)
             flat = flat.flatten()
             starts = torch.ones_like(flat, dtype=torch.bool)
@@ -125,7 +175,7 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(
             1, 2
         )
-    chosen = select_backend(q, backend)
+    chosen = select_backend(q, backend) if documents is None else document_backend(q, backend)
     # Never a silent slow path: say once which kernel runs (not from inside a compiled graph).
     said = chosen + (" with a document mask" if documents is not None else "")
     if said not in _logged and not torch.compiler.is_compiling():
@@ -150,24 +200,32 @@ def causal_attention(
 
 def _document_attention(q, k, v, chosen: str, documents: DocumentMask) -> torch.Tensor:
     B, T, H, D = q.shape
-    if chosen == "flash" and documents.cu_seqlens is not None:
-        from flash_attn import flash_attn_varlen_func
-
+    if chosen in ("flash", "varlen") and documents.cu_seqlens is not None:
         cu, n = documents.cu_seqlens, documents.max_seqlen
-        y = flash_attn_varlen_func(
-            q.reshape(B * T, H, D),
-            k.reshape(B * T, k.size(2), D),
-            v.reshape(B * T, v.size(2), D),
-            cu,
-            cu,
-            n,
-            n,
-            causal=True,
-        )
+        flat = (q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D))
+        if chosen == "flash":
+            from flash_attn import flash_attn_varlen_func
+
+            y = flash_attn_varlen_func(*flat, cu, cu, n, n, causal=True)
+        else:
+            y = load_torch_varlen()(*flat, cu, n)
         return y.view(B, T, H, D)
     # the mask was made for the kernel expected; another one (a dtype that autocast changed)
     # still gets a correct mask
     mask = documents.dense if documents.dense is not None else block_causal(documents.documents)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1))
-    return y.transpose(1, 2)
+    return masked_sdpa(q, k, v, mask).transpose(1, 2)
+
+
+def masked_sdpa(q, k, v, mask: torch.Tensor, repeat_kv: bool | None = None) -> torch.Tensor:
+    """SDPA of (B, H, T, D) q against (B, H_kv, S, D) k, v under a boolean `mask`. On CUDA no
+    kernel takes both a mask and grouped KV heads (SDPA then runs its math kernel, which keeps
+    the (B, H, T, S) scores: gigabytes a layer at TinyLlama's shape), so the KV heads are
+    repeated to H there (`repeat_kv` None: on CUDA) and the memory-efficient kernel takes the
+    mask; elsewhere SDPA groups them itself."""
+    groups = q.size(1) // k.size(1)
+    if (q.is_cuda if repeat_kv is None else repeat_kv) and groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1)
+    )

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from tinyrecipe.model.attention import (
     DocumentMask,
     causal_attention,
+    document_backend,
     document_positions,
-    select_backend,
 )
 from tinyrecipe.model.config import ModelConfig
 from tinyrecipe.model.loss import cross_entropy_z, linear_cross_entropy_z
@@ -261,8 +261,8 @@ class Llama(nn.Module):
             kind = weight.device.type
             dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
             probe = weight.new_empty(0, dtype=dtype or weight.dtype)
-            flash = select_backend(probe, self.config.attention) == "flash"
-            mask = DocumentMask.from_documents(documents, for_flash=flash)
+            varlen = document_backend(probe, self.config.attention) != "sdpa"
+            mask = DocumentMask.from_documents(documents, varlen=varlen)
             if self.config.document_positions == "restart":
                 positions = document_positions(documents)
                 cos, sin = self.rope_cos[positions], self.rope_sin[positions]

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tinyrecipe.model.attention import load_flash_attn
+from tinyrecipe.model.attention import load_flash_attn, load_torch_varlen
 from tinyrecipe.model.llama import Llama
 
 
@@ -35,7 +35,8 @@ def compile_blocks(model: Llama) -> None:
     """`torch.compile` each decoder block in place (state-dict names unchanged). All blocks share
     one compiled graph, so compile time is one block's, not the model's (torchtitan's choice).
     The chunked loss's bf16/fp16 softmax work is compiled too (`tinyrecipe.model.loss`)."""
-    load_flash_attn()  # settle the kernel choice outside the graph
+    load_flash_attn()  # settle the kernel choices outside the graph
+    load_torch_varlen()
     for block in model.blocks:
         block.compile()
     model.compile_loss = True

@@ -81,7 +81,7 @@ def estimate_memory(
     `world_size` devices (DDP keeps full copies). Sharded with `accumulation` > 1, each device
     holds the unsharded fp32 gradients between micro-batches (FSDP2 reduces them once per step,
     `tinyrecipe.train.strategy`). `shard_group`: HSDP, sharded over groups of that many devices
-    and replicated across them. `document_mask`: the (B, T, T) boolean mask SDPA reads (flash-attn's
+    and replicated across them. `document_mask`: the (B, T, T) boolean mask SDPA reads (a GPU's
     varlen kernel needs none). `gathered`: FSDP keeps every block's gathered weights (ZeRO-2, or
     kept from one micro-batch to the next)."""
     T = config.block_size if seq_len is None else seq_len
