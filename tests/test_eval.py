@@ -19,6 +19,7 @@ from tinyrecipe.interop.checkpoint import save_tinyrecipe_checkpoint
 from tinyrecipe.interop.convert import to_hf
 from tinyrecipe.interop.evaluate import TinyRecipeLM, evaluate, task_manager
 from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.train.callbacks import DownstreamEval
 
 pytest.importorskip("lm_eval")
 
@@ -185,13 +186,17 @@ def test_bad_input_is_one_line(exported, corpus, eval_task, tmp_path, capsys):
         eval_task,
     )
     assert "2048" in line and "1024" in line
+    with pytest.raises(ValueError, match=r"downstream_eval.every_n_steps is -1; .* or 0 to score"):
+        DownstreamEval(tasks="stdlib_mc", every_n_steps=-1)
 
 
 def test_eval_in_training_equals_eval_of_the_checkpoint(corpus, eval_task, tmp_path):
+    """Scored at the start, every 3 steps and at the end (step 4); the last score equals
+    `tinyrecipe eval` of the final checkpoint."""
     recipe = write_recipe(tmp_path, corpus, max_steps=4, every=4)
     result = subprocess.run(
         [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe)]
-        + ["--downstream_eval.tasks", "stdlib_mc", "--downstream_eval.every_n_steps", "4"]
+        + ["--downstream_eval.tasks", "stdlib_mc", "--downstream_eval.every_n_steps", "3"]
         + ["--downstream_eval.limit", str(LIMIT), "--downstream_eval.include_path", str(eval_task)]
         + ["--downstream_eval.at_start", "true"],
         capture_output=True,
@@ -205,7 +210,7 @@ def test_eval_in_training_equals_eval_of_the_checkpoint(corpus, eval_task, tmp_p
         and "downstream eval at step 4" in result.stderr
     )
     logged = scalars(tmp_path / "tensorboard")
-    assert [s for s, _ in logged["eval/stdlib_mc/acc"]] == [0, 4]
+    assert [s for s, _ in logged["eval/stdlib_mc/acc"]] == [0, 3, 4]
     out = tmp_path / "scores.json"
     code = cli_main(
         [
@@ -233,10 +238,11 @@ def test_eval_in_training_equals_eval_of_the_checkpoint(corpus, eval_task, tmp_p
 
 
 def test_the_fabric_loop_evaluates_from_the_same_recipe_key(corpus, eval_task, tmp_path):
+    """`every_n_steps: 0`: the final weights only, as `fit` always scores them."""
     recipe = write_recipe(tmp_path, corpus, max_steps=2, every=100)
     result = subprocess.run(
         [sys.executable, "-m", "tinyrecipe.cli", "fabric", "--config", str(recipe)]
-        + ["--downstream_eval.tasks", "stdlib_mc", "--downstream_eval.every_n_steps", "2"]
+        + ["--downstream_eval.tasks", "stdlib_mc", "--downstream_eval.every_n_steps", "0"]
         + ["--downstream_eval.limit", str(LIMIT), "--downstream_eval.include_path", str(eval_task)],
         capture_output=True,
         text=True,

@@ -38,11 +38,13 @@ def load_flash_attn():
     return _FLASH[0]
 
 
+def _gpu_half(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
 def flash_supported(q: torch.Tensor) -> bool:
     """True when FlashAttention-2 can take `q`: a CUDA fp16/bf16 tensor and flash-attn importable."""
-    return (
-        q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and load_flash_attn() is not None
-    )
+    return _gpu_half(q) and load_flash_attn() is not None
 
 
 def select_backend(q: torch.Tensor, requested: str = "auto") -> str:
@@ -70,7 +72,7 @@ def load_torch_varlen():
     if not _VARLEN:
         try:
             from torch.nn.attention.varlen import varlen_attn
-        except ImportError:
+        except Exception:  # ImportError before torch 2.10, or a build without it
             _VARLEN.append(None)
             return None
         params = inspect.signature(varlen_attn).parameters
@@ -89,10 +91,6 @@ def load_torch_varlen():
 
         _VARLEN.append(varlen)
     return _VARLEN[0]
-
-
-def _gpu_half(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
 def document_backend(q: torch.Tensor, requested: str = "auto") -> str:

@@ -211,7 +211,8 @@ class DownstreamEval(Callback):
     """lm-evaluation-harness tasks scored inside `fit` every `every_n_steps` optimizer steps, at
     the end, and before the first step with `at_start`, on every rank with the requests split between them (a
     sharded model steps together), logged as `eval/<task>/<metric>` and printed on rank 0. The
-    score at a step equals `tinyrecipe eval` of that step's checkpoint (tested). No `tasks`: off.
+    score at a step equals `tinyrecipe eval` of that step's checkpoint (tested). No `tasks`: off;
+    `every_n_steps: 0`: the end of training only (and the start with `at_start`).
 
     The tokenizer is `tokenizer_dir`, else the DataModule's `tokenizer_dir`."""
 
@@ -227,6 +228,11 @@ class DownstreamEval(Callback):
         at_start: bool = False,
         add_bos_token: bool = True,
     ) -> None:
+        if every_n_steps < 0:
+            raise ValueError(
+                f"downstream_eval.every_n_steps is {every_n_steps}; use a number of optimizer "
+                "steps, or 0 to score only at the end of training"
+            )
         self.tasks, self.every_n_steps, self.limit = tasks, every_n_steps, limit
         self.include_path, self.tokenizer_dir, self.batch_size = (
             include_path,
@@ -253,7 +259,7 @@ class DownstreamEval(Callback):
     def on_train_batch_end(self, trainer, pl_module, *_) -> None:
         if not self.tasks or trainer.fit_loop._should_accumulate():
             return
-        if trainer.global_step % self.every_n_steps == 0:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -31,6 +31,7 @@ from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.io import publish, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered, reshard
 from tinyrecipe.planning.flops import device_peak, train_flops_per_token
+from tinyrecipe.train.callbacks import DownstreamEval
 from tinyrecipe.train.checkpoint import refuse_sharded
 from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr, shape_diff
 from tinyrecipe.train.step import (
@@ -239,6 +240,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         fabric.log_dict(evaluate(fabric, model, val_loaders, sources), step=0)
     downstream = dict(recipe.get("downstream_eval") or {})
     if downstream.get("tasks"):
+        every_eval = DownstreamEval(**downstream).every_n_steps  # its defaults and checks
         downstream["tokenizer_dir"] = downstream.get("tokenizer_dir") or getattr(
             data, "tokenizer_dir", None
         )
@@ -308,7 +310,9 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
             fabric.print(f"step {step}: loss {metrics['train/loss']:.4f}")
         if val_loaders and every and (step % every == 0 or step == max_steps):
             fabric.log_dict(evaluate(fabric, model, val_loaders, sources), step=step)
-        if downstream.get("tasks") and step % int(downstream.get("every_n_steps") or 5000) == 0:
+        if downstream.get("tasks") and (
+            (every_eval and step % every_eval == 0) or step == max_steps
+        ):  # the final weights are always scored, as in `fit`
             _downstream(fabric, module, downstream, step)
         if save_every and step % save_every == 0 and step < max_steps:
             state["global_step"] = step
