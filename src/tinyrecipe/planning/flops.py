@@ -71,10 +71,10 @@ def measure_matmul_peak(
     """FLOP/s of square matmuls measured now on `device` in `dtype` (default fp32) with the
     current thread count: the fastest single product over `sizes`, each size repeated for about
     `seconds`. The MFU peak for a device without a datasheet figure, such as a CPU. The fastest
-    product, not the mean: on a shared machine other work (a data worker starting, another
-    process) only ever slows a product down, and a mean taken in such a moment made the peak low
-    enough for a logged MFU above 100%. The global RNG is left untouched, so measuring never
-    changes a seeded run."""
+    product, not the mean: on a shared machine other work only ever slows a product down (a mean
+    read 107 GFLOP/s once at a run's start where ~190 is usual, and the run logged an MFU above
+    100%); a reading can still come out low when the contention outlasts the measurement. The
+    global RNG is left untouched, so measuring never changes a seeded run."""
     import time
 
     import torch
