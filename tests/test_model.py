@@ -224,6 +224,21 @@ def _each_sequence_alone(q, k, v, cu, causal):
     return out
 
 
+def _varlen_equals_the_dense_mask() -> torch.Tensor:
+    """A packed batch (three documents a row) through `auto` with the documents as sequences
+    equals SDPA's block mask; returns the documents."""
+    from tinyrecipe.model import attention
+    from tinyrecipe.model.attention import DocumentMask, causal_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
+    documents = (torch.arange(16) * 3 // 16).expand(2, 16)
+    got = causal_attention(q, k, v, "auto", DocumentMask.from_documents(documents, varlen=True))
+    want = attention._document_attention(q, k, v, "sdpa", DocumentMask.from_documents(documents))
+    torch.testing.assert_close(got, want)
+    return documents
+
+
 def test_the_varlen_path_hands_flash_attn_the_documents_as_sequences(monkeypatch):
     """flash-attn cannot be installed here: a stand-in `flash_attn_varlen_func` (each sequence
     of cu_seqlens attended on its own with SDPA) checks what our glue passes it (flattened
@@ -232,7 +247,6 @@ def test_the_varlen_path_hands_flash_attn_the_documents_as_sequences(monkeypatch
     import types
 
     from tinyrecipe.model import attention
-    from tinyrecipe.model.attention import DocumentMask, causal_attention
 
     calls = []
 
@@ -244,12 +258,7 @@ def test_the_varlen_path_hands_flash_attn_the_documents_as_sequences(monkeypatch
         sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_varlen_func=varlen)
     )
     monkeypatch.setattr(attention, "select_backend", lambda q, requested="auto": "flash")
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
-    documents = (torch.arange(16) * 3 // 16).expand(2, 16)
-    got = causal_attention(q, k, v, "auto", DocumentMask.from_documents(documents, varlen=True))
-    want = attention._document_attention(q, k, v, "sdpa", DocumentMask.from_documents(documents))
-    torch.testing.assert_close(got, want)
+    _varlen_equals_the_dense_mask()
     assert calls == [(torch.Size([32, 4, 8]), torch.int32, 16, True)]
 
 
@@ -296,7 +305,6 @@ def test_documents_run_on_torchs_varlen_kernel_on_a_gpu_without_flash_attn(monke
     import types
 
     from tinyrecipe.model import attention
-    from tinyrecipe.model.attention import DocumentMask, causal_attention
 
     calls = []
     fake = types.SimpleNamespace(varlen_attn=_torch_varlen_stand_in(api, calls))
@@ -308,12 +316,7 @@ def test_documents_run_on_torchs_varlen_kernel_on_a_gpu_without_flash_attn(monke
     assert attention.document_backend(q) == "varlen"
     assert attention.document_backend(q, "sdpa") == "sdpa"
 
-    torch.manual_seed(0)
-    q, k, v = torch.randn(2, 16, 4, 8), torch.randn(2, 16, 2, 8), torch.randn(2, 16, 2, 8)
-    documents = (torch.arange(16) * 3 // 16).expand(2, 16)
-    got = causal_attention(q, k, v, "auto", DocumentMask.from_documents(documents, varlen=True))
-    want = attention._document_attention(q, k, v, "sdpa", DocumentMask.from_documents(documents))
-    torch.testing.assert_close(got, want)
+    documents = _varlen_equals_the_dense_mask()
     assert calls == [(torch.Size([32, 4, 8]), torch.Size([32, 2, 8]), torch.int32, 16, True)]
 
     model = Llama(SMALL)
