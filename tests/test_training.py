@@ -292,23 +292,6 @@ def test_fit_logs_checkpoints_and_generates(corpus, tmp_path):
     assert out.startswith("def ")
 
 
-def test_resuming_with_another_model_shape_is_one_clear_line(corpus, tmp_path):
-    recipe = write_recipe(tmp_path, corpus, max_steps=2, every=2)
-    assert fit(recipe).returncode == 0
-    other = fit(
-        recipe,
-        "--ckpt_path",
-        "last",
-        "--trainer.max_steps",
-        "4",
-        "--model.config",
-        json.dumps({**MICRO, "n_layer": 3}),
-    )
-    assert other.returncode == 2
-    assert "checkpoint holds another model (n_layer 2 vs 3" in other.stderr
-    assert "Traceback" not in other.stderr
-
-
 def test_speed_switches_train_like_the_reference(corpus, tmp_path):
     """Per-block compile, the chunked loss and the foreach AdamW give the plain run's losses, and
     the run says which paths it took."""
@@ -352,7 +335,9 @@ def test_fsdp1_is_refused_in_one_line():
         module.build_model()
 
 
-def test_a_new_run_into_another_runs_checkpoints_is_refused(corpus, tmp_path):
+def test_a_run_directory_refuses_a_new_run_and_another_model_shape(corpus, tmp_path):
+    """A run's checkpoints are refused, in one line and untouched, to a new run started into
+    its directory and to a resume with another model shape; the right resume continues."""
     recipe = write_recipe(tmp_path, corpus, max_steps=2, every=2)
     assert fit(recipe).returncode == 0
     err = io.StringIO()  # forgot --ckpt_path last (in this process: it stops before training)
@@ -360,6 +345,18 @@ def test_a_new_run_into_another_runs_checkpoints_is_refused(corpus, tmp_path):
         code = cli_main(["fit", "--config", str(recipe)])
     assert code == 2 and "holds checkpoints of an earlier run" in err.getvalue()
     assert "Traceback" not in err.getvalue()
+    other = fit(
+        recipe,
+        "--ckpt_path",
+        "last",
+        "--trainer.max_steps",
+        "4",
+        "--model.config",
+        json.dumps({**MICRO, "n_layer": 3}),
+    )
+    assert other.returncode == 2
+    assert "checkpoint holds another model (n_layer 2 vs 3" in other.stderr
+    assert "Traceback" not in other.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
         "last.ckpt",
         "step=2.ckpt",
