@@ -264,34 +264,23 @@ def test_the_varlen_path_hands_flash_attn_the_documents_as_sequences(monkeypatch
 
 def _torch_varlen_stand_in(api: str, calls: list):
     """torch's varlen_attn (CUDA only) as each torch release has shipped its signature."""
-    if api == "is_causal":
 
-        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
-            calls.append((q.shape, k.shape, cu_q.dtype, max_q, is_causal))
-            return _each_sequence_alone(q, k, v, cu_q, is_causal)
+    def run(q, k, v, cu_q, max_q, causal):
+        calls.append((q.shape, k.shape, cu_q.dtype, max_q, causal))
+        return _each_sequence_alone(q, k, v, cu_q, causal)
 
-    else:
-        gqa = api == "window_size+enable_gqa"
+    def first(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        return run(q, k, v, cu_q, max_q, is_causal)
 
-        def varlen_attn(
-            q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), **kw
-        ):
-            if not gqa and kw or gqa and not kw.get("enable_gqa") and k.size(1) != q.size(1):
-                raise ValueError(f"unexpected {kw} for {q.shape} {k.shape}")
-            causal = tuple(window_size) == (-1, 0)
-            calls.append((q.shape, k.shape, cu_q.dtype, max_q, causal))
-            return _each_sequence_alone(q, k, v, cu_q, causal)
+    def windowed(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1)):
+        return run(q, k, v, cu_q, max_q, tuple(window_size) == (-1, 0))
 
-        if gqa:  # the argument exists (keyword-only), so the signature shows it
-            inner = varlen_attn
+    def grouped(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+        if not enable_gqa and k.size(1) != q.size(1):
+            raise ValueError(f"grouped KV heads without enable_gqa: {q.shape} {k.shape}")
+        return run(q, k, v, cu_q, max_q, tuple(window_size) == (-1, 0))
 
-            def varlen_attn(
-                q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False
-            ):
-                extra = {"enable_gqa": True} if enable_gqa else {}
-                return inner(q, k, v, cu_q, cu_k, max_q, max_k, window_size=window_size, **extra)
-
-    return varlen_attn
+    return {"is_causal": first, "window_size": windowed, "window_size+enable_gqa": grouped}[api]
 
 
 @pytest.mark.parametrize("api", ["is_causal", "window_size", "window_size+enable_gqa"])
