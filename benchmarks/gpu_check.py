@@ -481,7 +481,7 @@ def check_attention(s: dict) -> dict:
         "document mask, sdpa grouped kv": (
             True,
             lambda a, b, c: masked_sdpa(
-                *(t.transpose(1, 2) for t in (a, b, c)), dense.dense, repeat_kv=False
+                *(t.transpose(1, 2) for t in (a, b, c)), dense.dense, ungroup=False
             ).transpose(1, 2),
         ),
     }

@@ -318,20 +318,24 @@ def test_documents_run_on_torchs_varlen_kernel_on_a_gpu_without_flash_attn(monke
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
 
 
-def test_masked_sdpa_repeats_kv_heads_where_cuda_has_no_grouped_masked_kernel():
+def test_masked_sdpa_undoes_kv_groups_where_cuda_has_no_grouped_masked_kernel():
     """On CUDA, SDPA with a mask and grouped KV heads falls to its math kernel (the whole score
-    matrix kept for backward); repeating the KV heads lets the memory-efficient kernel take the
-    mask. The repeated form (forced here on CPU) equals the grouped one, values and gradients."""
+    matrix kept, K and V copied out to every head); masked_sdpa undoes the groups first so the
+    memory-efficient kernel takes the mask: a per-row mask (packed documents) repeats the KV
+    heads, a (T, S) one (a KV cache's) folds each group's query heads into the query length.
+    Both forms (forced here on CPU) equal the grouped one, values and gradients."""
     from tinyrecipe.model.attention import block_causal, masked_sdpa
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, h, 16, 8, requires_grad=True) for h in (4, 2, 2))
-    mask = block_causal((torch.arange(16) * 3 // 16).expand(2, 16))
-    outs, grads = [], []
-    for repeat in (True, False):
-        out = masked_sdpa(q, k, v, mask, repeat_kv=repeat)
-        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
-        outs.append(out)
-    torch.testing.assert_close(outs[0], outs[1])
-    for a, b in zip(*grads, strict=True):
-        torch.testing.assert_close(a, b)
+    per_row = block_causal((torch.arange(16) * 3 // 16).expand(2, 16))  # (2, 1, 16, 16)
+    cache = torch.ones(3, 16, dtype=torch.bool).tril(diagonal=10)  # 3 new of 11 filled
+    for mask in (per_row, cache):
+        outs, grads = [], []
+        for ungroup in (True, False):
+            out = masked_sdpa(q[:, :, : mask.size(-2)], k, v, mask, ungroup=ungroup)
+            grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+            outs.append(out)
+        torch.testing.assert_close(outs[0], outs[1])
+        for a, b in zip(*grads, strict=True):
+            torch.testing.assert_close(a, b)

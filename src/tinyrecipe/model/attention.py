@@ -169,10 +169,7 @@ def causal_attention(
     """
     if mask is not None:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        gqa = k.size(1) != q.size(1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa).transpose(
-            1, 2
-        )
+        return masked_sdpa(q, k, v, mask).transpose(1, 2)
     chosen = select_backend(q, backend) if documents is None else document_backend(q, backend)
     # Never a silent slow path: say once which kernel runs (not from inside a compiled graph).
     said = chosen + (" with a document mask" if documents is not None else "")
@@ -192,7 +189,7 @@ def causal_attention(
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = masked_sdpa(q, k, v, mask)
     return y.transpose(1, 2)
 
 
@@ -215,15 +212,23 @@ def _document_attention(q, k, v, chosen: str, documents: DocumentMask) -> torch.
     return masked_sdpa(q, k, v, mask).transpose(1, 2)
 
 
-def masked_sdpa(q, k, v, mask: torch.Tensor, repeat_kv: bool | None = None) -> torch.Tensor:
-    """SDPA of (B, H, T, D) q against (B, H_kv, S, D) k, v under a boolean `mask`. On CUDA no
-    kernel takes both a mask and grouped KV heads (SDPA then runs its math kernel, which keeps
-    the (B, H, T, S) scores: gigabytes a layer at TinyLlama's shape), so the KV heads are
-    repeated to H there (`repeat_kv` None: on CUDA) and the memory-efficient kernel takes the
-    mask; elsewhere SDPA groups them itself."""
-    groups = q.size(1) // k.size(1)
-    if (q.is_cuda if repeat_kv is None else repeat_kv) and groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, enable_gqa=k.size(1) != q.size(1)
-    )
+def masked_sdpa(q, k, v, mask: torch.Tensor, ungroup: bool | None = None) -> torch.Tensor:
+    """SDPA of (B, H, T, D) q against (B, H_kv, S, D) k, v under a boolean `mask`, (T, S) or
+    broadcasting to (B, 1, T, S). On CUDA no kernel takes both a mask and grouped KV heads
+    (SDPA then runs its math kernel, which copies K and V out to H heads and keeps the
+    (B, H, T, S) scores), so there (`ungroup` None: on CUDA) the groups are undone without it:
+    a (T, S) mask, the same for every row (a KV cache's), folds each KV head's group of query
+    heads into the query length (H_kv heads of G * T queries: no copy of the cache, which
+    decoding reads once a token); a per-row mask (packed documents in training, T large)
+    repeats the KV heads instead, where a G times larger mask would cost more. Either way the
+    memory-efficient kernel takes the mask. Elsewhere SDPA groups the heads itself."""
+    B, H, T, D = q.shape
+    groups = H // k.size(1)
+    if groups == 1 or not (q.is_cuda if ungroup is None else ungroup):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
+    if mask.dim() == 2:  # query head h uses KV head h // groups: (B, H_kv, groups * T, D)
+        folded = q.reshape(B, k.size(1), groups * T, D)
+        y = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask.repeat(groups, 1))
+        return y.reshape(B, H, T, D)
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
