@@ -272,10 +272,8 @@ def _task_manager(paths: tuple[str, ...], _stamps: tuple[tuple[int, int], ...], 
 
 
 def load_tasks(names: list[str], manager) -> dict:
-    """lm-eval task objects by name or group, loaded one name at a time so that a failure names
-    its task: an unknown name (with the closest known ones), or data that cannot be had offline."""
-    from lm_eval.tasks import get_task_dict
-
+    """lm-eval's task objects for task and group names (`{task: Task}`, groups expanded), loaded
+    one name at a time so that a failure names its task: an unknown name (with the closest known ones), or data that cannot be had offline."""
     known = set(manager.all_tasks)
     tasks: dict = {}
     for name in names:
@@ -284,7 +282,7 @@ def load_tasks(names: list[str], manager) -> dict:
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown task '{name}'{hint} (--include-path adds task YAMLs)")
         try:
-            tasks.update(get_task_dict([name], manager))
+            tasks.update(manager.load([name])["tasks"])
         except Exception as err:  # datasets raise many kinds when the data is not there
             raise ValueError(
                 f"task '{name}' cannot load its data ({type(err).__name__}: "
