@@ -30,9 +30,7 @@ quickstart: venv quickstart-data
 	$(VENV)/bin/tinyrecipe fit --config recipes/quickstart.yaml $(FIT_ARGS) \
 	  $$( [ -f $(QS_OUT)/checkpoints/last.ckpt ] && echo --ckpt_path last )
 	$(VENV)/bin/tinyrecipe generate --ckpt $(QS_OUT)/checkpoints/last.ckpt --tokenizer $(Q)/tokenizer \
-	  --prompt "def" --max-new-tokens 60
-	$(VENV)/bin/tinyrecipe generate --ckpt $(QS_OUT)/checkpoints/last.ckpt --tokenizer $(Q)/tokenizer \
-	  --prompt "The" --max-new-tokens 60
+	  --prompt "def" --prompt "The" --max-new-tokens 60
 	@echo "TensorBoard logs: $(QS_OUT)/tensorboard   (tensorboard --logdir $(QS_OUT)/tensorboard)"
 	@echo "checkpoint:       $(QS_OUT)/checkpoints/last.ckpt"
 

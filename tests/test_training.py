@@ -246,7 +246,7 @@ def final_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_fit_logs_checkpoints_and_generates(corpus, tmp_path):
+def test_fit_logs_checkpoints_and_generates(corpus, tmp_path, capsys):
     recipe = write_recipe(tmp_path, corpus, max_steps=8, every=4)
     result = fit(recipe, "--data.document_mask", "true")  # packed documents masked apart
     assert result.returncode == 0, result.stderr[-3000:]
@@ -281,6 +281,8 @@ def test_fit_logs_checkpoints_and_generates(corpus, tmp_path):
             str(corpus["root"] / "tok"),
             "--prompt",
             "def ",
+            "--prompt",
+            "x = ",
             "--max-new-tokens",
             "8",
         ],
@@ -289,7 +291,12 @@ def test_fit_logs_checkpoints_and_generates(corpus, tmp_path):
         timeout=120,
         check=True,
     ).stdout
-    assert out.startswith("def ")
+    first, second = out.rstrip("\n").split("\n\nx = ")  # several prompts: one process
+    assert first.startswith("def ")
+    args = ["--ckpt", str(tmp_path / "checkpoints/last.ckpt"), "--tokenizer"]
+    args += [str(corpus["root"] / "tok"), "--max-new-tokens", "8", "--prompt", "x = "]
+    assert cli_main(["generate", *args]) == 0
+    assert capsys.readouterr().out == "x = " + second + "\n"  # sampled as if alone
 
 
 def test_speed_switches_train_like_the_reference(corpus, tmp_path):

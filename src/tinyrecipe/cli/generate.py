@@ -1,7 +1,7 @@
 """`tinyrecipe generate`: text from any checkpoint tinyrecipe reads (`tinyrecipe.interop.generate`).
 
     tinyrecipe generate --ckpt out/quickstart/checkpoints/last.ckpt \
-        --tokenizer data/quickstart/tokenizer --prompt "def" --max-new-tokens 60
+        --tokenizer data/quickstart/tokenizer --prompt "def" --prompt "The" --max-new-tokens 60
 """
 
 from __future__ import annotations
@@ -59,7 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         "default; --temperature 0 is greedy).",
     )
     add_model_arguments(parser)
-    parser.add_argument("--prompt", default="")
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        help="text to continue; repeat for several prompts, each sampled as if alone (default: "
+        "one empty prompt)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=50)
@@ -75,19 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args)
     device = model.embed.weight.device
     tok = load_tokenizer(args.tokenizer)
-    prompt_ids = tok.encode(args.prompt)
-    idx = torch.tensor([[tok.bos_id] + prompt_ids], device=device)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    out = generate(
-        model,
-        idx,
-        args.max_new_tokens,
-        args.temperature,
-        args.top_k,
-        args.top_p,
-        gen,
-        tok.eos_id,
-        compile=args.compile,
-    )
-    print(continuation(tok, args.prompt, prompt_ids, out[0, idx.size(1) :].tolist()))
+    for i, prompt in enumerate(args.prompt or [""]):
+        prompt_ids = tok.encode(prompt)
+        idx = torch.tensor([[tok.bos_id] + prompt_ids], device=device)
+        gen = torch.Generator(device).manual_seed(args.seed)  # each prompt as if run alone
+        out = generate(
+            model,
+            idx,
+            args.max_new_tokens,
+            args.temperature,
+            args.top_k,
+            args.top_p,
+            gen,
+            tok.eos_id,
+            compile=args.compile,
+        )
+        print(
+            ("\n" if i else "")
+            + continuation(tok, prompt, prompt_ids, out[0, idx.size(1) :].tolist())
+        )
     return 0
