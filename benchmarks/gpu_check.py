@@ -17,7 +17,8 @@ Sections (each reported even when another fails; results in <out>/gpu_check.json
              recipe's): forward + backward ms, peak memory, the loss against the plain one.
   precision  bf16-mixed against fp32: the loss over 50 steps of the llama-60m preset.
   generate   1.1B greedy decoding with the KV cache, bf16: tokens/s at batch 1 and 8, eager and
-             compiled (static cache, CUDA graphs).
+             compiled (static cache, CUDA graphs); one layer's attention for a new token over a
+             static cache, query groups folded (the model's path on CUDA) against grouped.
 
     python benchmarks/gpu_check.py                     # one H100 / H200, ~8 minutes
     python benchmarks/gpu_check.py --peak-flops 989e12  # a GPU missing from the peak table
@@ -594,6 +595,22 @@ def check_generate(s: dict) -> dict:
     with torch.device(device):
         model = Llama(config).to(dtype).eval()
     rows = {}
+    # one layer's attention for one new token over a static cache (the compiled decoder's):
+    # the cache's mask with each KV head's query group folded into the query length (what runs
+    # on CUDA) against SDPA's grouped call (its math kernel on CUDA copies the cache per head)
+    from tinyrecipe.model.attention import masked_sdpa
+
+    B, S, H, KV, D = 8, config.block_size, config.n_head, config.n_kv_head, config.head_dim
+    q = torch.randn(B, H, 1, D, device=device)
+    k, v = (torch.randn(B, KV, S, D, device=device) for _ in range(2))
+    mask = torch.arange(S, device=device)[None, :] <= S // 2  # half the cache filled
+    ref = masked_sdpa(q.double(), k.double(), v.double(), mask, ungroup=False)
+    qq, kk, vv = (t.to(dtype) for t in (q, k, v))
+    for name, ungroup in (("folded", True), ("grouped", False)):
+        with torch.no_grad():
+            err = (masked_sdpa(qq, kk, vv, mask, ungroup).double() - ref).norm() / ref.norm()
+            ms = _timed(lambda u=ungroup: masked_sdpa(qq, kk, vv, mask, u), reps=20) * 1e3
+        rows[f"decode attention {name}"] = {"ms": ms, "rel_error": err.item()}
     for compiled in (False, True) if s["gen_compile"] else (False,):
         for batch in (1, 8):
             idx = torch.randint(0, config.vocab_size, (batch, s["gen_prompt"]), device=device)
@@ -680,10 +697,20 @@ def table(report: dict) -> str:
             )
     g = report.get("generate", {})
     if g and "error" not in g:
+        speeds = {k: v for k, v in g.items() if "new_tokens_per_s" in v}
+        decode = {k: v for k, v in g.items() if "ms" in v}
         lines += [
             "",
             "generate (greedy, KV cache): "
-            + ", ".join(f"{k}: {v['new_tokens_per_s']:,.0f} new tokens/s" for k, v in g.items()),
+            + ", ".join(
+                f"{k}: {v['new_tokens_per_s']:,.0f} new tokens/s" for k, v in speeds.items()
+            ),
+            "one layer's attention for a new token, batch 8, static cache: "
+            + ", ".join(
+                f"{k.removeprefix('decode attention ')} {v['ms']:.3f} ms (rel. error "
+                f"{v['rel_error']:.1e})"
+                for k, v in decode.items()
+            ),
         ]
     for name in ("attention", "loss", "precision", "generate"):
         if "error" in report.get(name, {}):

@@ -52,6 +52,9 @@ def test_gpu_check_runs_its_real_paths_on_cpu(tmp_path):
     assert report["precision"]["max_abs_diff"] < 0.05
     assert report["loss"]["chunked"]["loss_rel_diff"] < 1e-5 and "| chunked |" in result.stdout
     assert report["generate"]["batch 1"]["new_tokens_per_s"] > 0
+    for way in ("folded", "grouped"):  # a new token's attention over the static cache
+        assert report["generate"][f"decode attention {way}"]["rel_error"] < 1e-5
+    assert "static cache: folded" in result.stdout
     assert "| recipe eager |" in result.stdout
     profile = recipe["profile"]  # one step by category, from the profiler's own events
     assert profile["ms_by_category"]["matmul"] > 0 and profile["matmul_tflops"] > 0
