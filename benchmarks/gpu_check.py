@@ -144,6 +144,9 @@ VARIANTS = {  # name -> (compile, micro-batch multiplier, extra recipe arguments
     # the same 2M-token step in 8 micro-batches of 16: half the per-micro-batch work (FSDP2's
     # gathers and casts, the fp32 gradient accumulation, launch gaps) for twice the activations
     "compiled-mb16": (True, 2, []),
+    # the blocks' linear layers in float8 (model.float8; needs torchao on the machine): not a
+    # default run, `--runs compiled-float8`; MFU still against the bf16 peak
+    "compiled-float8": (True, 1, ["--model.float8", "true"]),
 }
 
 

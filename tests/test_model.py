@@ -339,3 +339,48 @@ def test_masked_sdpa_undoes_kv_groups_where_cuda_has_no_grouped_masked_kernel():
         torch.testing.assert_close(outs[0], outs[1])
         for a, b in zip(*grads, strict=True):
             torch.testing.assert_close(a, b)
+
+
+def test_float8_swaps_the_block_linears_and_trains_close_to_the_plain_model(monkeypatch):
+    """model.float8: torchao's Float8Linear in every block (not the embedding or head), built on
+    meta and materialised like any model, parameter names unchanged; a few AdamW steps on CPU
+    (float8 matmuls run there) stay within 2% of the plain model's losses. Where it cannot run,
+    one line: torchao missing, or a GPU without float8 matmuls."""
+    from torchao.float8.float8_linear import Float8Linear
+
+    from tinyrecipe.model.parallelize import check_float8, parallelize
+
+    idx = torch.randint(0, SMALL.vocab_size, (8, 33), generator=torch.Generator().manual_seed(1))
+    losses, names = {}, {}
+    for float8 in (False, True):
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = Llama(SMALL)
+        parallelize(model, float8=float8)
+        names[float8] = list(model.state_dict())
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        losses[float8] = []
+        for _ in range(4):
+            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses[float8].append(loss.item())
+    swapped = {n for n, m in model.named_modules() if isinstance(m, Float8Linear)}
+    assert swapped == {
+        f"blocks.{i}.{name}"
+        for i in range(SMALL.n_layer)
+        for name in ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.proj")
+    }
+    assert names[True] == names[False]
+    assert losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+    assert losses[True] != losses[False]  # float8 did run
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
+    with pytest.raises(ValueError, match="NVIDIA A100 has 8.0: set model.float8: false"):
+        check_float8("cuda")
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    with pytest.raises(ImportError, match="model.float8 needs torchao: pip install"):
+        parallelize(Llama(SMALL), float8=True)

@@ -1,8 +1,10 @@
-"""Parallelism and speed applied to the decoder from outside (torchtitan's way): activation
-checkpointing, per-block `torch.compile` and FSDP2 `fully_shard`, each per decoder block. The model
-file never changes for a strategy, and parameter names stay the same under all three.
+"""Parallelism and speed applied to the decoder from outside (torchtitan's way): float8 linear
+layers, activation checkpointing, per-block `torch.compile` and FSDP2 `fully_shard`, each per
+decoder block. The model file never changes for a strategy, and parameter names stay the same
+under all of them.
 
-`parallelize` applies them in the one order that composes: checkpointing wraps a block's forward
+`parallelize` applies them in the one order that composes: float8 swaps the blocks' linear
+layers first (the others then wrap, trace and shard the swapped modules); checkpointing wraps a block's forward
 first, so compile traces the checkpointed forward (one graph that recomputes in backward); compile
 comes before sharding, so FSDP2's all-gather and reduce-scatter hooks run eagerly around each
 compiled block instead of breaking the graph; the model is materialised last, already sharded, so
@@ -19,6 +21,44 @@ from torch.utils.checkpoint import checkpoint
 
 from tinyrecipe.model.attention import load_flash_attn, load_torch_varlen
 from tinyrecipe.model.llama import Llama
+
+
+def check_float8(device: torch.device | str | None) -> None:
+    """One line where float8 matmuls cannot run: a CUDA GPU before compute capability 8.9. A CPU
+    runs them (slowly: the tests' reference), and so do H100/H200/L40S/RTX 4090-class GPUs."""
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ValueError(
+            f"model.float8 needs float8 matmuls (compute capability 8.9+: H100, H200, L40S, ...); "
+            f"{name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: set "
+            "model.float8: false"
+        )
+
+
+def apply_float8(model: Llama) -> None:
+    """Swap the decoder blocks' linear layers (qkv, attention and MLP projections) for torchao's
+    `Float8Linear`: matmul inputs cast to float8 (e4m3, one dynamic scale per tensor) in forward
+    and backward, master weights and gradients unchanged, parameter names unchanged. The
+    embedding and the head stay in the compute dtype (the head's loss is the chunked kernel's),
+    as do layers whose sizes are not multiples of 16 (float8 matmuls need them)."""
+    try:
+        from torchao.float8 import convert_to_float8_training
+        from torchao.float8.float8_linear import Float8Linear
+    except ImportError:
+        raise ImportError(
+            "model.float8 needs torchao: pip install 'tinyrecipe[gpu]' (or pip install torchao)"
+        ) from None
+
+    def wanted(module: torch.nn.Module, fqn: str) -> bool:
+        return (
+            fqn.startswith("blocks.")
+            and not isinstance(module, Float8Linear)
+            and module.in_features % 16 == 0
+            and module.out_features % 16 == 0
+        )
+
+    convert_to_float8_training(model, module_filter_fn=wanted)
 
 
 def apply_activation_checkpointing(model: Llama) -> None:
@@ -121,6 +161,7 @@ def hsdp_mesh(device_type: str, world: int, shard_group_size: int | None):
 def parallelize(
     model: Llama,
     *,
+    float8: bool = False,
     activation_checkpointing: bool = False,
     compile: bool = False,
     mesh=None,
@@ -128,9 +169,13 @@ def parallelize(
     reshard_after_forward: bool = True,
     device: torch.device | str | None = None,
 ) -> Llama:
-    """Checkpointing, then compile, then FSDP2 over `mesh` (bf16 compute when `bf16`), then, for a
-    model still on the meta device, its weights allocated on `device` and initialised (TinyLlama's
-    init, sharded: each rank initialises only its shard). Returns the same model."""
+    """Float8 linear layers, then checkpointing, then compile, then FSDP2 over `mesh` (bf16
+    compute when `bf16`), then, for a model still on the meta device, its weights allocated on
+    `device` and initialised (TinyLlama's init, sharded: each rank initialises only its shard).
+    Returns the same model."""
+    if float8:
+        check_float8(device)
+        apply_float8(model)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:

@@ -64,6 +64,7 @@ def describe(module: CausalLMModule, precision: str, device: torch.device) -> st
         f"attention={select_backend(probe, cfg.attention)}, "
         f"compile={'per-block' if hp.compile else 'off'}, "
         f"activation_checkpointing={hp.activation_checkpointing}, "
+        f"linear={'float8' if hp.float8 else 'plain'}, "
         f"loss={f'chunked({cfg.loss_chunk_size})' if cfg.loss_chunk_size else 'plain'}"
         f"{'+compiled' if cfg.loss_chunk_size and hp.compile and probe.dtype != torch.float32 else ''}, "
         f"adamw={hp.optimizer_kernel}, precision={precision}"
@@ -119,6 +120,9 @@ class CausalLMModule(L.LightningModule):
         compile: `torch.compile` each decoder block (torchtitan's way: short compile, one graph
             reused by every layer). Speed switches are all off or "auto" by default; the
             chunked loss is `config: {loss_chunk_size: N}`.
+        float8: the decoder blocks' linear layers compute in float8 (torchao's dynamic
+            tensorwise scaling, torchtitan's `float8` converter): faster matmuls on GPUs with
+            float8 (compute capability 8.9+); master weights, names and checkpoints unchanged.
         optimizer_kernel: AdamW's kernel: "auto" (fused), "fused", "foreach" or "for-loop".
         nonfinite_loss: a step whose loss or gradient is NaN/inf is skipped (no update); then
             "stop" ends the run with the step in the message (weights and the last checkpoint
@@ -156,6 +160,7 @@ class CausalLMModule(L.LightningModule):
         activation_checkpointing: bool = False,
         init_from: str | None = None,
         compile: bool = False,
+        float8: bool = False,
         optimizer_kernel: str = "auto",
         nonfinite_loss: str = "stop",
         spike_sigma: float | None = None,
@@ -211,6 +216,7 @@ class CausalLMModule(L.LightningModule):
             model.load_state_dict(state)
         return parallelize(
             model,
+            float8=hp.float8,
             activation_checkpointing=hp.activation_checkpointing,
             compile=hp.compile,
             mesh=mesh,
