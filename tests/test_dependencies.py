@@ -12,7 +12,9 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.fast  # make test-fast
 
-OPTIONAL = {"flash_attn"}  # the [gpu] extra, imported lazily and fallen back from (tested)
+# the [gpu] extra, imported lazily: flash_attn (fallen back from), torchao (model.float8 only,
+# one line without it); both tested
+OPTIONAL = {"flash_attn", "torchao"}
 
 
 def declared_runtime() -> set[str]:

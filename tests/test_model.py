@@ -137,8 +137,10 @@ def test_flash_is_chosen_when_importable_on_cuda(monkeypatch):
 
 def test_importing_the_model_pulls_in_neither_lightning_nor_flash_attn():
     code = (
-        "import sys, tinyrecipe.model, tinyrecipe.model.hf, tinyrecipe.planning.flops;"
-        "bad = [m for m in ('lightning', 'pytorch_lightning', 'flash_attn', 'transformers') if m in sys.modules];"
+        "import sys, tinyrecipe.model, tinyrecipe.model.hf, tinyrecipe.model.parallelize, "
+        "tinyrecipe.planning.flops;"
+        "bad = [m for m in ('lightning', 'pytorch_lightning', 'flash_attn', 'transformers', "
+        "'torchao') if m in sys.modules];"
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
