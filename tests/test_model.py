@@ -1,3 +1,4 @@
+import importlib.util
 import math
 import subprocess
 import sys
@@ -383,6 +384,12 @@ def test_float8_swaps_the_block_linears_and_trains_close_to_the_plain_model(monk
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
     with pytest.raises(ValueError, match="NVIDIA A100 has 8.0: set model.float8: false"):
         check_float8("cuda")
-    monkeypatch.setitem(sys.modules, "torchao.float8", None)
+    monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as a torchao made for another torch
+    with pytest.raises(ImportError, match="does not import with torch .*the torchao release made"):
+        parallelize(Llama(SMALL), float8=True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "torchao" else find_spec(n, *a)
+    )
     with pytest.raises(ImportError, match="model.float8 needs torchao: pip install"):
         parallelize(Llama(SMALL), float8=True)

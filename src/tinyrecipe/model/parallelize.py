@@ -14,7 +14,9 @@ a model built on the meta device never exists whole in memory.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from contextlib import contextmanager
+from importlib.metadata import version
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -45,9 +47,15 @@ def apply_float8(model: Llama) -> None:
     try:
         from torchao.float8 import convert_to_float8_training
         from torchao.float8.float8_linear import Float8Linear
-    except ImportError:
-        raise ImportError(
-            "model.float8 needs torchao: pip install 'tinyrecipe[gpu]' (or pip install torchao)"
+    except ImportError as err:
+        if importlib.util.find_spec("torchao") is None:
+            raise ImportError(
+                "model.float8 needs torchao: pip install 'tinyrecipe[gpu]' (or pip install torchao)"
+            ) from None
+        raise ImportError(  # each torchao release is made for one or two torch releases
+            f"model.float8: torchao {version('torchao')} does not import with torch "
+            f"{torch.__version__} ({err}); install the torchao release made for this torch "
+            "(torchao's compatibility table; e.g. torchao 0.17 runs on torch 2.9 to 2.13)"
         ) from None
 
     def wanted(module: torch.nn.Module, fqn: str) -> bool:
