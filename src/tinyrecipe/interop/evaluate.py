@@ -273,7 +273,8 @@ def _task_manager(paths: tuple[str, ...], _stamps: tuple[tuple[int, int], ...], 
 
 def load_tasks(names: list[str], manager) -> dict:
     """lm-eval's task objects for task and group names (`{task: Task}`, groups expanded), loaded
-    one name at a time so that a failure names its task: an unknown name (with the closest known ones), or data that cannot be had offline."""
+    one name at a time so that a failure names its task: an unknown name (with the closest known
+    ones), or data that cannot be had offline."""
     known = set(manager.all_tasks)
     tasks: dict = {}
     for name in names:

@@ -4,11 +4,11 @@ decoder block. The model file never changes for a strategy, and parameter names 
 under all of them.
 
 `parallelize` applies them in the one order that composes: float8 swaps the blocks' linear
-layers first (the others then wrap, trace and shard the swapped modules); checkpointing wraps a block's forward
-first, so compile traces the checkpointed forward (one graph that recomputes in backward); compile
-comes before sharding, so FSDP2's all-gather and reduce-scatter hooks run eagerly around each
-compiled block instead of breaking the graph; the model is materialised last, already sharded, so
-a model built on the meta device never exists whole in memory.
+layers first (the others then wrap, trace and shard the swapped modules); checkpointing wraps a
+block's forward next, so compile traces the checkpointed forward (one graph that recomputes in
+backward); compile comes before sharding, so FSDP2's all-gather and reduce-scatter hooks run
+eagerly around each compiled block instead of breaking the graph; the model is materialised
+last, already sharded, so a model built on the meta device never exists whole in memory.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ def apply_float8(model: Llama) -> None:
     """Swap the decoder blocks' linear layers (qkv, attention and MLP projections) for torchao's
     `Float8Linear`: matmul inputs cast to float8 (e4m3, one dynamic scale per tensor) in forward
     and backward, master weights and gradients unchanged, parameter names unchanged. The
-    embedding and the head stay in the compute dtype (the head's loss is the chunked kernel's),
-    as do layers whose sizes are not multiples of 16 (float8 matmuls need them)."""
+    embedding and the head stay in the compute dtype (torchtitan's choice too: the head's
+    logits are the most sensitive to precision), as do layers whose sizes are not multiples of
+    16 (float8 matmuls need them)."""
     try:
         from torchao.float8 import convert_to_float8_training
         from torchao.float8.float8_linear import Float8Linear
