@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export LITDATA_DISABLE_VERSION_CHECK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv venv-dev quickstart quickstart-data ablation-data smoke test test-fast lint format bench gpu-check clean
+.PHONY: venv venv-dev quickstart quickstart-data ablation-data smoke test test-fast lint format bench gpu-check gpu-wheels clean
 
 # SKIP_SETUP=1 uses $(VENV) as it is (the quickstart test runs inside an installed venv).
 venv:
@@ -72,8 +72,30 @@ format: venv-dev
 	$(VENV)/bin/ruff format .
 
 # The TinyLlama recipe's real path and the GPU-only checks on one GPU (~8 min on an H100/H200).
-gpu-check: venv
-	$(PY) benchmarks/gpu_check.py --profile
+# A GPU machine with torch and Lightning but no network (a lent device machine): `make gpu-wheels`
+# downloads here, for that machine's Python (GPU_PYVER), the wheels it lacks into .wheels/
+# (git-ignored: carry it there); with .wheels/ present, `make gpu-check` installs them into
+# GPU_PY with no index and runs the check on that Python's own torch. (Found by running the check
+# in a venv holding only what the device image lists; litdata as in .ci/setup-venv.)
+GPU_PY ?= python3
+GPU_PYVER ?= 3.12
+GPU_CHECK_ARGS ?=
+GPU_WHEELS := litdata==0.2.76 'jsonargparse>=4.32' docstring-parser typeshed-client \
+  importlib-resources zstandard 'torchao>=0.14,<0.18' boto3 botocore s3transfer jmespath
+
+gpu-wheels: venv
+	$(PY) -m pip download --quiet --dest .wheels --only-binary=:all: --no-deps \
+	  --python-version $(GPU_PYVER) --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 $(GPU_WHEELS)
+	du -sh .wheels
+
+gpu-check:
+	if [ -d .wheels ]; then \
+	  $(GPU_PY) -m pip install --quiet --no-index --no-deps .wheels/*.whl && \
+	  PYTHONPATH=src $(GPU_PY) benchmarks/gpu_check.py --profile $(GPU_CHECK_ARGS); \
+	else \
+	  $(MAKE) venv && $(PY) benchmarks/gpu_check.py --profile $(GPU_CHECK_ARGS); \
+	fi
 
 bench: venv-dev
 	$(PY) benchmarks/bench_model.py

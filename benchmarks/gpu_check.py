@@ -150,24 +150,10 @@ VARIANTS = {  # name -> (compile, micro-batch multiplier, extra recipe arguments
 }
 
 
-def run_recipe(
-    out: Path, s: dict, variant: str, peak_flops: float | None, profile: bool = False
-) -> dict:
-    """One `tinyrecipe fit` of the TinyLlama recipe at world size 1 (in this process)."""
+def recipe_args(s: dict, variant: str, root: Path, sources: list[dict]) -> list[str]:
+    """`tinyrecipe fit` arguments of one recipe run: the TinyLlama recipe at this mode's sizes,
+    one GPU, then the variant's own arguments (last: they win)."""
     compiled, factor, extra = VARIANTS[variant]
-    from lightning.pytorch.callbacks import Callback
-
-    from tinyrecipe.cli.fit import TinyRecipeCLI
-    from tinyrecipe.planning.flops import device_peak, train_flops_per_token
-    from tinyrecipe.planning.memory import estimate_memory
-    from tinyrecipe.train.callbacks import Checkpoints, DeviceEvent
-    from tinyrecipe.train.module import describe
-
-    sources = make_data(
-        out / "data", s["vocab"], (s["steps"] + 1) * s["accumulate"] * s["micro"] * 2049
-    )
-    root = out / variant
-    shutil.rmtree(root, ignore_errors=True)  # a rerun into the same --out starts afresh
     steps, micro, accumulate = s["steps"], s["micro"] * factor, s["accumulate"] // factor
     args = [
         "--config",
@@ -224,7 +210,29 @@ def run_recipe(
             "--model.config.block_size",
             str(s["seq"]),
         ]
+    return args + extra
 
+
+def run_recipe(
+    out: Path, s: dict, variant: str, peak_flops: float | None, profile: bool = False
+) -> dict:
+    """One `tinyrecipe fit` of the TinyLlama recipe at world size 1 (in this process)."""
+    compiled, factor, _ = VARIANTS[variant]
+    from lightning.pytorch.callbacks import Callback
+
+    from tinyrecipe.cli.fit import TinyRecipeCLI
+    from tinyrecipe.planning.flops import device_peak, train_flops_per_token
+    from tinyrecipe.planning.memory import estimate_memory
+    from tinyrecipe.train.callbacks import Checkpoints, DeviceEvent
+    from tinyrecipe.train.module import describe
+
+    sources = make_data(
+        out / "data", s["vocab"], (s["steps"] + 1) * s["accumulate"] * s["micro"] * 2049
+    )
+    root = out / variant
+    shutil.rmtree(root, ignore_errors=True)  # a rerun into the same --out starts afresh
+    steps, micro, accumulate = s["steps"], s["micro"] * factor, s["accumulate"] // factor
+    args = recipe_args(s, variant, root, sources)
     times: list[float] = []
     profiled: dict = {}
 

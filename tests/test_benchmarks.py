@@ -59,3 +59,25 @@ def test_gpu_check_runs_its_real_paths_on_cpu(tmp_path):
     profile = recipe["profile"]  # one step by category, from the profiler's own events
     assert profile["ms_by_category"]["matmul"] > 0 and profile["matmul_tflops"] > 0
     assert 0 <= profile["idle_fraction"] < 1 and "profile of one step" in result.stdout
+
+
+def test_gpu_check_variants_reach_the_recipe(tmp_path, monkeypatch):
+    """Each gpu-check run variant's own arguments get into the recipe the Trainer reads (parsed
+    by `tinyrecipe fit`'s parser): compiled-zero3 reshards, compiled-float8 turns float8 on."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+
+    from tinyrecipe.cli.fit import parse_recipe
+
+    s = gpu_check.settings(cpu=False)
+    sources = [{"name": "synthetic", "train": str(tmp_path), "weight": 1.0}]
+    recipes = {
+        name: parse_recipe(gpu_check.recipe_args(s, name, tmp_path, sources))[0]
+        for name in ("compiled", "compiled-zero3", "compiled-float8", "compiled-mb16")
+    }
+    strategy = {k: r["trainer"]["strategy"]["init_args"] for k, r in recipes.items()}
+    assert strategy["compiled"]["reshard_after_forward"] is False  # the recipe's own
+    assert strategy["compiled-zero3"]["reshard_after_forward"] is True
+    assert strategy["compiled-zero3"]["reshard_after_backward"] is True
+    assert [r["model"]["float8"] for r in recipes.values()] == [False, False, True, False]
+    assert recipes["compiled-mb16"]["data"]["init_args"]["batch_size"] == 2 * s["micro"]
