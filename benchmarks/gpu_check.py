@@ -150,11 +150,17 @@ VARIANTS = {  # name -> (compile, micro-batch multiplier, extra recipe arguments
 }
 
 
+def step_shape(s: dict, variant: str) -> tuple[int, int, int]:
+    """(optimizer steps, micro-batch, accumulation) of a variant: the same tokens a step."""
+    factor = VARIANTS[variant][1]
+    return s["steps"], s["micro"] * factor, s["accumulate"] // factor
+
+
 def recipe_args(s: dict, variant: str, root: Path, sources: list[dict]) -> list[str]:
     """`tinyrecipe fit` arguments of one recipe run: the TinyLlama recipe at this mode's sizes,
     one GPU, then the variant's own arguments (last: they win)."""
-    compiled, factor, extra = VARIANTS[variant]
-    steps, micro, accumulate = s["steps"], s["micro"] * factor, s["accumulate"] // factor
+    compiled, _, extra = VARIANTS[variant]
+    steps, micro, accumulate = step_shape(s, variant)
     args = [
         "--config",
         str(ROOT / "recipes/tinyllama-1.1b.yaml"),
@@ -217,7 +223,7 @@ def run_recipe(
     out: Path, s: dict, variant: str, peak_flops: float | None, profile: bool = False
 ) -> dict:
     """One `tinyrecipe fit` of the TinyLlama recipe at world size 1 (in this process)."""
-    compiled, factor, _ = VARIANTS[variant]
+    compiled = VARIANTS[variant][0]
     from lightning.pytorch.callbacks import Callback
 
     from tinyrecipe.cli.fit import TinyRecipeCLI
@@ -231,7 +237,7 @@ def run_recipe(
     )
     root = out / variant
     shutil.rmtree(root, ignore_errors=True)  # a rerun into the same --out starts afresh
-    steps, micro, accumulate = s["steps"], s["micro"] * factor, s["accumulate"] // factor
+    steps, micro, accumulate = step_shape(s, variant)
     args = recipe_args(s, variant, root, sources)
     times: list[float] = []
     profiled: dict = {}
