@@ -29,11 +29,13 @@ def check_float8(device: torch.device | str | None) -> None:
     """One line where float8 matmuls cannot run: a CUDA GPU before compute capability 8.9. A CPU
     runs them (slowly: the tests' reference), and so do H100/H200/L40S/RTX 4090-class GPUs."""
     device = torch.device(device or "cpu")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
+    if device.type != "cuda":
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < (8, 9):
         raise ValueError(
             f"model.float8 needs float8 matmuls (compute capability 8.9+: H100, H200, L40S, ...); "
-            f"{name} has {'.'.join(map(str, torch.cuda.get_device_capability(device)))}: set "
+            f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, capability))}: set "
             "model.float8: false"
         )
 
