@@ -51,6 +51,19 @@ def test_every_recipe_parses(recipe):
     assert config["data"].get("sources") or config["data_class"].endswith("SFTDataModule")
 
 
+def test_quickstart_finetune_recipe_has_the_quickstart_models_shape():
+    """`make quickstart`, then `tinyrecipe fit --config recipes/finetune/quickstart-sft.yaml`:
+    its init_from must hold the model the recipe describes."""
+    from tinyrecipe.model.config import SHAPE_FIELDS, resolve_config
+
+    shapes = []
+    for recipe in ("quickstart.yaml", "finetune/quickstart-sft.yaml"):
+        model = print_config(ROOT / "recipes" / recipe)["model"]
+        config = resolve_config(model["preset"], model["config"])
+        shapes.append({k: getattr(config, k) for k in SHAPE_FIELDS})
+    assert shapes[0] == shapes[1]
+
+
 @pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda p: p.name)
 def test_every_ablation_composes_with_its_base_and_changes_something(overlay):
     base = print_config(ROOT / "recipes/ablations/base.yaml")
