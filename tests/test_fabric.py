@@ -13,6 +13,13 @@ def fabric(recipe, *extra: str) -> subprocess.CompletedProcess:
     return tinyrecipe("fabric", "--config", recipe, *extra)
 
 
+def test_fabric_refuses_map_style_data_in_one_line():
+    from tinyrecipe.train.fabric import train
+
+    with pytest.raises(ValueError, match="SFTDataModule is for tinyrecipe fit"):
+        train({"data": {"class_path": "tinyrecipe.data.sft.SFTDataModule"}})
+
+
 def test_fabric_loop_matches_the_trainer_loss_sequence(corpus, tmp_path):
     recipe = write_recipe(tmp_path / "trainer", corpus, max_steps=6, every=3)
     result = fit(recipe)

@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from lightning.fabric.strategies import ModelParallelStrategy
 
+from tinyrecipe.data.datamodule import MixedStreamingDataModule
 from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.io import publish, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered, reshard
@@ -177,6 +178,11 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     t, m = recipe.get("trainer") or {}, dict(recipe.get("model") or {})
     data_spec = dict(recipe.get("data") or {})
     data_class = _import(data_spec.pop("class_path", DEFAULT_DATA))
+    if not issubclass(data_class, MixedStreamingDataModule):  # an endless, rank-aware stream
+        raise ValueError(
+            f"tinyrecipe fabric trains on the streaming pretraining data (data: "
+            f"{DEFAULT_DATA}); {data_class.__name__} is for tinyrecipe fit"
+        )
     data_args = dict(data_spec.pop("init_args", {}), **data_spec)
     root = Path(t.get("default_root_dir") or "out")
     precision = str(t.get("precision") or "32-true")
