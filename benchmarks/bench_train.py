@@ -18,6 +18,7 @@ Runs (each tinyrecipe switch is a recipe option; see README "Performance"):
     ours-compile    ... with model.compile (torch.compile per block)
     ours-fast       chunked loss + per-block compile + fused AdamW
     ours-ckpt       ... with model.activation_checkpointing (memory, not speed)
+    ours-lora       ours-chunked fine-tuning rank-16 LoRA adapters only (model.lora_rank: 16)
     hf, hf-compile  transformers LlamaForCausalLM (SDPA), eager and torch.compile'd
     litgpt, litgpt-compile   litgpt's GPT from the same config (when litgpt is installed)
 """
@@ -43,6 +44,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tinyrecipe.model import Llama, ModelConfig  # noqa: E402
+from tinyrecipe.model.lora import apply_lora, lora_params  # noqa: E402
 from tinyrecipe.model.parallelize import apply_activation_checkpointing, compile_blocks  # noqa: E402
 from tinyrecipe.planning.flops import (  # noqa: E402
     device_peak_flops,
@@ -61,6 +63,8 @@ OURS = {  # name -> switches (chunked loss, compile, AdamW kernel, activation ch
     "ours-ckpt": dict(chunked=False, compile=False, kernel="fused", ckpt=True),
     # packed blocks of 4 documents each, masked apart (data.document_mask): SDPA with a mask
     "ours-docmask": dict(chunked=True, compile=False, kernel="fused", ckpt=False, docmask=True),
+    # the decoder frozen, adapters of rank 16 on every block's linear layers (model.lora_rank)
+    "ours-lora": dict(chunked=True, compile=False, kernel="fused", ckpt=False, lora=16),
 }
 PEERS = ("hf", "hf-compile", "litgpt", "litgpt-compile")
 
@@ -72,6 +76,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     compiled: bool
     estimate_mib: float | None = None
+    lora: int = 0  # LoRA adapter parameters (the rest frozen, without gradients)
     times: list[float] = dataclasses.field(default_factory=list)
     peak_mib: float | None = None
 
@@ -80,6 +85,8 @@ def _ours(name: str, cfg: ModelConfig, device: str) -> Run:
     s = OURS[name]
     with torch.device(device):
         model = Llama(cfg)
+    if s.get("lora"):
+        apply_lora(model, s["lora"], 2.0 * s["lora"])
     if s["ckpt"]:
         apply_activation_checkpointing(model)
     if s["compile"]:
@@ -96,7 +103,8 @@ def _ours(name: str, cfg: ModelConfig, device: str) -> Run:
         def loss_fn(b: torch.Tensor) -> torch.Tensor:
             return model(b[:, :-1], b[:, 1:])[1]
 
-    return Run(name, loss_fn, build_adamw(model, 1e-4, kernel=s["kernel"]), s["compile"])
+    optimizer = build_adamw(model, 1e-4, kernel=s["kernel"])
+    return Run(name, loss_fn, optimizer, s["compile"], lora=lora_params(cfg, s.get("lora")))
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -176,6 +184,7 @@ def build_run(
             precision=precision,
             activation_checkpointing=s["ckpt"],
             compiled=s["compile"],
+            lora=lora_params(cfg, s.get("lora")),
         )
         run.estimate_mib = est.total / MiB
         return run
@@ -220,6 +229,8 @@ def peak_mib(run: Run, batch: torch.Tensor, device: str, precision: str) -> floa
         train_step(run, batch, device, precision)
         return torch.cuda.max_memory_allocated() / MiB
     if run.compiled:  # CPU: tensors made inside a compiled graph are invisible to the tracker
+        return None
+    if run.lora:  # MemTracker hooks every parameter's gradient and refuses a frozen one
         return None
     from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -276,10 +287,10 @@ def benchmark(args: argparse.Namespace) -> dict:
             run.peak_mib = peak_mib(run, batch, device, args.precision)
 
     tokens = args.batch * args.seq
-    flops = train_flops_per_token(config, args.seq)
     table = {}
     for n, run in runs.items():
         tps = tokens / statistics.median(run.times)
+        flops = train_flops_per_token(config, args.seq, run.lora)
         table[n] = {
             "tokens_per_s": tps,
             "mfu": tps * flops / peak,

@@ -19,6 +19,9 @@ def test_tinyllama_flops_by_hand():
     attention = 12 * 22 * 2048 * 2048
     assert train_flops_per_token(TINYLLAMA) == 6 * n_matmul + attention == 7_314_370_560
     assert train_flops_per_token(TINYLLAMA, seq_len=1024) == 6 * n_matmul + attention // 2
+    # LoRA: no weight gradients for the frozen matrices; the adapters train in full
+    lora = 10_452_992
+    assert train_flops_per_token(TINYLLAMA, lora=lora) == 4 * n_matmul + 6 * lora + attention
     assert forward_flops_per_token(TINYLLAMA) == pytest.approx((6 * n_matmul + attention) / 3)
 
 

@@ -49,6 +49,17 @@ def test_estimate_responds_to_each_switch():
     assert hsdp.optimizer * 8 == plain.optimizer and hsdp.params == 2 * fsdp.params
     masked = estimate_memory(cfg, 8, 2048, precision="bf16-mixed", document_mask=True)
     assert masked.activations - plain.activations == 8 * 2048 * 2048  # the bool mask
+    # LoRA: the adapters alone have gradients and AdamW states; lora_params counts what
+    # apply_lora adds to the decoder
+    from tinyrecipe.model import Llama
+    from tinyrecipe.model.lora import apply_lora, lora_params
+
+    with torch.device("meta"):
+        model = Llama(cfg)
+    trained = sum(p.numel() for p in apply_lora(model, 16, 32.0))
+    assert trained == lora_params(cfg, 16) == 10_452_992
+    lora = estimate_memory(cfg, 8, 2048, precision="bf16-mixed", lora=trained)
+    assert lora.optimizer == trained * 8 and lora.params == (cfg.num_params() + trained) * 4
 
 
 def test_memory_command_reads_recipes_and_overlays(capsys, tmp_path):
@@ -60,5 +71,7 @@ def test_memory_command_reads_recipes_and_overlays(capsys, tmp_path):
     overlay.write_text("model:\n  activation_checkpointing: true\n")
     assert cli(["memory", "--config", str(recipe), "--config", str(overlay)]) == 0
     assert "activation checkpointing" in capsys.readouterr().out
+    assert cli(["memory", "--config", str(ROOT / "recipes/finetune/tinyllama-1.1b-lora.yaml")]) == 0
+    assert "bf16-mixed, one device, LoRA (10.45M trained)" in capsys.readouterr().out
     assert cli(["memory", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err

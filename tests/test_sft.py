@@ -159,6 +159,54 @@ def test_notebook_api_fine_tunes_a_hf_model_until_it_answers(corpus, tmp_path):
     assert answer(module, tok_dir, "What does abs do?", max_new_tokens=12) == "It drops the sign."
 
 
+def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path):
+    """LoRA through the notebook API: the base weights stay bitwise, the adapters learn the
+    answer, and a checkpoint reads back (convert, eval, generate, init_from) as the plain decoder
+    with the adapters merged, equal to the adapted model."""
+    from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint, save_tinyrecipe_checkpoint
+    from tinyrecipe.model import Llama
+    from tinyrecipe.model.lora import merged_state_dict
+    from tinyrecipe.train.finetune import answer, load_pretrained, sft_data
+
+    tok_dir = corpus["root"] / "tok"
+    hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)
+    records = [{"prompt": "What does len do?", "response": "It counts items."}]
+    module = load_pretrained(
+        hf_dir, lr=3e-2, min_lr=3e-3, warmup_steps=2, lora_rank=8, lora_alpha=16
+    )
+    data = sft_data(records * 8, tok_dir, block_size=64, batch_size=4, val_fraction=0.0)
+    trainer = quiet_trainer(max_steps=30)
+    trainer.fit(module, data)
+    _, base = load_tinyrecipe_checkpoint(hf_dir)
+    state = module.model.state_dict()
+    adapters = {k for k in state if k.endswith((".lora_a", ".lora_b"))}
+    assert len(adapters) == 2 * 4 * 2  # A and B on 4 linear layers of 2 blocks
+    assert set(state) - adapters == set(base)
+    assert all(torch.equal(state[k], base[k]) for k in base)  # frozen: bitwise unchanged
+    trained = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert trained == {id(p) for n, p in module.model.named_parameters() if n in adapters}
+    assert answer(module, tok_dir, "What does len do?", max_new_tokens=12) == "It counts items."
+
+    path = tmp_path / "lora.ckpt"
+    trainer.save_checkpoint(path)
+    config, merged = load_tinyrecipe_checkpoint(path)
+    assert set(merged) == set(base)
+    assert not torch.equal(merged["blocks.0.mlp.proj.weight"], base["blocks.0.mlp.proj.weight"])
+    from_model = merged_state_dict(module.model)  # the notebook's save, same merge
+    assert all(torch.equal(from_model[k], merged[k]) for k in merged)
+    with pytest.raises(ValueError, match=r"save merged_state_dict\(model\)"):
+        save_tinyrecipe_checkpoint(config, state, tmp_path / "raw.ckpt")
+    plain = Llama(config).eval()
+    plain.load_state_dict(merged)
+    idx = torch.randint(0, 1024, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(idx), module.model.eval()(idx), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="model.lora_targets .* must be a non-empty list of"):
+        load_pretrained(hf_dir, lora_rank=8, lora_targets=["attn.q"])
+    with pytest.raises(ValueError, match="model.lora_rank=0 must be a positive integer"):
+        load_pretrained(hf_dir, lora_rank=0)
+
+
 def test_finetune_recipe_runs_from_a_converted_checkpoint(corpus, tmp_path):
     """The recipe as a user runs it, on a HF model converted with `tinyrecipe convert from-hf`."""
     hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)

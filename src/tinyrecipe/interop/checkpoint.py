@@ -16,6 +16,7 @@ from tinyrecipe.io import atomic_path
 from tinyrecipe.model import ModelConfig
 from tinyrecipe.model.config import DEFAULT_PRESET, resolve_config
 from tinyrecipe.model.hf import from_hf_config, from_hf_state_dict
+from tinyrecipe.model.lora import merge_lora
 
 
 def config_from_hparams(hparams: dict) -> ModelConfig:
@@ -51,7 +52,7 @@ def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str,
     """(config, decoder state dict) from any checkpoint tinyrecipe reads: a Lightning checkpoint
     of `CausalLMModule` (a file, or a sharded FSDP2 directory), a `from-hf` checkpoint, or a
     Hugging Face Llama directory. Weights load with weights_only / safetensors: nothing in the
-    files is executed."""
+    files is executed. A LoRA run's adapters come merged into their weights."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
@@ -76,10 +77,13 @@ def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str,
         raise ValueError(
             f"checkpoint '{path}' is not a tinyrecipe checkpoint (no state_dict/hyper_parameters)"
         )
-    config = config_from_hparams(ckpt["hyper_parameters"])
+    hparams = ckpt["hyper_parameters"]
+    config = config_from_hparams(hparams)
     state = {
         k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
     }
+    if hparams.get("lora_rank"):  # a LoRA run reads as the plain decoder it equals
+        state = merge_lora(state, hparams.get("lora_alpha", 16.0) / hparams["lora_rank"])
     return config, state
 
 
@@ -120,7 +124,13 @@ def checkpoint_step(path: str | Path) -> int:
 def save_tinyrecipe_checkpoint(
     config: ModelConfig, state: dict[str, torch.Tensor], path: str | Path
 ) -> None:
-    """A checkpoint `load_tinyrecipe_checkpoint`, `generate` and `init_from` read."""
+    """A checkpoint `load_tinyrecipe_checkpoint`, `generate` and `init_from` read. `state` is a
+    plain decoder's: a LoRA model's goes through `tinyrecipe.model.lora.merged_state_dict`."""
+    if any(k.endswith((".lora_a", ".lora_b")) for k in state):
+        raise ValueError(
+            "the state dict holds LoRA adapters; save merged_state_dict(model) "
+            "(tinyrecipe.model.lora) instead of model.state_dict()"
+        )
     payload = {
         "state_dict": {f"model.{k}": v for k, v in state.items()},
         "hyper_parameters": {"preset": "tinyllama-1.1b", "config": asdict(config)},

@@ -20,6 +20,7 @@ from tinyrecipe.model.attention import (
     document_positions,
 )
 from tinyrecipe.model.config import ModelConfig
+from tinyrecipe.model.lora import LoRALinear
 from tinyrecipe.model.loss import cross_entropy_z, linear_cross_entropy_z
 
 
@@ -225,6 +226,8 @@ class Llama(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 is_output_proj = name.endswith(".proj")  # attention and MLP output projections
                 nn.init.normal_(module.weight, std=out_std if is_output_proj else cfg.std)
+                if isinstance(module, LoRALinear):  # built on meta with an adapter
+                    module.reset_lora_parameters()
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
         if cfg.tie_embeddings:  # re-tie: to_empty() may have separated the shared tensor

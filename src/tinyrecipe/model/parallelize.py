@@ -1,10 +1,10 @@
-"""Parallelism and speed applied to the decoder from outside (torchtitan's way): float8 linear
-layers, activation checkpointing, per-block `torch.compile` and FSDP2 `fully_shard`, each per
-decoder block. The model file never changes for a strategy, and parameter names stay the same
-under all of them.
+"""Parallelism and speed applied to the decoder from outside (torchtitan's way): LoRA adapters,
+float8 linear layers, activation checkpointing, per-block `torch.compile` and FSDP2
+`fully_shard`, each per decoder block. The model file never changes for a strategy, and
+parameter names stay the same under all of them.
 
-`parallelize` applies them in the one order that composes: float8 swaps the blocks' linear
-layers first (the others then wrap, trace and shard the swapped modules); checkpointing wraps a
+`parallelize` applies them in the one order that composes: LoRA or float8 swaps the blocks'
+linear layers first (the others then wrap, trace and shard the swapped modules); checkpointing wraps a
 block's forward next, so compile traces the checkpointed forward (one graph that recomputes in
 backward); compile comes before sharding, so FSDP2's all-gather and reduce-scatter hooks run
 eagerly around each compiled block instead of breaking the graph; the model is materialised
@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tinyrecipe.model.attention import load_flash_attn, load_torch_varlen
 from tinyrecipe.model.llama import Llama
+from tinyrecipe.model.lora import LORA_TARGETS, apply_lora
 
 
 def check_float8(device: torch.device | str | None) -> None:
@@ -172,6 +173,9 @@ def hsdp_mesh(device_type: str, world: int, shard_group_size: int | None):
 def parallelize(
     model: Llama,
     *,
+    lora_rank: int | None = None,
+    lora_alpha: float = 16.0,
+    lora_targets=LORA_TARGETS,
     float8: bool = False,
     activation_checkpointing: bool = False,
     compile: bool = False,
@@ -180,10 +184,17 @@ def parallelize(
     reshard_after_forward: bool = True,
     device: torch.device | str | None = None,
 ) -> Llama:
-    """Float8 linear layers, then checkpointing, then compile, then FSDP2 over `mesh` (bf16
-    compute when `bf16`), then, for a model still on the meta device, its weights allocated on
-    `device` and initialised (TinyLlama's init, sharded: each rank initialises only its shard).
-    Returns the same model."""
+    """LoRA adapters (`lora_rank`: everything else frozen) or float8 linear layers, then
+    checkpointing, then compile, then FSDP2 over `mesh` (bf16 compute when `bf16`), then, for a
+    model still on the meta device, its weights allocated on `device` and initialised
+    (TinyLlama's init, sharded: each rank initialises only its shard). Returns the same model."""
+    if lora_rank is not None:
+        if float8:
+            raise ValueError(
+                "model.float8 and model.lora_rank cannot be combined (float8 would replace the "
+                "adapted layers); set model.float8: false for LoRA"
+            )
+        apply_lora(model, lora_rank, lora_alpha, lora_targets)
     if float8:
         check_float8(device)
         apply_float8(model)

@@ -9,6 +9,7 @@ FLOPs per trained token = 6·N + 12·L·d·T, where
       full T×T matrix as in PaLM's MFU definition (no discount for the causal mask).
 For TinyLlama-1.1B at T=2048: 6 x 1,034,512,384 + 12 x 22 x 2048 x 2048 = 7.314e9 FLOPs/token,
 so the paper's 24,000 tokens/s on an A100 (312 TFLOP/s bf16) is 56.3% MFU.
+A LoRA run computes no weight gradient for the frozen matrices: 4·N + 6·N_lora + 12·L·d·T.
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ PEAK_FLOPS_BF16: dict[str, float] = {
 }
 
 
-def train_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:
-    """Forward + backward FLOPs per token at context `seq_len` (default: the config's block_size)."""
+def train_flops_per_token(config: ModelConfig, seq_len: int | None = None, lora: int = 0) -> float:
+    """Forward + backward FLOPs per token at context `seq_len` (default: the config's block_size).
+    `lora`: the LoRA adapters' parameter count, when only they train."""
     T = config.block_size if seq_len is None else seq_len
-    return 6 * config.num_params(embedding=False) + 12 * config.n_layer * config.d_model * T
+    matrices = (4 if lora else 6) * config.num_params(embedding=False) + 6 * lora
+    return matrices + 12 * config.n_layer * config.d_model * T
 
 
 def forward_flops_per_token(config: ModelConfig, seq_len: int | None = None) -> float:

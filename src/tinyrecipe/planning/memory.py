@@ -22,6 +22,9 @@ recomputes the norms' and SwiGLU's elementwise outputs in backward instead of sa
 shapes: 6d + 2kv + 3f against 8d + 2kv + 4f, + H fp32 each). On an H200 the compiled
 TinyLlama recipe peaked at 39.9 GiB, this estimate 40.7 (docs/performance.md).
 Activation checkpointing keeps each block's input and recomputes one block at a time.
+LoRA (`model.lora_rank`) adds its adapters to the parameters, and only they have gradients and
+AdamW states; activations are counted as for full training (each adapted layer's input is kept
+for its adapter's gradient).
 FSDP (sharded=True, any world size) divides parameters, gradients and optimizer states by the
 number of devices and adds two unsharded blocks in the compute dtype (the one running and the
 one prefetched), or the whole model's when its gathered weights are kept (`reshard_after_forward`
@@ -37,6 +40,7 @@ from dataclasses import asdict, dataclass
 
 from tinyrecipe.model import ModelConfig
 from tinyrecipe.model.config import DEFAULT_PRESET, resolve_config
+from tinyrecipe.model.lora import LORA_TARGETS, lora_params
 
 MiB = 2**20
 
@@ -73,6 +77,7 @@ def estimate_memory(
     shard_group: int | None = None,
     document_mask: bool = False,
     gathered: bool = False,
+    lora: int = 0,
 ) -> MemoryEstimate:
     """Peak bytes per device for one training step of `config` at `micro_batch` x `seq_len`.
 
@@ -83,21 +88,23 @@ def estimate_memory(
     `tinyrecipe.train.strategy`). `shard_group`: HSDP, sharded over groups of that many devices
     and replicated across them. `document_mask`: the (B, T, T) boolean mask SDPA reads (a GPU's
     varlen kernel needs none). `gathered`: FSDP keeps every block's gathered weights (ZeRO-2, or
-    kept from one micro-batch to the next)."""
+    kept from one micro-batch to the next). `lora`: the LoRA adapters' parameter count (then only
+    they train)."""
     T = config.block_size if seq_len is None else seq_len
     tokens = micro_batch * T
     d, f, L, V = config.d_model, config.d_ff, config.n_layer, config.vocab_size
     kv, H = config.n_kv_head * config.head_dim, config.n_head
     act = 2 if "bf16" in precision or precision.startswith("16") else 4
     weight = 2 if precision.endswith("-true") and act == 2 else 4
-    n = config.num_params()
+    n = config.num_params() + lora
+    trained = lora or n
     shards = (shard_group or world_size) if sharded else 1
 
     params = n * weight // shards
-    grads = n * weight // shards
+    grads = trained * weight // shards
     if sharded and shards > 1 and accumulation > 1:
-        grads = n * 4  # the unsharded gradients accumulated in fp32 until the step's reduction
-    optimizer = n * 8 // shards  # AdamW exp_avg + exp_avg_sq, fp32
+        grads = trained * 4  # the unsharded gradients accumulated in fp32 until the reduction
+    optimizer = trained * 8 // shards  # AdamW exp_avg + exp_avg_sq, fp32
 
     per_layer = (10 * d + 3 * kv + 4 * f - (2 * d + f if compiled else 0)) * act + 4 * H
     if activation_checkpointing:  # block inputs, plus one block recomputed in backward
@@ -134,6 +141,7 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
     model, data, trainer = (recipe.get(k) or {} for k in ("model", "data", "trainer"))
     data = data.get("init_args", data)  # a class_path + init_args form
     config = resolve_config(model.get("preset", DEFAULT_PRESET), model.get("config"))
+    lora = lora_params(config, model.get("lora_rank"), model.get("lora_targets") or LORA_TARGETS)
     strategy = trainer.get("strategy", "auto")
     strategy_name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy)
     strategy_args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
@@ -144,6 +152,7 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
     settings = {
         "preset": model.get("preset", DEFAULT_PRESET),
         "params": config.num_params(),
+        "lora": lora,
         "micro_batch": data.get("batch_size", 8),
         "seq_len": data.get("block_size", config.block_size),
         "precision": str(trainer.get("precision", "32-true")),
@@ -170,5 +179,6 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         shard_group=settings["shard_group"],
         document_mask=settings["document_mask"],
         gathered=settings["gathered"],
+        lora=lora,
     )
     return estimate, settings

@@ -31,7 +31,7 @@ from tinyrecipe.data.datamodule import MixedStreamingDataModule
 from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.io import publish, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered, reshard
-from tinyrecipe.planning.flops import device_peak, train_flops_per_token
+from tinyrecipe.planning.flops import device_peak
 from tinyrecipe.train.callbacks import DownstreamEval
 from tinyrecipe.train.checkpoint import refuse_sharded
 from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr, shape_diff
@@ -292,9 +292,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         losses.append(stats.loss)
         if step % log_every == 0 or step == max_steps:
             tokens_per_sec = tokens_per_step * (step - start_step) / (time.perf_counter() - start)
-            flops_per_sec = tokens_per_sec * train_flops_per_token(
-                module.config, batch["labels"].size(1)
-            )
+            flops_per_sec = tokens_per_sec * module.train_flops_per_token(batch["labels"].size(1))
             metrics = {
                 "train/loss": stats.loss.item(),
                 "train/grad_norm": stats.grad_norm.item(),

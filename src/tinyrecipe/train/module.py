@@ -28,6 +28,7 @@ from tinyrecipe.model.config import (
     overrides_dict,
     resolve_config,
 )
+from tinyrecipe.model.lora import LORA_TARGETS, check_lora, lora_params
 from tinyrecipe.model.parallelize import parallelize
 from tinyrecipe.planning.flops import (
     compute_dtype,
@@ -59,8 +60,12 @@ def describe(module: CausalLMModule, precision: str, device: torch.device) -> st
     """The one line a run prints about which speed paths it takes."""
     probe = torch.empty(0, device=device, dtype=compute_dtype(precision))
     hp, cfg = module.hparams, module.config
+    lora = ""
+    if hp.get("lora_rank"):
+        trainable = lora_params(cfg, hp.lora_rank, module.lora_targets)
+        lora = f" ({trainable / 1e6:.2f}M trainable: lora r={hp.lora_rank})"
     return (
-        f"tinyrecipe: {cfg.num_params() / 1e6:.1f}M params, "
+        f"tinyrecipe: {cfg.num_params() / 1e6:.1f}M params{lora}, "
         f"attention={select_backend(probe, cfg.attention)}, "
         f"compile={'per-block' if hp.compile else 'off'}, "
         f"activation_checkpointing={hp.activation_checkpointing}, "
@@ -123,6 +128,11 @@ class CausalLMModule(L.LightningModule):
         float8: the decoder blocks' linear layers compute in float8 (torchao's dynamic
             tensorwise scaling, torchtitan's `float8` converter): faster matmuls on GPUs with
             float8 (compute capability 8.9+); master weights, names and checkpoints unchanged.
+        lora_rank, lora_alpha, lora_targets: LoRA fine-tuning (`tinyrecipe.model.lora`): the
+            decoder frozen, a rank-`lora_rank` update scaled by `lora_alpha / lora_rank` trained
+            on each block's `lora_targets` (default all four linear layers: attn.qkv,
+            attn.proj, mlp.gate_up, mlp.proj). None: every parameter trains. Checkpoints keep
+            the adapters beside the weights; every reader merges them.
         optimizer_kernel: AdamW's kernel: "auto" (fused), "fused", "foreach" or "for-loop".
         nonfinite_loss: a step whose loss or gradient is NaN/inf is skipped (no update); then
             "stop" ends the run with the step in the message (weights and the last checkpoint
@@ -161,12 +171,17 @@ class CausalLMModule(L.LightningModule):
         init_from: str | None = None,
         compile: bool = False,
         float8: bool = False,
+        lora_rank: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_targets: list[str] | None = None,
         optimizer_kernel: str = "auto",
         nonfinite_loss: str = "stop",
         spike_sigma: float | None = None,
         spike_window: int = 128,
     ) -> None:
         super().__init__()
+        self.lora_targets = tuple(lora_targets or LORA_TARGETS)
+        check_lora(lora_rank, lora_alpha, self.lora_targets)
         self.guard = NonFiniteGuard(nonfinite_loss)
         self.spikes = SpikeSkipper(spike_sigma, spike_window) if spike_sigma else None
         self.save_hyperparameters(ignore=["config"])
@@ -216,6 +231,9 @@ class CausalLMModule(L.LightningModule):
             model.load_state_dict(state)
         return parallelize(
             model,
+            lora_rank=hp.get("lora_rank"),
+            lora_alpha=hp.get("lora_alpha", 16.0),
+            lora_targets=self.lora_targets,
             float8=hp.float8,
             activation_checkpointing=hp.activation_checkpointing,
             compile=hp.compile,
@@ -265,10 +283,19 @@ class CausalLMModule(L.LightningModule):
         return self._flops_per_batch
 
     def _count_flops(self, batch: dict[str, torch.Tensor], training: bool) -> None:
-        per_token = train_flops_per_token if training else forward_flops_per_token
         labels = batch["labels"]
         self._tokens = labels.numel()
-        self._flops_per_batch = self._tokens * per_token(self.config, labels.size(1))
+        per_token = self.train_flops_per_token if training else self.forward_flops_per_token
+        self._flops_per_batch = self._tokens * per_token(labels.size(1))
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of this module's decoder (a LoRA run's frozen matrices take
+        no weight gradient): the one count both loops' throughput logs use."""
+        lora = lora_params(self.config, self.hparams.get("lora_rank"), self.lora_targets)
+        return train_flops_per_token(self.config, seq_len, lora)
+
+    def forward_flops_per_token(self, seq_len: int) -> float:
+        return forward_flops_per_token(self.config, seq_len)
 
     # -- steps ---------------------------------------------------------------------------------
 
