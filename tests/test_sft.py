@@ -201,6 +201,13 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path):
     idx = torch.randint(0, 1024, (2, 48))
     with torch.no_grad():
         torch.testing.assert_close(plain(idx), module.model.eval()(idx), atol=1e-5, rtol=1e-5)
+    ckpt = torch.load(path, weights_only=True)
+    with pytest.raises(
+        ValueError, match="trained with LoRA rank 8, alpha 16, .* the recipe says off"
+    ):
+        load_pretrained(hf_dir).on_load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="trained with LoRA rank 8, .* the recipe says rank 4"):
+        load_pretrained(hf_dir, lora_rank=4, lora_alpha=16).on_load_checkpoint(ckpt)
     with pytest.raises(ValueError, match="model.lora_targets .* must be a non-empty list of"):
         load_pretrained(hf_dir, lora_rank=8, lora_targets=["attn.q"])
     with pytest.raises(ValueError, match="model.lora_rank=0 must be a positive integer"):

@@ -76,6 +76,15 @@ def describe(module: CausalLMModule, precision: str, device: torch.device) -> st
     )
 
 
+def lora_setting(hparams) -> str | None:
+    """'rank 8, alpha 16, targets ...' of a module's (or a checkpoint's) LoRA keys; None: off."""
+    rank = hparams.get("lora_rank")
+    if not rank:
+        return None
+    targets = ", ".join(hparams.get("lora_targets") or LORA_TARGETS)
+    return f"rank {rank}, alpha {hparams.get('lora_alpha', 16.0):g}, targets {targets}"
+
+
 def set_scheduled_lr(scheduler: LambdaLR) -> None:
     """Set each parameter group's learning rate to the schedule's at the scheduler's step."""
     for group, base, factor in zip(
@@ -414,11 +423,18 @@ class CausalLMModule(L.LightningModule):
         """Refuse, in one line, a checkpoint of another model shape (before load_state_dict
         fails); let the DataModule restate the loops' batch counters in this run's micro-batches
         (a resume on another number of processes or micro-batch size)."""
-        theirs = config_from_hparams(checkpoint.get("hyper_parameters", {}))
+        hparams = checkpoint.get("hyper_parameters", {})
+        theirs = config_from_hparams(hparams)
         if detail := shape_diff(theirs, self.config):
             raise ValueError(
                 f"checkpoint holds another model ({detail}, checkpoint vs recipe); resume with the "
                 "recipe that wrote it or start without --ckpt_path"
+            )
+        if (lora := lora_setting(hparams)) != lora_setting(self.hparams):
+            raise ValueError(
+                f"checkpoint was trained with LoRA {lora or 'off'}, the recipe says "
+                f"{lora_setting(self.hparams) or 'off'}; resume with the same model.lora_* keys, "
+                "or start a new run from it with model.init_from (adapters merged)"
             )
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if hasattr(dm, "adapt_loop_progress"):
