@@ -12,6 +12,7 @@ from tinyrecipe.data.sft import (
     IGNORE_INDEX,
     BadRecord,
     SFTDataModule,
+    collate,
     encode,
     format_prompt,
     pack,
@@ -84,6 +85,54 @@ def test_packing_makes_full_blocks_and_keeps_labels():
     examples = [([1, 2, 3], [2, 3, -100]), ([4, 5], [5, 6]), ([7, 8, 9, 10], [8, -100, 10, 11])]
     blocks = pack(examples, 4)
     assert blocks == [([1, 2, 3, 4], [2, 3, -100, 5]), ([5, 7, 8, 9], [6, 8, -100, 10])]
+
+
+@pytest.mark.parametrize("positions", ["restart", "continue"])
+def test_packed_examples_with_document_mask_score_as_if_alone(corpus, tok, positions):
+    """`packing` + `document_mask`: whole examples per row, each attending only to itself, so a
+    packed row's logits equal each example's run alone."""
+    from tinyrecipe.model import Llama, ModelConfig
+
+    records = [
+        {"prompt": f"What does f{i}() do?", "response": "It counts " + "items " * i}
+        for i in range(10)
+    ]
+    dm = SFTDataModule(
+        records=records,
+        tokenizer_dir=str(corpus["root"] / "tok"),
+        block_size=128,
+        packing=True,
+        document_mask=True,
+        val_fraction=0.0,
+    )
+    dm.setup("fit")
+    alone = [encode(r, tok, 128) for r in records]
+    rows = dm.train_examples
+    assert 1 < len(rows) < len(alone) and all(len(ids) <= 128 for ids, _, _ in rows)
+    placed = [
+        (ids[docs.index(d) : len(docs) - docs[::-1].index(d)])
+        for ids, _, docs in rows
+        for d in sorted(set(docs))
+    ]
+    assert placed == [ids for ids, _ in alone]  # whole, in order, none split
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["documents"].shape == batch["input_ids"].shape
+
+    torch.manual_seed(0)
+    shape = dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, d_ff=176, vocab_size=1024)
+    model = Llama(ModelConfig(**shape, block_size=128, document_positions=positions)).eval()
+    packed = collate(rows, dm.pad_id)
+    with torch.no_grad():
+        logits = model(packed["input_ids"], documents=packed["documents"])
+        k = 0
+        for r, (_, _, docs) in enumerate(rows):
+            for d in sorted(set(docs)):
+                start, n = docs.index(d), docs.count(d)
+                own = model(torch.tensor([alone[k][0]]))[0]
+                torch.testing.assert_close(logits[r, start : start + n], own, atol=1e-5, rtol=1e-5)
+                k += 1
+    with pytest.raises(ValueError, match="data.document_mask needs data.packing: true"):
+        SFTDataModule(records=records, tokenizer_dir="x", document_mask=True)
 
 
 def test_datamodule_counts_bad_lines_splits_and_pads(corpus, tmp_path):
@@ -174,7 +223,15 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path):
     module = load_pretrained(
         hf_dir, lr=3e-2, min_lr=3e-3, warmup_steps=2, lora_rank=8, lora_alpha=16
     )
-    data = sft_data(records * 8, tok_dir, block_size=64, batch_size=4, val_fraction=0.0)
+    data = sft_data(  # packed whole, each copy attending only to itself
+        records * 16,
+        tok_dir,
+        block_size=64,
+        batch_size=2,
+        val_fraction=0.0,
+        packing=True,
+        document_mask=True,
+    )
     trainer = quiet_trainer(max_steps=30)
     trainer.fit(module, data)
     _, base = load_tinyrecipe_checkpoint(hf_dir)

@@ -156,15 +156,41 @@ def pack(examples: list[tuple[list[int], list[int]]], block_size: int) -> list[t
     ]
 
 
-def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example: pad ids are `pad_id`, pad labels -100."""
-    width = max(len(x) for x, _ in examples)
+def pack_whole(
+    examples: list[tuple[list[int], list[int]]], block_size: int
+) -> list[tuple[list, list, list]]:
+    """Examples placed whole, in order, into rows of at most `block_size` tokens (a row is
+    closed when the next example does not fit), each token tagged with its example's index in
+    the row: (ids, labels, documents) for attention within each example (`document_mask`)."""
+    rows: list[tuple[list, list, list]] = []
+    for ids, labels in examples:
+        if not rows or len(rows[-1][0]) + len(ids) > block_size:
+            rows.append(([], [], []))
+        row_ids, row_labels, documents = rows[-1]
+        document = documents[-1] + 1 if documents else 0
+        row_ids += ids
+        row_labels += labels
+        documents += [document] * len(ids)
+    return rows
+
+
+def collate(examples: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example: pad ids are `pad_id`, pad labels -100. Examples with
+    document ids (`pack_whole`) add `documents`, the padding a document of its own."""
+    width = max(len(x[0]) for x in examples)
     input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (x, y) in enumerate(examples):
+    for row, (x, y, *_) in enumerate(examples):
         input_ids[row, : len(x)] = torch.tensor(x)
         labels[row, : len(y)] = torch.tensor(y)
-    return {"input_ids": input_ids, "labels": labels}
+    batch = {"input_ids": input_ids, "labels": labels}
+    if len(examples[0]) == 3:
+        documents = torch.empty((len(examples), width), dtype=torch.long)
+        for row, (x, _, docs) in enumerate(examples):
+            documents[row, : len(x)] = torch.tensor(docs)
+            documents[row, len(x) :] = docs[-1] + 1
+        batch["documents"] = documents
+    return batch
 
 
 class SFTDataModule(L.LightningDataModule):
@@ -172,7 +198,11 @@ class SFTDataModule(L.LightningDataModule):
 
     Batches are dicts: `input_ids` and `labels` (B, T), labels -100 where no loss is taken.
     Without `packing` each example is one row, right-padded to the longest in the batch; with
-    it, examples are concatenated and cut into rows of exactly `block_size` tokens.
+    it, examples are concatenated and cut into rows of exactly `block_size` tokens. With
+    `packing` and `document_mask`, examples are placed whole into rows of up to `block_size`
+    tokens (right-padded) and batches add `documents` (B, T): each token attends only within
+    its own example, as if each were alone (`model.config.document_positions: restart` also
+    restarts its positions).
     Validation: `val_file`, or else a stable `val_fraction` of the training records.
 
     Args:
@@ -191,6 +221,7 @@ class SFTDataModule(L.LightningDataModule):
         block_size: int = 2048,
         batch_size: int = 8,
         packing: bool = False,
+        document_mask: bool = False,
         num_workers: int = 0,
         seed: int = 42,
         vocab_size: int | None = None,
@@ -200,11 +231,16 @@ class SFTDataModule(L.LightningDataModule):
             raise ValueError("SFT data: give exactly one of data.train_file or data.records")
         if tokenizer_dir is None:
             raise ValueError("SFT data: set data.tokenizer_dir to the model's tokenizer directory")
+        if document_mask and not packing:
+            raise ValueError(
+                "data.document_mask needs data.packing: true (unpacked rows hold one example)"
+            )
         if not 0 <= val_fraction < 1:
             raise ValueError(f"data.val_fraction={val_fraction} must be in [0, 1)")
         self.train_file, self.records, self.tokenizer_dir = train_file, records, tokenizer_dir
         self.val_file, self.val_fraction = val_file, val_fraction
         self.block_size, self.batch_size, self.packing = block_size, batch_size, packing
+        self.document_mask = document_mask
         self.num_workers, self.seed, self.vocab_size = num_workers, seed, vocab_size
         self.skipped: Counter = Counter()
         self.train_examples: list = []
@@ -243,8 +279,9 @@ class SFTDataModule(L.LightningDataModule):
                 f"SFT data {source}: skipped {sum(self.skipped.values())} record(s): {reasons}"
             )
         if self.packing:
-            self.train_examples = pack(self.train_examples, self.block_size)
-            self.val_examples = pack(self.val_examples, self.block_size)
+            packer = pack_whole if self.document_mask else pack
+            self.train_examples = packer(self.train_examples, self.block_size)
+            self.val_examples = packer(self.val_examples, self.block_size)
         if not self.train_examples:
             raise ValueError(
                 f"SFT data {source}: no usable training example (skipped: {dict(self.skipped)}); "
