@@ -258,6 +258,20 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path):
     idx = torch.randint(0, 1024, (2, 48))
     with torch.no_grad():
         torch.testing.assert_close(plain(idx), module.model.eval()(idx), atol=1e-5, rtol=1e-5)
+
+    # the adapters alone, as a PEFT adapter on the Hugging Face base model
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from tinyrecipe.interop.convert import to_peft
+
+    adapter = to_peft(path, tmp_path / "adapter", str(hf_dir))
+    peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(hf_dir), adapter)
+    with torch.no_grad():
+        theirs = peft_model.eval()(idx).logits
+        torch.testing.assert_close(theirs, module.model(idx), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="holds no LoRA adapters .* convert to-hf"):
+        to_peft(hf_dir, tmp_path / "none")
     ckpt = torch.load(path, weights_only=True)
     with pytest.raises(
         ValueError, match="trained with LoRA rank 8, alpha 16, .* the recipe says off"

@@ -48,11 +48,14 @@ def _load_sharded_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+def load_tinyrecipe_checkpoint(
+    path: str | Path, merge: bool = True
+) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """(config, decoder state dict) from any checkpoint tinyrecipe reads: a Lightning checkpoint
     of `CausalLMModule` (a file, or a sharded FSDP2 directory), a `from-hf` checkpoint, or a
     Hugging Face Llama directory. Weights load with weights_only / safetensors: nothing in the
-    files is executed. A LoRA run's adapters come merged into their weights."""
+    files is executed. A LoRA run's adapters come merged into their weights (`merge=False`: as
+    they are, beside them)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
@@ -82,7 +85,7 @@ def load_tinyrecipe_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str,
     state = {
         k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
     }
-    if hparams.get("lora_rank"):  # a LoRA run reads as the plain decoder it equals
+    if merge and hparams.get("lora_rank"):  # a LoRA run reads as the plain decoder it equals
         state = merge_lora(state, hparams.get("lora_alpha", 16.0) / hparams["lora_rank"])
     return config, state
 
@@ -106,6 +109,13 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
     if meta is not None and "hyper_parameters" in meta:
         return config_from_hparams(meta["hyper_parameters"])
     return load_tinyrecipe_checkpoint(path)[0]
+
+
+def checkpoint_lora(path: str | Path) -> tuple[int, float] | None:
+    """(lora_rank, lora_alpha) of a LoRA run's checkpoint, None for any other checkpoint."""
+    hparams = (_checkpoint_meta(Path(path)) or {}).get("hyper_parameters") or {}
+    rank = hparams.get("lora_rank")
+    return (int(rank), float(hparams.get("lora_alpha", 16.0))) if rank else None
 
 
 def checkpoint_step(path: str | Path) -> int:

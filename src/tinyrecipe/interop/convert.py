@@ -2,12 +2,15 @@
 
     tinyrecipe convert to-hf out/quickstart/checkpoints/last.ckpt out/hf --tokenizer data/quickstart/tokenizer
     tinyrecipe convert from-hf path/to/TinyLlama-1.1B out/tinyllama.ckpt
+    tinyrecipe convert to-peft out/tinyllama-1.1b-lora/checkpoints/last.ckpt out/adapter --base TinyLlama/TinyLlama-1.1B
 
 `to-hf` writes model.safetensors (sharded past --max-shard-gb), config.json, generation_config.json
 and the tokenizer files, so `AutoModelForCausalLM.from_pretrained(OUT)` and
 `AutoTokenizer.from_pretrained(OUT)` load it offline. `from-hf` writes a checkpoint that
-`CausalLMModule(init_from=...)` (recipe key `model.init_from`) starts from. Weights are read
-with safetensors or `torch.load(weights_only=True)` only.
+`CausalLMModule(init_from=...)` (recipe key `model.init_from`) starts from. `to-peft` writes a
+LoRA run's adapters alone as a PEFT adapter (adapter_model.safetensors, adapter_config.json) that
+`peft.PeftModel.from_pretrained(base, OUT)` puts on the Hugging Face base model. Weights are
+read with safetensors or `torch.load(weights_only=True)` only.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ import json
 import shutil
 from pathlib import Path
 
-from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint, save_tinyrecipe_checkpoint
+from tinyrecipe.interop.checkpoint import (
+    checkpoint_lora,
+    load_tinyrecipe_checkpoint,
+    save_tinyrecipe_checkpoint,
+)
 from tinyrecipe.io import atomic_path
-from tinyrecipe.model.hf import to_hf_config, to_hf_state_dict
+from tinyrecipe.model.hf import to_hf_config, to_hf_state_dict, to_peft_state_dict
 
 
 def _write_tokenizer_json(source: Path, target: Path, bos_id: int) -> None:
@@ -48,6 +55,41 @@ def to_hf(
     with atomic_path(out_dir) as work:
         work.mkdir()
         _write_hf_dir(work, config, hf_state, tokenizer_dir, max_shard_gb)
+    return Path(out_dir)
+
+
+def to_peft(ckpt: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
+    """Export a LoRA run's adapters as a PEFT LoRA adapter directory for the Hugging Face form of
+    its base model (`base_model`: its hub name or directory, recorded in adapter_config.json)."""
+    from safetensors.torch import save_file
+
+    lora = checkpoint_lora(ckpt)
+    if lora is None:
+        raise ValueError(
+            f"checkpoint '{ckpt}' holds no LoRA adapters (trained without model.lora_rank); "
+            "export the whole model with tinyrecipe convert to-hf"
+        )
+    rank, alpha = lora
+    config, state = load_tinyrecipe_checkpoint(ckpt, merge=False)
+    adapters, modules = to_peft_state_dict(state, config)
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": modules,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "inference_mode": True,
+    }
+    with atomic_path(out_dir) as work:
+        work.mkdir()
+        tensors = {k: v.contiguous().clone() for k, v in adapters.items()}
+        save_file(tensors, work / "adapter_model.safetensors", metadata={"format": "pt"})
+        (work / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     return Path(out_dir)
 
 

@@ -130,6 +130,46 @@ def to_hf_state_dict(
     return out
 
 
+# Our LoRA targets -> (their parent inside an HF layer, the HF linear layers whose outputs the
+# fused layer's rows hold, in order)
+_PEFT_TARGETS = {
+    "attn.qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+    "attn.proj": ("self_attn", ("o_proj",)),
+    "mlp.gate_up": ("mlp", ("gate_proj", "up_proj")),
+    "mlp.proj": ("mlp", ("down_proj",)),
+}
+
+
+def to_peft_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: ModelConfig
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Our LoRA adapters (the `.lora_a` / `.lora_b` entries of a LoRA run's state dict) -> a PEFT
+    LoRA adapter's state dict for `LlamaForCausalLM`, and its `target_modules`. A fused layer's
+    adapter becomes one per HF layer, exactly: A shared, B split by rows like the weight."""
+    q_dim, kv_dim = config.d_model, config.n_kv_head * config.head_dim
+    rows = {
+        "attn.qkv": (q_dim, kv_dim, kv_dim),
+        "attn.proj": (config.d_model,),
+        "mlp.gate_up": (config.d_ff, config.d_ff),
+        "mlp.proj": (config.d_model,),
+    }
+    out: dict[str, torch.Tensor] = {}
+    modules: set[str] = set()
+    for i in range(config.n_layer):
+        for target, (parent, names) in _PEFT_TARGETS.items():
+            ours = f"blocks.{i}.{target}"
+            if f"{ours}.lora_a" not in state_dict:
+                continue
+            a = state_dict[f"{ours}.lora_a"]
+            parts = state_dict[f"{ours}.lora_b"].split(rows[target])
+            for name, b in zip(names, parts, strict=True):
+                theirs = f"base_model.model.model.layers.{i}.{parent}.{name}"
+                out[f"{theirs}.lora_A.weight"] = a
+                out[f"{theirs}.lora_B.weight"] = b
+                modules.add(name)
+    return out, sorted(modules)
+
+
 def from_hf_state_dict(
     hf_state_dict: Mapping[str, torch.Tensor], config: ModelConfig
 ) -> dict[str, torch.Tensor]:
