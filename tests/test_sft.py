@@ -281,6 +281,8 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path):
         load_pretrained(hf_dir, lora_rank=4, lora_alpha=16).on_load_checkpoint(ckpt)
     with pytest.raises(ValueError, match="model.lora_targets .* must be a non-empty list of"):
         load_pretrained(hf_dir, lora_rank=8, lora_targets=["attn.q"])
+    with pytest.raises(ValueError, match="model.float8 and model.lora_rank cannot be combined"):
+        load_pretrained(hf_dir, lora_rank=8, float8=True)
     with pytest.raises(ValueError, match="model.lora_rank=0 must be a positive integer"):
         load_pretrained(hf_dir, lora_rank=0)
 

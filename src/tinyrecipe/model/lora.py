@@ -69,10 +69,15 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, rank={self.rank}, scale={self.scale:g}"
 
 
-def check_lora(rank: int | None, alpha: float, targets) -> None:
+def check_lora(rank: int | None, alpha: float, targets, float8: bool = False) -> None:
     """One line for a LoRA setting that cannot work."""
     if rank is None:
         return
+    if float8:
+        raise ValueError(
+            "model.float8 and model.lora_rank cannot be combined (float8 would replace the "
+            "adapted layers); set model.float8: false for LoRA"
+        )
     if int(rank) != rank or rank < 1:
         raise ValueError(f"model.lora_rank={rank} must be a positive integer (e.g. 8 or 16)")
     if alpha <= 0:

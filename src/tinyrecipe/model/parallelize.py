@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tinyrecipe.model.attention import load_flash_attn, load_torch_varlen
 from tinyrecipe.model.llama import Llama
-from tinyrecipe.model.lora import LORA_TARGETS, apply_lora
+from tinyrecipe.model.lora import LORA_TARGETS, apply_lora, check_lora
 
 
 def check_float8(device: torch.device | str | None) -> None:
@@ -189,11 +189,7 @@ def parallelize(
     model still on the meta device, its weights allocated on `device` and initialised
     (TinyLlama's init, sharded: each rank initialises only its shard). Returns the same model."""
     if lora_rank is not None:
-        if float8:
-            raise ValueError(
-                "model.float8 and model.lora_rank cannot be combined (float8 would replace the "
-                "adapted layers); set model.float8: false for LoRA"
-            )
+        check_lora(lora_rank, lora_alpha, lora_targets, float8)
         apply_lora(model, lora_rank, lora_alpha, lora_targets)
     if float8:
         check_float8(device)

@@ -190,7 +190,7 @@ class CausalLMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.lora_targets = tuple(lora_targets or LORA_TARGETS)
-        check_lora(lora_rank, lora_alpha, self.lora_targets)
+        check_lora(lora_rank, lora_alpha, self.lora_targets, float8)
         self.guard = NonFiniteGuard(nonfinite_loss)
         self.spikes = SpikeSkipper(spike_sigma, spike_window) if spike_sigma else None
         self.save_hyperparameters(ignore=["config"])
