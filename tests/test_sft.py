@@ -58,12 +58,37 @@ def test_messages_with_system_and_two_turns(tok):
     assert trained == tok.encode("Hello.") + [tok.eos_id] + tok.encode("Goodbye.") + [tok.eos_id]
 
 
+def test_alpaca_and_sharegpt_records_render_as_their_messages():
+    alpaca = {"instruction": "Add the numbers.", "input": "2 + 2", "output": "4"}
+    assert render(alpaca) == render({"prompt": "Add the numbers.\n\n2 + 2", "response": "4"})
+    assert render({**alpaca, "input": ""}) == render(
+        {"prompt": "Add the numbers.", "response": "4"}
+    )
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "Hi"},
+            {"from": "gpt", "value": "Hello."},
+        ]
+    }
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+    ]
+    assert render(sharegpt) == render({"messages": messages})
+
+
 @pytest.mark.parametrize(
     "record, reason",
     [
         ({"prompt": "x"}, "missing or non-string response"),
         ({"prompt": "x", "response": 3}, "missing or non-string response"),
-        ({"text": "x"}, "neither prompt/response nor messages"),
+        ({"text": "x"}, "none of prompt/response, messages, instruction/output or conversations"),
+        ({"instruction": "x"}, "missing or non-string output"),
+        ({"instruction": "x", "input": 3, "output": "y"}, "non-string input"),
+        ({"conversations": [{"from": "bot", "value": "x"}]}, "unknown role 'bot'"),
+        ({"conversations": ["x"]}, "a conversation turn that is not an object"),
         ({"messages": []}, "messages is not a non-empty list"),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
         ({"messages": [{"role": "bot", "content": "x"}]}, "unknown role 'bot'"),

@@ -1,14 +1,18 @@
 """Supervised fine-tuning data: instruction records -> token ids with the loss on responses only.
 
-Records (JSON lines, or Python dicts in a notebook) take one of two forms:
+Records (JSON lines, or Python dicts in a notebook) take one of four forms:
 
     {"prompt": "What is 2 + 2?", "response": "4"}
     {"messages": [{"role": "system", "content": "Be brief."},
                   {"role": "user", "content": "What is 2 + 2?"},
                   {"role": "assistant", "content": "4"}]}
+    {"instruction": "Add the numbers.", "input": "2 + 2", "output": "4"}      (Alpaca)
+    {"conversations": [{"from": "human", "value": "What is 2 + 2?"},
+                       {"from": "gpt", "value": "4"}]}                      (ShareGPT)
 
 and are rendered with one plain template (a prompt/response record is a user turn then an
-assistant turn):
+assistant turn; an Alpaca record's prompt is its instruction, then a blank line and its input
+when there is one; ShareGPT's human/gpt/system are user/assistant/system):
 
     <s>### System:\\n{system}\\n\\n### User:\\n{user}\\n\\n### Assistant:\\n{assistant}</s>### User:\\n...
 
@@ -39,6 +43,8 @@ from tinyrecipe.data.prep import in_validation
 from tinyrecipe.model.loss import IGNORE_INDEX
 
 HEADERS = {"system": "### System:\n", "user": "### User:\n", "assistant": "### Assistant:\n"}
+# ShareGPT's speakers; any other is kept as it is (and refused as an unknown role)
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
 class BadRecord(ValueError):
@@ -53,6 +59,25 @@ def _messages(record: Any) -> list[dict]:
         if not isinstance(messages, list) or not messages:
             raise BadRecord("messages is not a non-empty list")
         return messages
+    if "conversations" in record:
+        turns = record["conversations"]
+        if not isinstance(turns, list) or not turns:
+            raise BadRecord("conversations is not a non-empty list")
+        if not all(isinstance(t, dict) for t in turns):
+            raise BadRecord("a conversation turn that is not an object")
+        return [
+            {"role": SHAREGPT_ROLES.get(t.get("from"), t.get("from")), "content": t.get("value")}
+            for t in turns
+        ]
+    if "instruction" in record or "output" in record:
+        for key in ("instruction", "output"):
+            if not isinstance(record.get(key), str):
+                raise BadRecord(f"missing or non-string {key}")
+        extra = record.get("input") or ""
+        if not isinstance(extra, str):
+            raise BadRecord("non-string input")
+        prompt = record["instruction"] + ("\n\n" + extra if extra else "")
+        record = {"prompt": prompt, "response": record["output"]}
     if "prompt" in record or "response" in record:
         for key in ("prompt", "response"):
             if not isinstance(record.get(key), str):
@@ -61,7 +86,7 @@ def _messages(record: Any) -> list[dict]:
             {"role": "user", "content": record["prompt"]},
             {"role": "assistant", "content": record["response"]},
         ]
-    raise BadRecord("neither prompt/response nor messages")
+    raise BadRecord("none of prompt/response, messages, instruction/output or conversations")
 
 
 def render(record: Any) -> list[tuple[str, bool]]:
