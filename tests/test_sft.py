@@ -233,7 +233,7 @@ def test_notebook_api_fine_tunes_a_hf_model_until_it_answers(corpus, tmp_path):
     assert answer(module, tok_dir, "What does abs do?", max_new_tokens=12) == "It drops the sign."
 
 
-def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path):
+def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path, capsys):
     """LoRA through the notebook API: the base weights stay bitwise, the adapters learn the
     answer, and a checkpoint reads back (convert, eval, generate, init_from) as the plain decoder
     with the adapters merged, equal to the adapted model."""
@@ -283,6 +283,15 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path):
     idx = torch.randint(0, 1024, (2, 48))
     with torch.no_grad():
         torch.testing.assert_close(plain(idx), module.model.eval()(idx), atol=1e-5, rtol=1e-5)
+
+    # the fine-tuned checkpoint answers from the command line too, in the SFT template
+    from tinyrecipe.cli import main as cli_main
+
+    capsys.readouterr()
+    args = ["generate", "--ckpt", str(path), "--tokenizer", str(tok_dir), "--chat"]
+    args += ["--prompt", "What does len do?", "--temperature", "0", "--max-new-tokens", "12"]
+    assert cli_main(args) == 0
+    assert capsys.readouterr().out == "It counts items.\n"
 
     # the adapters alone, as a PEFT adapter on the Hugging Face base model
     from peft import PeftModel

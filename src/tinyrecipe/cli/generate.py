@@ -2,6 +2,8 @@
 
     tinyrecipe generate --ckpt out/quickstart/checkpoints/last.ckpt \
         --tokenizer data/quickstart/tokenizer --prompt "def" --prompt "The" --max-new-tokens 60
+    tinyrecipe generate --ckpt out/quickstart-sft/checkpoints/last.ckpt \
+        --tokenizer data/quickstart/tokenizer --chat --prompt "What does len() return?"
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 
 import torch
 
+from tinyrecipe.data.sft import format_prompt
 from tinyrecipe.data.tokenizer import load_tokenizer
 from tinyrecipe.interop.generate import continuation, generate, load_checkpoint_model
 from tinyrecipe.model import Llama
@@ -65,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         help="text to continue; repeat for several prompts, each sampled as if alone (default: "
         "one empty prompt)",
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="a fine-tuned model: each prompt is a user turn in the SFT template "
+        "(tinyrecipe.data.sft), and the reply alone is printed, up to </s>",
+    )
+    parser.add_argument("--system", help="with --chat: a system message before each prompt")
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
     parser.add_argument("--top-k", type=int, default=50)
@@ -80,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args)
     device = model.embed.weight.device
     tok = load_tokenizer(args.tokenizer)
+    if args.system is not None and not args.chat:
+        raise ValueError("a --system message needs --chat (it goes into the SFT template)")
     for i, prompt in enumerate(args.prompt or [""]):
-        prompt_ids = tok.encode(prompt)
+        prompt_ids = tok.encode(format_prompt(prompt, args.system) if args.chat else prompt)
         idx = torch.tensor([[tok.bos_id] + prompt_ids], device=device)
         gen = torch.Generator(device).manual_seed(args.seed)  # each prompt as if run alone
         out = generate(
@@ -95,8 +107,12 @@ def main(argv: list[str] | None = None) -> int:
             tok.eos_id,
             compile=args.compile,
         )
-        print(
-            ("\n" if i else "")
-            + continuation(tok, prompt, prompt_ids, out[0, idx.size(1) :].tolist())
-        )
+        new_ids = out[0, idx.size(1) :].tolist()
+        if args.chat:  # the reply alone, without its </s>
+            text = tok.decode(
+                new_ids[: new_ids.index(tok.eos_id)] if tok.eos_id in new_ids else new_ids
+            )
+        else:
+            text = continuation(tok, prompt, prompt_ids, new_ids)
+        print(("\n" if i else "") + text)
     return 0
