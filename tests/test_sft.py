@@ -126,6 +126,7 @@ def test_packed_examples_with_document_mask_score_as_if_alone(corpus, tok, posit
         records=records,
         tokenizer_dir=str(corpus["root"] / "tok"),
         block_size=128,
+        batch_size=2,
         packing=True,
         document_mask=True,
         val_fraction=0.0,
@@ -319,6 +320,35 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path, c
         load_pretrained(hf_dir, lora_rank=8, float8=True)
     with pytest.raises(ValueError, match="model.lora_rank=0 must be a positive integer"):
         load_pretrained(hf_dir, lora_rank=0)
+
+
+def test_sft_resumes_mid_epoch_exactly(corpus, tmp_path):
+    """Stopped mid-epoch and resumed from its checkpoint, an SFT run crosses into the next epoch
+    and ends bitwise equal to the uninterrupted run."""
+    from tinyrecipe.train.finetune import load_pretrained, sft_data
+
+    hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)
+    records = [
+        {"prompt": f"What does f{i}() do?", "response": "It counts " + "items " * i}
+        for i in range(24)
+    ]  # 6 micro-batches of 4 an epoch
+
+    def run(steps, ckpt_path=None):
+        module = load_pretrained(hf_dir, lr=1e-2, warmup_steps=2, max_steps=8)
+        data = sft_data(
+            records, corpus["root"] / "tok", block_size=64, batch_size=4, val_fraction=0
+        )
+        trainer = quiet_trainer(max_steps=steps, accumulate_grad_batches=1)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return trainer, module
+
+    _, whole = run(8)
+    trainer, _ = run(3)
+    trainer.save_checkpoint(tmp_path / "step3.ckpt")
+    assert trainer.datamodule.state_dict()["samples_consumed"] == 12
+    _, resumed = run(8, tmp_path / "step3.ckpt")
+    theirs, ours = whole.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
 def test_finetune_recipe_runs_from_a_converted_checkpoint(corpus, tmp_path):

@@ -18,6 +18,7 @@ from tinyrecipe.data.mixture import (
     check_split,
     document_ids,
 )
+from tinyrecipe.data.position import CountingLoader, StreamPosition
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Stage:
     sources: list[DataSource] = field(default_factory=list)
 
 
-class MixedStreamingDataModule(L.LightningDataModule):
+class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
     """Training batches from `sources` mixed by weight; one validation loader per source.
 
     Training and validation batches are dicts of `input_ids` and `labels`, int64
@@ -239,27 +240,6 @@ class MixedStreamingDataModule(L.LightningDataModule):
 
     # -- loaders -------------------------------------------------------------------------------
 
-    def set_rank_world(self, rank: int, world_size: int, accumulate: int = 1) -> None:
-        """Which share of the stream this process trains on, without a Trainer (Fabric)."""
-        self._rank_world_override = (rank, world_size, accumulate)
-
-    def _rank_world(self) -> tuple[int, int]:
-        if getattr(self, "_rank_world_override", None):
-            return self._rank_world_override[:2]
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0, 1
-        return trainer.global_rank, trainer.world_size
-
-    def global_batch(self) -> int:
-        """Sequences per optimizer step: micro-batch x processes x accumulation."""
-        if getattr(self, "_rank_world_override", None):
-            accumulate = self._rank_world_override[2]
-        else:
-            trainer = getattr(self, "trainer", None)
-            accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        return self.samples_per_batch() * accumulate
-
     def train_dataloader(self) -> DataLoader:
         self.setup()
         rank, world = self._rank_world()
@@ -272,7 +252,7 @@ class MixedStreamingDataModule(L.LightningDataModule):
             world,
             document_mask=self.document_mask,
         )
-        return _CountingLoader(
+        return CountingLoader(
             self, stream, batch_size=self.batch_size, num_workers=self.num_workers
         )
 
@@ -296,25 +276,9 @@ class MixedStreamingDataModule(L.LightningDataModule):
 
     # -- resume --------------------------------------------------------------------------------
 
-    def _batches_done(self) -> int:
-        """Micro-batches trained on. Under a fitting Trainer its progress counter is the truth:
-        the loader itself runs a batch ahead (Lightning prefetches one to spot the last)."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None and getattr(trainer, "training", False):
-            return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
-        return self.batches_consumed
-
-    def samples_per_batch(self) -> int:
-        """Global samples one micro-batch of every process covers."""
-        return self.batch_size * self._rank_world()[1]
-
     def state_dict(self) -> dict[str, Any]:
         return {
-            "samples_consumed": self._batches_done() * self.samples_per_batch(),
-            "batches_consumed": self._batches_done(),
-            "batch_size": self.batch_size,
-            "world_size": self._rank_world()[1],
-            "global_batch": self.global_batch(),
+            **self.position_state(),
             "block_size": self.block_size,
             "seed": self.seed,
             "sources": [s.name for s in self.sources],
@@ -334,9 +298,7 @@ class MixedStreamingDataModule(L.LightningDataModule):
                     f"data state in the checkpoint has {key}={state.get(key)!r} but this run has "
                     f"{mine[key]!r}; resume with the same data settings (or start a new run)"
                 )
-        samples = state.get("samples_consumed")
-        if samples is None:  # written before elastic resume
-            samples = state["batches_consumed"] * state["batch_size"] * state["world_size"]
+        samples = self.samples_of(state)
         theirs = state.get("phases") or [[0, state["weights"], 0]]
         names = state.get("sources") or [s.name for s in self.sources][: len(theirs[0][1])]
         if _phases_until(theirs, names, samples) != _phases_until(
@@ -346,42 +308,7 @@ class MixedStreamingDataModule(L.LightningDataModule):
                 f"data.sources/data.stages differ from the checkpoint's before its position "
                 f"({samples} samples): only stages that start later may be added or changed"
             )
-        global_batch = state.get("global_batch")
-        changed = global_batch is not None and global_batch != mine["global_batch"]
-        if changed and not self.allow_global_batch_change:
-            raise ValueError(
-                f"the checkpoint trained with a global batch of {global_batch} sequences, this "
-                f"run has {mine['global_batch']}; keep it (batch_size x devices x "
-                "accumulation) or set data.allow_global_batch_change: true"
-            )
-        per_batch = self.samples_per_batch()
-        if samples % per_batch:
-            raise ValueError(
-                f"the checkpoint stopped after {samples} samples, not a multiple of this run's "
-                f"{per_batch} per micro-batch (data.batch_size x processes); choose sizes that "
-                "divide it"
-            )
-        return samples // per_batch
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.batches_consumed = self.resume_position(state)
-
-    def adapt_loop_progress(self, checkpoint: dict[str, Any]) -> None:
-        """Rewrite the checkpoint's Lightning batch counters into this run's micro-batches (they
-        count micro-batches of the run that wrote it), so accumulation boundaries and the data
-        position agree after a resume with another world size or micro-batch size."""
-        state = checkpoint.get(type(self).__qualname__)
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-        if state is None or progress is None:
-            return
-        old = progress["total"]["processed"]
-        new = self.resume_position(state)
-        if old == new:
-            return
-        for counters in (progress["total"], progress["current"]):
-            processed = counters["processed"]  # the others keep their offsets from it
-            for key in ("ready", "started", "processed", "completed"):
-                counters[key] = new + counters[key] - processed
+        return self.position_of(state)
 
 
 def _phases_until(phases: list, names: list[str], samples: int) -> list:
@@ -396,16 +323,3 @@ def _phases_until(phases: list, names: list[str], samples: int) -> list:
         for start, ws, ramp in phases
         if start < samples
     ]
-
-
-class _CountingLoader(DataLoader):
-    """A DataLoader that tells its DataModule how many batches were handed out."""
-
-    def __init__(self, datamodule: MixedStreamingDataModule, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._datamodule = datamodule
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            self._datamodule.batches_consumed += 1
-            yield batch

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 
+from tinyrecipe.data.position import micro_batch_samples
 from tinyrecipe.data.prep import META_KEY
 from tinyrecipe.model.loss import IGNORE_INDEX
 
@@ -431,8 +432,8 @@ class MixedBlockStream(IterableDataset):
     """The endless training stream: micro-batch b of this rank holds global samples
     (b x world_size + rank) x batch_size ... + batch_size - 1.
 
-    Loader worker w of W produces micro-batches b = start + w, start + w + W, ...; PyTorch's
-    DataLoader hands workers' batches out round-robin, so the batch order is the same for any W.
+    Loader worker w of W produces micro-batches b = start + w, start + w + W, ...
+    (`tinyrecipe.data.position.micro_batch_samples`), the same order for any W.
     Yields dicts of `input_ids` and `labels` (block_size tokens each, int64; labels are the
     inputs shifted by one); the DataLoader's batch_size must equal ours.
     """
@@ -458,18 +459,12 @@ class MixedBlockStream(IterableDataset):
         return s, torch.from_numpy(self.sources[s].draw(k).astype(np.int64))
 
     def __iter__(self):
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        b = self.start_batch + worker
-        while True:
-            first = (b * self.world_size + self.rank) * self.batch_size
-            for i in range(first, first + self.batch_size):
-                s, block = self.sample(i)
-                item = {"input_ids": block[:-1], "labels": block[1:]}
-                if self.document_mask:
-                    item["documents"] = _documents(item["input_ids"], self.sources[s])
-                yield item
-            b += workers
+        for i in micro_batch_samples(self.start_batch, self.batch_size, self.rank, self.world_size):
+            s, block = self.sample(i)
+            item = {"input_ids": block[:-1], "labels": block[1:]}
+            if self.document_mask:
+                item["documents"] = _documents(item["input_ids"], self.sources[s])
+            yield item
 
 
 def _documents(input_ids: torch.Tensor, blocks: TokenBlocks) -> torch.Tensor:

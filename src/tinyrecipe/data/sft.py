@@ -35,10 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
+from tinyrecipe.data.position import CountingLoader, StreamPosition, micro_batch_samples
 from tinyrecipe.data.prep import in_validation
 from tinyrecipe.model.loss import IGNORE_INDEX
 
@@ -218,7 +220,47 @@ def collate(examples: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-class SFTDataModule(L.LightningDataModule):
+class SFTStream(IterableDataset):
+    """The training rows in a seeded order, new each epoch: global sample i is row
+    `order(e)[i mod n]` of epoch e = i // n, n being the rows that whole micro-batches of every
+    process hold (the rest of each epoch's order is left out, as with drop_last, and differs from
+    epoch to epoch). Micro-batches are split across processes and loader workers as in the
+    pretraining stream (`tinyrecipe.data.position`); an iteration runs from `start_batch` to the
+    end of that epoch, so a run resumes mid-epoch exactly."""
+
+    def __init__(self, rows: list, seed: int, batch_size: int, rank: int, world_size: int):
+        self.rows, self.seed, self.batch_size = rows, seed, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.per_epoch = len(rows) // (batch_size * world_size)  # micro-batches of each rank
+        if self.per_epoch == 0:
+            raise ValueError(
+                f"SFT data has {len(rows)} training rows, fewer than one micro-batch of every "
+                f"process ({batch_size} x {world_size}); lower data.batch_size or add records"
+            )
+        self.start_batch = 0
+        self._order: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:  # rows this process takes in an epoch
+        return self.per_epoch * self.batch_size
+
+    def row(self, i: int):
+        epoch, position = divmod(i, self.per_epoch * self.batch_size * self.world_size)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (
+                epoch,
+                np.random.default_rng([self.seed, epoch]).permutation(len(self.rows)),
+            )
+        return self.rows[self._order[1][position]]
+
+    def __iter__(self):
+        stop = (self.start_batch // self.per_epoch + 1) * self.per_epoch
+        for i in micro_batch_samples(
+            self.start_batch, self.batch_size, self.rank, self.world_size, stop
+        ):
+            yield self.row(i)
+
+
+class SFTDataModule(StreamPosition, L.LightningDataModule):
     """Instruction data for fine-tuning, from a JSON-lines file or a list of records.
 
     Batches are dicts: `input_ids` and `labels` (B, T), labels -100 where no loss is taken.
@@ -229,6 +271,9 @@ class SFTDataModule(L.LightningDataModule):
     its own example, as if each were alone (`model.config.document_positions: restart` also
     restarts its positions).
     Validation: `val_file`, or else a stable `val_fraction` of the training records.
+    Training rows come in a seeded order, new each epoch (`SFTStream`); `state_dict()` is the
+    position in samples, so a run resumes mid-epoch exactly, also on another number of
+    processes or micro-batch size (same global batch, unless `allow_global_batch_change`).
 
     Args:
         train_file / records: the training records (one of the two).
@@ -250,6 +295,7 @@ class SFTDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 42,
         vocab_size: int | None = None,
+        allow_global_batch_change: bool = False,
     ) -> None:
         super().__init__()
         if (train_file is None) == (records is None):
@@ -267,6 +313,8 @@ class SFTDataModule(L.LightningDataModule):
         self.block_size, self.batch_size, self.packing = block_size, batch_size, packing
         self.document_mask = document_mask
         self.num_workers, self.seed, self.vocab_size = num_workers, seed, vocab_size
+        self.allow_global_batch_change = allow_global_batch_change
+        self.batches_consumed = 0
         self.skipped: Counter = Counter()
         self.train_examples: list = []
         self.val_examples: list = []
@@ -313,18 +361,47 @@ class SFTDataModule(L.LightningDataModule):
                 "check the record format in the tinyrecipe.data.sft docs"
             )
 
-    def _loader(self, examples: list, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            examples,
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        rank, world = self._rank_world()
+        stream = SFTStream(self.train_examples, self.seed, self.batch_size, rank, world)
+        return CountingLoader(
+            self,
+            stream,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             collate_fn=functools.partial(collate, pad_id=self.pad_id),
             num_workers=self.num_workers,
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_examples, shuffle=True)
-
     def val_dataloader(self) -> DataLoader | list:
-        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []
+        if not self.val_examples:
+            return []
+        return DataLoader(  # Lightning gives each process its share
+            self.val_examples,
+            batch_size=self.batch_size,
+            collate_fn=functools.partial(collate, pad_id=self.pad_id),
+            num_workers=self.num_workers,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **self.position_state(),
+            "seed": self.seed,
+            "block_size": self.block_size,
+            "rows": len(self.train_examples),
+            "packing": self.packing,
+            "document_mask": self.document_mask,
+        }
+
+    def resume_position(self, state: dict[str, Any]) -> int:
+        """The micro-batches of this run a checkpoint's data state stands for, after checking
+        that the rows and their order are the same; each refusal is one line naming the key."""
+        self.setup()
+        mine = self.state_dict()
+        for key in ("seed", "block_size", "rows", "packing", "document_mask"):
+            if state.get(key) != mine[key]:
+                raise ValueError(
+                    f"SFT data state in the checkpoint has {key}={state.get(key)!r} but this run "
+                    f"has {mine[key]!r}; resume with the same data (or start a new run)"
+                )
+        return self.position_of(state)

@@ -1,0 +1,157 @@
+"""The training-data position of a DataModule whose stream is a pure function of the global
+sample index (the pretraining mixture, SFT rows): micro-batches consumed, this process's share,
+the position saved and restored in samples, and Lightning's loop counters restated when a run
+resumes on another number of processes or micro-batch size."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader, get_worker_info
+
+
+def micro_batch_samples(
+    start_batch: int, batch_size: int, rank: int, world_size: int, stop_batch: int | None = None
+) -> Iterator[int]:
+    """The global sample indices this loader worker yields, in order: micro-batch b of a rank
+    holds samples (b x world_size + rank) x batch_size ... + batch_size - 1, and worker w of W
+    builds micro-batches start + w, start + w + W, ... (before `stop_batch`). PyTorch's
+    DataLoader hands workers' batches out round-robin, so the order is the same for any W."""
+    info = get_worker_info()
+    worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+    b = start_batch + worker
+    while stop_batch is None or b < stop_batch:
+        first = (b * world_size + rank) * batch_size
+        yield from range(first, first + batch_size)
+        b += workers
+
+
+class StreamPosition:
+    """Mixed into a LightningDataModule with `batch_size` and `allow_global_batch_change`.
+    Subclasses add their own keys to `state_dict` and check them in `resume_position` before
+    `position_of`."""
+
+    batches_consumed: int = 0
+    allow_global_batch_change: bool = False
+
+    def set_rank_world(self, rank: int, world_size: int, accumulate: int = 1) -> None:
+        """Which share of the stream this process trains on, without a Trainer (Fabric)."""
+        self._rank_world_override = (rank, world_size, accumulate)
+
+    def _rank_world(self) -> tuple[int, int]:
+        if getattr(self, "_rank_world_override", None):
+            return self._rank_world_override[:2]
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
+
+    def global_batch(self) -> int:
+        """Sequences per optimizer step: micro-batch x processes x accumulation."""
+        if getattr(self, "_rank_world_override", None):
+            accumulate = self._rank_world_override[2]
+        else:
+            trainer = getattr(self, "trainer", None)
+            accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        return self.samples_per_batch() * accumulate
+
+    def _batches_done(self) -> int:
+        """Micro-batches trained on. Under a fitting Trainer its progress counter is the truth:
+        the loader itself runs a batch ahead (Lightning prefetches one to spot the last)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and getattr(trainer, "training", False):
+            return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+        return self.batches_consumed
+
+    def samples_per_batch(self) -> int:
+        """Global samples one micro-batch of every process covers."""
+        return self.batch_size * self._rank_world()[1]
+
+    def position_state(self) -> dict[str, Any]:
+        """The position keys of `state_dict`."""
+        return {
+            "samples_consumed": self._batches_done() * self.samples_per_batch(),
+            "batches_consumed": self._batches_done(),
+            "batch_size": self.batch_size,
+            "world_size": self._rank_world()[1],
+            "global_batch": self.global_batch(),
+        }
+
+    @staticmethod
+    def samples_of(state: dict[str, Any]) -> int:
+        """Global samples consumed at a checkpoint's position."""
+        if state.get("samples_consumed") is None:  # written before elastic resume
+            return state["batches_consumed"] * state["batch_size"] * state["world_size"]
+        return state["samples_consumed"]
+
+    def position_of(self, state: dict[str, Any]) -> int:
+        """This run's micro-batches for a checkpoint's position (its other keys checked by the
+        subclass); a changed global batch or a position between micro-batches is refused in one
+        line."""
+        samples = self.samples_of(state)
+        global_batch, mine = state.get("global_batch"), self.global_batch()
+        if global_batch is not None and global_batch != mine and not self.allow_global_batch_change:
+            raise ValueError(
+                f"the checkpoint trained with a global batch of {global_batch} sequences, this "
+                f"run has {mine}; keep it (batch_size x devices x accumulation) or set "
+                "data.allow_global_batch_change: true"
+            )
+        per_batch = self.samples_per_batch()
+        if samples % per_batch:
+            raise ValueError(
+                f"the checkpoint stopped after {samples} samples, not a multiple of this run's "
+                f"{per_batch} per micro-batch (data.batch_size x processes); choose sizes that "
+                "divide it"
+            )
+        return samples // per_batch
+
+    def resume_position(self, state: dict[str, Any]) -> int:
+        return self.position_of(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.batches_consumed = self.resume_position(state)
+
+    def adapt_loop_progress(self, checkpoint: dict[str, Any]) -> None:
+        """Rewrite the checkpoint's Lightning batch counters into this run's micro-batches (they
+        count micro-batches of the run that wrote it), so accumulation boundaries and the data
+        position agree after a resume with another world size or micro-batch size."""
+        state = checkpoint.get(type(self).__qualname__)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+        if state is None or progress is None:
+            return
+        old = progress["total"]["processed"]
+        new = self.resume_position(state)
+        if old == new:
+            return
+        for counters in (progress["total"], progress["current"]):
+            processed = counters["processed"]  # the others keep their offsets from it
+            for key in ("ready", "started", "processed", "completed"):
+                counters[key] = new + counters[key] - processed
+
+
+class CountingLoader(DataLoader):
+    """A DataLoader over a stream with a `start_batch` that starts it at its DataModule's
+    position and tells the DataModule how many batches were handed out."""
+
+    def __init__(self, datamodule: StreamPosition, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._datamodule = datamodule
+
+    # The position is the DataModule's state (saved with it); these two tell Lightning that the
+    # loader resumes mid-epoch (else it warns that a finite one cannot).
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def __iter__(self):
+        # the position when iteration starts (not at the first batch), before workers copy it
+        self.dataset.start_batch = self._datamodule.batches_consumed
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches):
+        for batch in batches:
+            self._datamodule.batches_consumed += 1
+            yield batch
