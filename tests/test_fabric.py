@@ -13,11 +13,12 @@ def fabric(recipe, *extra: str) -> subprocess.CompletedProcess:
     return tinyrecipe("fabric", "--config", recipe, *extra)
 
 
-def test_fabric_refuses_map_style_data_in_one_line():
+def test_fabric_refuses_data_without_a_stream_position_in_one_line():
     from tinyrecipe.train.fabric import train
 
-    with pytest.raises(ValueError, match="SFTDataModule is for tinyrecipe fit"):
-        train({"data": {"class_path": "tinyrecipe.data.sft.SFTDataModule"}})
+    boring = "lightning.pytorch.demos.boring_classes.BoringDataModule"
+    with pytest.raises(ValueError, match="BoringDataModule does not"):
+        train({"data": {"class_path": boring}})
 
 
 def test_fabric_loop_matches_the_trainer_loss_sequence(corpus, tmp_path):

@@ -351,6 +351,44 @@ def test_sft_resumes_mid_epoch_exactly(corpus, tmp_path):
     assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
 
 
+def test_fabric_loop_fine_tunes_like_the_trainer_across_epochs(corpus, tmp_path):
+    """The Fabric loop on SFT data: the Trainer's loss sequence (1e-5), over 3 epochs of rows."""
+    import lightning as L
+
+    from tinyrecipe.train.fabric import train
+    from tinyrecipe.train.finetune import load_pretrained
+
+    hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)
+    records = [
+        {"prompt": f"What does f{i}() do?", "response": "It counts " + "items " * i}
+        for i in range(8)
+    ]  # 2 micro-batches of 4 an epoch
+    model = dict(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=6)
+    data = dict(records=records, tokenizer_dir=str(corpus["root"] / "tok"), block_size=64)
+    data |= dict(batch_size=4, val_fraction=0.0)
+
+    class Losses(L.Callback):
+        values: list = []
+
+        def on_train_batch_end(self, trainer, *args):
+            self.values.append(float(trainer.callback_metrics["train/loss"]))
+
+    module = load_pretrained(hf_dir, **model)
+    trainer = quiet_trainer(max_steps=6, log_every_n_steps=1, callbacks=[Losses()])
+    L.seed_everything(0)
+    trainer.fit(module, SFTDataModule(**data))
+    root = str(tmp_path / "fabric")
+    recipe = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "default_root_dir": root},
+        "model": {**dict(module.hparams), **model},
+        "data": {"class_path": "tinyrecipe.data.sft.SFTDataModule", "init_args": data},
+    }
+    losses = train(recipe)
+    assert len(Losses.values) == len(losses) == 6
+    assert losses == pytest.approx(Losses.values, abs=1e-5)
+
+
 def test_finetune_recipe_runs_from_a_converted_checkpoint(corpus, tmp_path):
     """The recipe as a user runs it, on a HF model converted with `tinyrecipe convert from-hf`."""
     hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)

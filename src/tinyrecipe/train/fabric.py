@@ -26,8 +26,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader
 
-from tinyrecipe.data.datamodule import MixedStreamingDataModule
+from tinyrecipe.data.position import StreamPosition
 from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.io import publish, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered, reshard
@@ -178,10 +179,10 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     t, m = recipe.get("trainer") or {}, dict(recipe.get("model") or {})
     data_spec = dict(recipe.get("data") or {})
     data_class = _import(data_spec.pop("class_path", DEFAULT_DATA))
-    if not issubclass(data_class, MixedStreamingDataModule):  # an endless, rank-aware stream
+    if not issubclass(data_class, StreamPosition):  # a rank-aware stream with a position
         raise ValueError(
-            f"tinyrecipe fabric trains on the streaming pretraining data (data: "
-            f"{DEFAULT_DATA}); {data_class.__name__} is for tinyrecipe fit"
+            f"tinyrecipe fabric trains on a DataModule that streams with a position "
+            f"(tinyrecipe.data.position.StreamPosition); {data_class.__name__} does not"
         )
     data_args = dict(data_spec.pop("init_args", {}), **data_spec)
     root = Path(t.get("default_root_dir") or "out")
@@ -232,7 +233,10 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         step = state["global_step"] = int(remainder.get("global_step", state["global_step"]))
         set_scheduled_lr(scheduler)  # this recipe's schedule from the resumed step on
     train_loader = fabric.setup_dataloaders(data.train_dataloader(), use_distributed_sampler=False)
-    val_loaders = [fabric.setup_dataloaders(v) for v in (data.val_dataloader() or [])]
+    val = data.val_dataloader() or []
+    val_loaders = [
+        fabric.setup_dataloaders(v) for v in ([val] if isinstance(val, DataLoader) else val)
+    ]
     sources = data.val_sources() if hasattr(data, "val_sources") else []
 
     clip = t.get("gradient_clip_val")
@@ -262,7 +266,10 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     while step < max_steps:
         loss_sum = z_sum = None
         for micro in range(accumulate):
-            batch = next(batches)
+            batch = next(batches, None)
+            if batch is None:  # an epoch of SFT rows ended: the next one starts
+                batches = iter(train_loader)
+                batch = next(batches)
             not_last = micro < accumulate - 1
             with (
                 fabric.no_backward_sync(model, enabled=not_last),
