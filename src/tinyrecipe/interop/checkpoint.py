@@ -16,7 +16,7 @@ from tinyrecipe.io import atomic_path
 from tinyrecipe.model import ModelConfig
 from tinyrecipe.model.config import DEFAULT_PRESET, resolve_config
 from tinyrecipe.model.hf import from_hf_config, from_hf_state_dict
-from tinyrecipe.model.lora import merge_lora
+from tinyrecipe.model.lora import lora_of, merge_lora
 
 
 def config_from_hparams(hparams: dict) -> ModelConfig:
@@ -85,8 +85,9 @@ def load_tinyrecipe_checkpoint(
     state = {
         k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
     }
-    if merge and hparams.get("lora_rank"):  # a LoRA run reads as the plain decoder it equals
-        state = merge_lora(state, hparams.get("lora_alpha", 16.0) / hparams["lora_rank"])
+    if merge and (lora := lora_of(hparams)):  # a LoRA run reads as the plain decoder it equals
+        rank, alpha = lora
+        state = merge_lora(state, alpha / rank)
     return config, state
 
 
@@ -113,9 +114,7 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
 
 def checkpoint_lora(path: str | Path) -> tuple[int, float] | None:
     """(lora_rank, lora_alpha) of a LoRA run's checkpoint, None for any other checkpoint."""
-    hparams = (_checkpoint_meta(Path(path)) or {}).get("hyper_parameters") or {}
-    rank = hparams.get("lora_rank")
-    return (int(rank), float(hparams.get("lora_alpha", 16.0))) if rank else None
+    return lora_of((_checkpoint_meta(Path(path)) or {}).get("hyper_parameters") or {})
 
 
 def checkpoint_step(path: str | Path) -> int:

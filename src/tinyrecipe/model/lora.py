@@ -25,6 +25,13 @@ import torch.nn.functional as F
 # Linear layers of a block, by their path inside it; the head is left out (the chunked loss
 # reads its weight directly).
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.proj")
+LORA_ALPHA = 16.0  # model.lora_alpha's default
+
+
+def lora_of(hparams) -> tuple[int, float] | None:
+    """(lora_rank, lora_alpha) of a module's or a checkpoint's hyper-parameters; None: no LoRA."""
+    rank = hparams.get("lora_rank")
+    return (int(rank), float(hparams.get("lora_alpha", LORA_ALPHA))) if rank else None
 
 
 class LoRALinear(nn.Linear):

@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tinyrecipe.model.attention import load_flash_attn, load_torch_varlen
 from tinyrecipe.model.llama import Llama
-from tinyrecipe.model.lora import LORA_TARGETS, apply_lora, check_lora
+from tinyrecipe.model.lora import LORA_ALPHA, LORA_TARGETS, apply_lora, check_lora
 
 
 def check_float8(device: torch.device | str | None) -> None:
@@ -174,7 +174,7 @@ def parallelize(
     model: Llama,
     *,
     lora_rank: int | None = None,
-    lora_alpha: float = 16.0,
+    lora_alpha: float = LORA_ALPHA,
     lora_targets=LORA_TARGETS,
     float8: bool = False,
     activation_checkpointing: bool = False,

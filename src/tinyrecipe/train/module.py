@@ -28,7 +28,7 @@ from tinyrecipe.model.config import (
     overrides_dict,
     resolve_config,
 )
-from tinyrecipe.model.lora import LORA_TARGETS, check_lora, lora_params
+from tinyrecipe.model.lora import LORA_ALPHA, LORA_TARGETS, check_lora, lora_of, lora_params
 from tinyrecipe.model.parallelize import parallelize
 from tinyrecipe.planning.flops import (
     compute_dtype,
@@ -78,11 +78,10 @@ def describe(module: CausalLMModule, precision: str, device: torch.device) -> st
 
 def lora_setting(hparams) -> str | None:
     """'rank 8, alpha 16, targets ...' of a module's (or a checkpoint's) LoRA keys; None: off."""
-    rank = hparams.get("lora_rank")
-    if not rank:
+    if (lora := lora_of(hparams)) is None:
         return None
     targets = ", ".join(hparams.get("lora_targets") or LORA_TARGETS)
-    return f"rank {rank}, alpha {hparams.get('lora_alpha', 16.0):g}, targets {targets}"
+    return f"rank {lora[0]}, alpha {lora[1]:g}, targets {targets}"
 
 
 def set_scheduled_lr(scheduler: LambdaLR) -> None:
@@ -181,7 +180,7 @@ class CausalLMModule(L.LightningModule):
         compile: bool = False,
         float8: bool = False,
         lora_rank: int | None = None,
-        lora_alpha: float = 16.0,
+        lora_alpha: float = LORA_ALPHA,
         lora_targets: list[str] | None = None,
         optimizer_kernel: str = "auto",
         nonfinite_loss: str = "stop",
@@ -241,7 +240,7 @@ class CausalLMModule(L.LightningModule):
         return parallelize(
             model,
             lora_rank=hp.get("lora_rank"),
-            lora_alpha=hp.get("lora_alpha", 16.0),
+            lora_alpha=hp.get("lora_alpha", LORA_ALPHA),
             lora_targets=self.lora_targets,
             float8=hp.float8,
             activation_checkpointing=hp.activation_checkpointing,
