@@ -184,7 +184,7 @@ def build_run(
             precision=precision,
             activation_checkpointing=s["ckpt"],
             compiled=s["compile"],
-            lora=lora_params(cfg, s.get("lora")),
+            lora=run.lora,
         )
         run.estimate_mib = est.total / MiB
         return run

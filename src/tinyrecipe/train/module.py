@@ -61,9 +61,8 @@ def describe(module: CausalLMModule, precision: str, device: torch.device) -> st
     probe = torch.empty(0, device=device, dtype=compute_dtype(precision))
     hp, cfg = module.hparams, module.config
     lora = ""
-    if hp.get("lora_rank"):
-        trainable = lora_params(cfg, hp.lora_rank, module.lora_targets)
-        lora = f" ({trainable / 1e6:.2f}M trainable: lora r={hp.lora_rank})"
+    if module.adapter_params:
+        lora = f" ({module.adapter_params / 1e6:.2f}M trainable: lora r={hp.lora_rank})"
     return (
         f"tinyrecipe: {cfg.num_params() / 1e6:.1f}M params{lora}, "
         f"attention={select_backend(probe, cfg.attention)}, "
@@ -197,6 +196,7 @@ class CausalLMModule(L.LightningModule):
         # the recipe changed.
         self.hparams["config"] = overrides_dict(config)
         self.config = resolve_config(preset, config)
+        self.adapter_params = lora_params(self.config, lora_rank, self.lora_targets)  # 0: no LoRA
         self.model: Llama | None = None
         self._val_sums: dict[int, torch.Tensor] = {}
         self._flops_per_batch = 0.0
@@ -299,8 +299,7 @@ class CausalLMModule(L.LightningModule):
     def train_flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token of this module's decoder (a LoRA run's frozen matrices take
         no weight gradient): the one count both loops' throughput logs use."""
-        lora = lora_params(self.config, self.hparams.get("lora_rank"), self.lora_targets)
-        return train_flops_per_token(self.config, seq_len, lora)
+        return train_flops_per_token(self.config, seq_len, self.adapter_params)
 
     def forward_flops_per_token(self, seq_len: int) -> float:
         return forward_flops_per_token(self.config, seq_len)
