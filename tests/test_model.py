@@ -393,3 +393,30 @@ def test_float8_swaps_the_block_linears_and_trains_close_to_the_plain_model(monk
     )
     with pytest.raises(ImportError, match="model.float8 needs torchao: pip install"):
         parallelize(Llama(SMALL), float8=True)
+
+
+def test_checkpointed_blocks_compile_whole_and_keep_their_names(monkeypatch):
+    """Activation checkpointing + per-block compile: dynamo captures each block's checkpointed
+    forward as one graph (a block that ran eager would capture none), parameter names stay, and
+    loss and gradients equal the plain model's."""
+    from torch._dynamo.testing import CompileCounter
+
+    from tinyrecipe.model.parallelize import parallelize
+
+    cfg = ModelConfig.from_name("tiny", n_layer=2, vocab_size=256, block_size=32)
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    counter, real_compile = CompileCounter(), torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=counter, **kw))
+    torch._dynamo.reset()
+    runs = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = parallelize(Llama(cfg), activation_checkpointing=checkpointing, compile=True)
+        frames = counter.frame_count
+        _, loss = model(idx, idx.roll(-1, 1))
+        loss.backward()
+        runs.append((list(model.state_dict()), loss, model.blocks[1].mlp.proj.weight.grad))
+        assert counter.frame_count == frames + 1  # one graph, shared by both blocks
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[1][1], runs[0][1])
+    torch.testing.assert_close(runs[1][2], runs[0][2])

@@ -316,8 +316,8 @@ def test_fit_logs_checkpoints_and_generates(corpus, tmp_path, capsys):
 
 
 def test_speed_switches_train_like_the_reference(corpus, tmp_path):
-    """Per-block compile, the chunked loss and the foreach AdamW give the plain run's losses, and
-    the run says which paths it took."""
+    """Per-block compile (whole-graph, over checkpointed blocks), the chunked loss and the foreach
+    AdamW give the plain run's losses, and the run says which paths it took."""
     plain = write_recipe(tmp_path / "plain", corpus, max_steps=4, every=100)
     assert fit(plain, "--trainer.callbacks", "[]").returncode == 0
     fast = write_recipe(tmp_path / "fast", corpus, max_steps=4, every=100)
@@ -332,10 +332,13 @@ def test_speed_switches_train_like_the_reference(corpus, tmp_path):
         switches,
         "--model.optimizer_kernel",
         "foreach",
+        "--model.activation_checkpointing",
+        "true",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     said = result.stdout + result.stderr
     assert "attention=sdpa" in said and "compile=per-block" in said and "chunked(48)," in said
+    assert "activation_checkpointing=True" in said
     assert "+compiled" not in said  # fp32 keeps the in-place loss kernel (bf16/fp16 compile it)
     one = scalars(tmp_path / "plain/tensorboard")["train/loss"]
     two = scalars(tmp_path / "fast/tensorboard")["train/loss"]

@@ -4,16 +4,15 @@ float8 linear layers, activation checkpointing, per-block `torch.compile` and FS
 parameter names stay the same under all of them.
 
 `parallelize` applies them in the one order that composes: LoRA or float8 swaps the blocks'
-linear layers first (the others then wrap, trace and shard the swapped modules); checkpointing wraps a
-block's forward next, so compile traces the checkpointed forward (one graph that recomputes in
-backward); compile comes before sharding, so FSDP2's all-gather and reduce-scatter hooks run
+linear layers first (the others then wrap, trace and shard the swapped modules); checkpointing makes each
+block a `CheckpointedBlock` next, so compile traces the checkpointed forward (one graph that
+recomputes in backward); compile comes before sharding, so FSDP2's all-gather and reduce-scatter hooks run
 eagerly around each compiled block instead of breaking the graph; the model is materialised
 last, already sharded, so a model built on the meta device never exists whole in memory.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 from contextlib import contextmanager
 from importlib.metadata import version
@@ -22,7 +21,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from tinyrecipe.model.attention import load_flash_attn, load_torch_varlen
-from tinyrecipe.model.llama import Llama
+from tinyrecipe.model.llama import Block, Llama
 from tinyrecipe.model.lora import LORA_ALPHA, LORA_TARGETS, apply_lora, check_lora
 
 
@@ -73,24 +72,33 @@ def apply_float8(model: Llama) -> None:
     convert_to_float8_training(model, module_filter_fn=wanted)
 
 
+class CheckpointedBlock(Block):
+    """A decoder block that recomputes its activations in backward. Its forward calls
+    `checkpoint` itself, so `torch.compile` of the block traces the checkpoint as one
+    higher-order op (forward and recompute in one graph) instead of stopping at
+    `checkpoint`'s dynamo-disabled frame and running the block eagerly."""
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+
+
 def apply_activation_checkpointing(model: Llama) -> None:
-    """Recompute each block's activations in backward. Parameter names stay unchanged."""
+    """Recompute each block's activations in backward: each block becomes a `CheckpointedBlock`
+    (its class swapped in place, so parameter names and state-dict keys stay unchanged)."""
     for block in model.blocks:
-        if getattr(block, "_checkpointed", False):
-            continue
-        plain_forward = block.forward
-        block.forward = functools.partial(checkpoint, plain_forward, use_reentrant=False)
-        block._checkpointed = True
+        if not isinstance(block, CheckpointedBlock):
+            block.__class__ = CheckpointedBlock
 
 
 def compile_blocks(model: Llama) -> None:
-    """`torch.compile` each decoder block in place (state-dict names unchanged). All blocks share
-    one compiled graph, so compile time is one block's, not the model's (torchtitan's choice).
+    """`torch.compile` each decoder block in place (state-dict names unchanged), whole-graph:
+    a graph break is an error, never a block that silently runs eager. All blocks share one
+    compiled graph, so compile time is one block's, not the model's (torchtitan's choice).
     The chunked loss's bf16/fp16 softmax work is compiled too (`tinyrecipe.model.loss`)."""
     load_flash_attn()  # settle the kernel choices outside the graph
     load_torch_varlen()
     for block in model.blocks:
-        block.compile()
+        block.compile(fullgraph=True)
     model.compile_loss = True
 
 
