@@ -3,6 +3,7 @@ DDP / FSDP2 on 2 CPU processes match the single-process run."""
 
 import io
 import json
+import re
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -62,6 +63,21 @@ def test_quickstart_finetune_recipe_has_the_quickstart_models_shape():
         config = resolve_config(model["preset"], model["config"])
         shapes.append({k: getattr(config, k) for k in SHAPE_FIELDS})
     assert shapes[0] == shapes[1]
+
+
+def test_ablations_read_the_quickstart_data_with_its_shape():
+    """`make quickstart`, then the README's `tinyrecipe fit --config recipes/ablations/base.yaml
+    --config recipes/ablations/mha.yaml`: the base reads the quickstart's data and tokenizer, so
+    its vocabulary must be the quickstart tokenizer's (Makefile VOCAB)."""
+    quickstart = print_config(ROOT / "recipes/quickstart.yaml")
+    base = print_config(ROOT / "recipes/ablations/base.yaml")
+    vocab = re.search(r"^VOCAB \?= (\d+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert base["model"]["config"]["vocab_size"] == int(vocab)
+    assert quickstart["model"]["config"]["vocab_size"] == int(vocab)
+    assert base["data"]["tokenizer_dir"] == quickstart["data"]["tokenizer_dir"]
+    assert [s["train"] for s in base["data"]["sources"]] == [
+        s["train"] for s in quickstart["data"]["sources"]
+    ]
 
 
 @pytest.mark.parametrize("overlay", ABLATIONS, ids=lambda p: p.name)

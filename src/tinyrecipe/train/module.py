@@ -364,9 +364,9 @@ class CausalLMModule(L.LightningModule):
         self.log("train/loss", stats.loss)
         self.log("train/grad_norm", stats.grad_norm)
         self.log("train/skipped_steps", self._skipped)
-        self.log(
-            "train/tokens_seen", float(before + (self.global_step + 1 - start_step) * per_step)
-        )
+        tokens = before + (self.global_step + 1 - start_step) * per_step
+        # a device fill, not a tensor built from a Python float (a host-to-device copy per step)
+        self.log("train/tokens_seen", torch.full((), tokens, device=self.device, dtype=torch.float64))
 
     def on_train_end(self) -> None:
         self.guard.flush()

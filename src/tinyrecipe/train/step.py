@@ -107,8 +107,8 @@ def _local_sq_norm(grads: list[torch.Tensor], world: int) -> torch.Tensor:
     """This rank's share of the squared gradient norm, so that the sum over all ranks is the full
     squared norm: each gradient's local squares are divided by the number of ranks that hold the
     same values (every rank for a gradient held whole, as on one device or under DDP; world / S
-    for an FSDP2 DTensor sharded S ways)."""
-    total = None
+    for an FSDP2 DTensor sharded S ways). One fused multi-tensor norm per sharding layout."""
+    by_replicas: dict[int, list[torch.Tensor]] = {}
     for g in grads:
         replicas = world
         if hasattr(g, "to_local"):  # a DTensor: its local shard, and how many ranks share it
@@ -118,7 +118,11 @@ def _local_sq_norm(grads: list[torch.Tensor], world: int) -> torch.Tensor:
                     shards *= size
             replicas = world // shards
             g = g.to_local()
-        sq = torch.linalg.vector_norm(g, dtype=torch.float32).square() / replicas
+        by_replicas.setdefault(replicas, []).append(g)
+    total = None
+    for replicas, group in by_replicas.items():
+        norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+        sq = torch.stack(norms).square().sum() / replicas
         total = sq if total is None else total + sq
     return total
 
@@ -156,7 +160,8 @@ def finish_step(
     world = _world_size()
     device = loss_sum.device
     sq = _local_sq_norm(grads, world) if grads else torch.zeros((), device=device)
-    values = [sq.to(device), loss_sum.float(), torch.tensor(float(micro_batches), device=device)]
+    count = torch.full((), float(micro_batches), device=device)  # a fill kernel: no host copy
+    values = [sq.to(device), loss_sum.float(), count]
     if z_sum is not None:
         values.append(z_sum.float())
     packed = torch.stack(values)
