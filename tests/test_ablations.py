@@ -3,6 +3,7 @@ cannot tell apart, and the CPU mini-ladder runs end to end: ladder -> sweep -> c
 fit-law -> plan --law."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,9 +81,9 @@ def test_compare_tables_plots_and_marks_what_the_seeds_cannot_tell_apart(tmp_pat
     from tinyrecipe.experiments.runs import read_run
 
     finals = {  # base: 3.00 / 3.10 across seeds; close: inside that spread; far: outside it
-        "base": ([3.5, 3.00], [3.6, 3.10]),
         "close": ([3.5, 3.02], [3.6, 3.08]),
         "far": ([3.5, 2.50], [3.6, 2.52]),
+        "base": ([3.5, 3.00], [3.6, 3.10]),
     }
     runs = []
     for name, curves in finals.items():
@@ -91,7 +92,8 @@ def test_compare_tables_plots_and_marks_what_the_seeds_cannot_tell_apart(tmp_pat
             runs.append(read_run(tmp_path / f"{name}-seed{seed}"))
     text, files = report(runs, tmp_path / "report")
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
-    assert set(rows) == {"base", "close", "far"}
+    assert list(rows) == ["base", "close", "far"]  # the baseline first, wherever it was given
+    assert "changes vs base" in text.splitlines()[0]
     assert "(n.s.)" in rows["close"] and "(*)" in rows["far"] and "model.lr=0.002" in rows["far"]
     assert "3.0500 ± 0.0500" in rows["base"] and "| 2 |" in rows["base"]
     assert all(f.is_file() and f.stat().st_size > 1000 for f in files)
@@ -99,10 +101,45 @@ def test_compare_tables_plots_and_marks_what_the_seeds_cannot_tell_apart(tmp_pat
     assert runs[0].tokens_at(40) == 40_000 and runs[0].n_params > 0
     from tinyrecipe.experiments.runs import loss_points
 
-    points, names = loss_points(runs[:2])
+    points, names = loss_points(runs[-2:])
     assert [p[1] for p in points] == [10_000, 20_000] * 2 and names == ["base-seed1"] * 2 + [
         "base-seed2"
     ] * 2
+    other, _ = report(runs, tmp_path / "other", baseline="far")
+    assert other.splitlines()[2].startswith("| far |") and "model.lr=0.001" in other
+
+
+def test_a_log_axis_shorter_than_a_decade_keeps_tick_labels():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tinyrecipe.experiments.compare import log_x_axis
+
+    for xs, labelled in (([10_000, 20_000], True), ([1e3, 1e6], False)):
+        fig, ax = plt.subplots()
+        ax.plot(xs, [1, 2])
+        log_x_axis(ax)
+        fig.canvas.draw()
+        minor = [t.get_text() for t in ax.xaxis.get_minorticklabels() if t.get_text()]
+        major = [t.get_text() for t in ax.xaxis.get_majorticklabels() if t.get_text()]
+        assert bool(minor) == labelled and (minor or major)
+        plt.close(fig)
+
+
+def test_the_documented_sweep_glob_runs_the_base_first():
+    """docs/ablations.md: `tinyrecipe sweep --base recipes/ablations/base.yaml
+    recipes/ablations/*.yaml --dry-run` lists the base (the baseline) and each overlay once."""
+    overlays = sorted(str(p) for p in (ROOT / "recipes/ablations").glob("*.yaml"))
+    listed = cli(
+        "sweep", "--base", ROOT / "recipes/ablations/base.yaml", *overlays, "--dry-run"
+    ).stdout.splitlines()
+    names = [line.split(" [")[0] for line in listed]
+    assert names[0] == "base" and sorted(names[1:]) == sorted(
+        Path(p).stem for p in overlays if Path(p).stem != "base"
+    )
+    assert "--config" in listed[0] and listed[0].count("--config") == 1
 
 
 def localised_ladder_base(corpus, tmp):

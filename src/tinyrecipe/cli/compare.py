@@ -1,5 +1,5 @@
 """`tinyrecipe compare RUN_DIR... [--out report/]`: a table of the runs (what each recipe changes
-against the first, tokens, FLOPs, validation losses, downstream scores, speed), PNG plots of
+against the baseline's: the runs named `base`, a sweep's base recipe, or `--baseline NAME`; tokens, FLOPs, validation losses, downstream scores, speed), PNG plots of
 validation loss against tokens and FLOPs (seeds as bands) and `report.md` embedding them
 (`tinyrecipe.experiments.compare`)."""
 
@@ -15,9 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tinyrecipe compare", description=__doc__)
     parser.add_argument("runs", nargs="+", help="run directories (trainer.default_root_dir)")
     parser.add_argument("--out", default="report", help="where report.md and the plots go")
+    parser.add_argument(
+        "--baseline", help="the configuration the others are measured against (default: base)"
+    )
     args = parser.parse_args(argv)
     runs = [read_run(path) for path in args.runs]
-    text, files = report(runs, args.out)
+    text, files = report(runs, args.out, args.baseline)
     print(text)
     print(f"\nreport: {files[0]} (plots: {', '.join(f.name for f in files[1:])})")
     return 0

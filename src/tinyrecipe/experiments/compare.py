@@ -1,4 +1,4 @@
-"""Runs against each other: a table (what each recipe changes against the first run, tokens,
+"""Runs against each other: a table (what each recipe changes against the baseline run, tokens,
 training FLOPs, validation losses, downstream scores, speed) and plots of validation loss
 against tokens and against FLOPs, one line per run, seeds drawn as a band; a markdown report
 embeds them. A difference smaller than the seed-to-seed spread is marked "n.s."."""
@@ -82,9 +82,20 @@ def _fmt(value, spec: str = ".4f") -> str:
     return format(value, spec)
 
 
-def table(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    """The comparison table: a header and one row per configuration (seeds averaged)."""
-    groups = group_runs(runs)
+def baseline_first(groups: list[Group], baseline: str | None = None) -> list[Group]:
+    """The groups with the baseline first: the one named `baseline`, else one named `base` (a
+    sweep's base recipe), else the first given."""
+    names = [g.name for g in groups]
+    if baseline is not None and baseline not in names:
+        raise ValueError(f"--baseline {baseline!r} names no run; the runs are {', '.join(names)}")
+    want = baseline or ("base" if "base" in names else names[0])
+    return sorted(groups, key=lambda g: g.name != want)
+
+
+def table(runs: list[Run], baseline: str | None = None) -> tuple[list[str], list[list[str]]]:
+    """The comparison table: a header and one row per configuration (seeds averaged), the
+    baseline's first (`baseline_first`)."""
+    groups = baseline_first(group_runs(runs), baseline)
     first = groups[0]
     sources = sorted({t for r in runs for t in r.scalars if t.startswith("val/loss/")})
     downstream = sorted({t for r in runs for t in r.scalars if t.startswith("eval/")})
@@ -141,6 +152,17 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def log_x_axis(ax) -> None:
+    """A log x axis labelled at its decades; one spanning less than a decade has no decade tick,
+    so its minor ticks (2, 3, 5 x 10^k) keep their labels."""
+    import matplotlib.ticker
+
+    ax.set_xscale("log")
+    low, high = ax.get_xlim()
+    if high >= 10 * low:
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
 def plot(runs: list[Run], out: Path, tag: str = "val/loss") -> list[Path]:
     """val/loss against tokens and against training FLOPs (log x), one line per configuration;
     several seeds: their mean, with the band between the lowest and highest seed."""
@@ -167,8 +189,7 @@ def plot(runs: list[Run], out: Path, tag: str = "val/loss") -> list[Path]:
             (line,) = ax.plot(x, ys.mean(0), marker=".", label=f"{group.name} ({len(curves)})")
             if len(curves) > 1:
                 ax.fill_between(x, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        log_x_axis(ax)
         ax.set_xlabel(label)
         ax.set_ylabel(tag)
         ax.grid(True, which="both", alpha=0.3)
@@ -182,12 +203,12 @@ def plot(runs: list[Run], out: Path, tag: str = "val/loss") -> list[Path]:
     return paths
 
 
-def report(runs: list[Run], out: str | Path) -> tuple[str, list[Path]]:
+def report(runs: list[Run], out: str | Path, baseline: str | None = None) -> tuple[str, list[Path]]:
     """Write `out/report.md` (the table and the plots) and the PNGs; returns (table text,
     written files)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    header, rows = table(runs)
+    header, rows = table(runs, baseline)
     text = markdown_table(header, rows)
     images = plot(runs, out)
     body = [
@@ -197,7 +218,7 @@ def report(runs: list[Run], out: str | Path) -> tuple[str, list[Path]]:
         "",
         text,
         "",
-        "`(n.s.)`: the difference from the first configuration's final validation loss is smaller "
+        "`(n.s.)`: the difference from the baseline's (first row's) final validation loss is smaller "
         "than the seed-to-seed range; `(*)`: larger. `±`: half the seed range.",
         "",
         *[f"![{p.stem}]({p.name})\n" for p in images],

@@ -58,8 +58,10 @@ def plan_sweep(
     seeds: list[int] | None = None,
     sets: list[str] | None = None,
 ) -> list[SweepRun]:
-    """One run per overlay (the base alone when there is none) and seed, named after the
-    overlay file (`<name>-seed<N>` with seeds), under `out`."""
+    """One run per overlay and seed, named after its recipe file (`<name>-seed<N>` with seeds),
+    under `out`. The base runs alone too, first, when it is listed among the overlays (`sweep
+    --base DIR/base.yaml DIR/*.yaml`) or there are none: the baseline `compare` measures the
+    others against (a ladder's base, not listed, is no run of its own)."""
     base, out = Path(base), Path(out)
     for path in [base, *map(Path, overlays)]:
         if not path.is_file():
@@ -67,10 +69,10 @@ def plan_sweep(
     for item in sets or []:
         if "=" not in item or item.startswith("="):
             raise ValueError(f"--set {item!r} is not key=value (e.g. --set trainer.max_steps=200)")
-    # `sweep --base DIR/base.yaml DIR/*.yaml`: the base is not an overlay of itself
-    overlays = [o for o in overlays if Path(o).resolve() != base.resolve()]
+    listed = [o for o in overlays if Path(o).resolve() != base.resolve()]
+    with_base = len(listed) < len(overlays) or not overlays
     runs = []
-    for overlay in overlays or [None]:
+    for overlay in [None] * with_base + listed:
         name = Path(overlay).stem if overlay else base.stem
         configs = [base] + ([Path(overlay)] if overlay else [])
         for seed in seeds or [None]:

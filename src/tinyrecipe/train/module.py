@@ -366,7 +366,9 @@ class CausalLMModule(L.LightningModule):
         self.log("train/skipped_steps", self._skipped)
         tokens = before + (self.global_step + 1 - start_step) * per_step
         # a device fill, not a tensor built from a Python float (a host-to-device copy per step)
-        self.log("train/tokens_seen", torch.full((), tokens, device=self.device, dtype=torch.float64))
+        self.log(
+            "train/tokens_seen", torch.full((), tokens, device=self.device, dtype=torch.float64)
+        )
 
     def on_train_end(self) -> None:
         self.guard.flush()
