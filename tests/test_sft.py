@@ -429,3 +429,23 @@ def test_finetune_recipe_runs_from_a_converted_checkpoint(corpus, tmp_path):
     assert len(steps) == 3 and steps[0] == 0  # the step-0 evaluation, then every 3 steps
     assert "val/loss/sft" in logged and "train/loss" in logged
     assert (out / "checkpoints/last.ckpt").is_file()  # under the one output directory
+
+
+def test_a_step_is_normalised_by_the_global_target_tokens(tmp_path):
+    """SFT losses per target token over the whole step: 2 FSDP2 processes x 4 micro-batches with
+    1 to 24 target tokens per row take the same loss, norm and gradients (1e-5) as one process
+    with the whole batch in one micro-batch (a mean per micro-batch would not)."""
+    out = tmp_path / "step.json"
+    script = ROOT / "tests/helpers/per_token_step.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(out), "2", "4"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    sharded, whole = result["sharded"], result["whole"]
+    assert sharded["loss"] == pytest.approx(whole["loss"], abs=1e-5)
+    assert sharded["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    for name, grad in whole["grads"].items():
+        torch.testing.assert_close(
+            torch.tensor(sharded["grads"][name]), torch.tensor(grad), atol=1e-5, rtol=0
+        )

@@ -281,6 +281,8 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
         vocab_size: the model's (linked by the CLI); the tokenizer must fit in it.
     """
 
+    targets_vary = True  # prompts and padding take no loss: steps normalise per target token
+
     def __init__(
         self,
         train_file: str | None = None,

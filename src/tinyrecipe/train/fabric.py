@@ -39,6 +39,8 @@ from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr, 
 from tinyrecipe.train.step import (
     finish_step,
     micro_batch_loss,
+    per_token_loss,
+    target_tokens,
     val_metrics,
     val_sums,
     z_loss_term,
@@ -257,14 +259,16 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         if downstream.pop("at_start", False) and step == 0:
             _downstream(fabric, module, downstream, 0)
 
-    losses: list[torch.Tensor] = []
+    losses: list[float] = []
+    window: list[torch.Tensor] = []  # this logging window's step losses, still on the device
+    per_token = per_token_loss(data)
     spikes = torch.zeros((), device=fabric.device)
     batches = iter(train_loader)
     start, start_step, tokens_per_step = time.perf_counter(), step, 0
     position = data.state_dict().get("samples_consumed") if hasattr(data, "state_dict") else None
     tokens_before = position * data.block_size if position is not None else None
     while step < max_steps:
-        loss_sum = z_sum = None
+        loss_sum = z_sum = tokens = None
         for micro in range(accumulate):
             batch = next(batches, None)
             if batch is None:  # an epoch of SFT rows ended: the next one starts
@@ -276,9 +280,14 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
                 keep_gathered(module.model, enabled=not_last and not reshard_after_backward),
             ):
                 loss = micro_batch_loss(model, batch)
+                z = z_loss_term(module.model)
+                if per_token:  # summed over target tokens; `finish_step` divides by the step's
+                    n = target_tokens(batch)
+                    loss, z = loss * n, (z * n if z is not None else None)
+                    tokens = n if tokens is None else tokens + n
                 fabric.backward(loss / accumulate)
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-            if (z := z_loss_term(module.model)) is not None:
+            if z is not None:
                 z_sum = z if z_sum is None else z_sum + z
             tokens_per_step = batch["labels"].numel() * accumulate * fabric.world_size
         stats = finish_step(
@@ -289,6 +298,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
             optimizer=optimizer.optimizer,
             z_sum=z_sum,
             spikes=module.spikes,
+            tokens=tokens,
         )
         spikes = spikes + stats.spike if stats.spike is not None else spikes
         optimizer.step()
@@ -296,12 +306,14 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         scheduler.step()
         module.guard.record(stats, step)
         step += 1
-        losses.append(stats.loss)
+        window.append(stats.loss)
         if step % log_every == 0 or step == max_steps:
+            losses += torch.stack(window).tolist()  # one read per logging window
+            window.clear()
             tokens_per_sec = tokens_per_step * (step - start_step) / (time.perf_counter() - start)
             flops_per_sec = tokens_per_sec * module.train_flops_per_token(batch["labels"].size(1))
             metrics = {
-                "train/loss": stats.loss.item(),
+                "train/loss": losses[-1],
                 "train/grad_norm": stats.grad_norm.item(),
                 "lr": scheduler.get_last_lr()[0],
                 "train/tokens_seen": float(
@@ -332,4 +344,4 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     state["global_step"] = step
     _save(fabric, root / "fabric" / "last.ckpt", state)
     fabric.print(f"checkpoint: {root / 'fabric' / 'last.ckpt'}")
-    return [loss.item() for loss in losses]
+    return losses

@@ -41,6 +41,8 @@ from tinyrecipe.train.step import (
     SpikeSkipper,
     finish_step,
     micro_batch_loss,
+    per_token_loss,
+    target_tokens,
     val_metrics,
     val_sums,
     z_loss_term,
@@ -204,6 +206,8 @@ class CausalLMModule(L.LightningModule):
         self._loss_sum: torch.Tensor | None = None
         self._z_sum: torch.Tensor | None = None
         self._micro_batches = 0
+        self._target_tokens: torch.Tensor | None = None  # of the step, with per-token losses
+        self._per_token = False
         self._skipped: torch.Tensor | None = None
         self._spiked: torch.Tensor | None = None
 
@@ -271,6 +275,7 @@ class CausalLMModule(L.LightningModule):
         """Say which speed paths run (never a silent slow path)."""
         precision = str(self.trainer.precision)
         rank_zero_info(describe(self, precision, self.trainer.strategy.root_device))
+        self._per_token = per_token_loss(getattr(self.trainer, "datamodule", None))
         _sigterm_check_per_step(self.trainer)
 
     def on_train_start(self) -> None:
@@ -319,9 +324,14 @@ class CausalLMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._count_flops(batch, training=True)
         loss = micro_batch_loss(self.model, batch)
+        z = z_loss_term(self.model)
+        if self._per_token:  # summed over target tokens; `finish_step` divides by the step's
+            n = target_tokens(batch)
+            loss, z = loss * n, (z * n if z is not None else None)
+            self._target_tokens = n if self._target_tokens is None else self._target_tokens + n
         detached = loss.detach()
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
-        if (z := z_loss_term(self.model)) is not None:
+        if z is not None:
             self._z_sum = z if self._z_sum is None else self._z_sum + z
         self._micro_batches += 1
         return loss
@@ -346,8 +356,10 @@ class CausalLMModule(L.LightningModule):
             optimizer=getattr(optimizer, "_optimizer", optimizer),
             z_sum=self._z_sum,
             spikes=self.spikes,
+            tokens=self._target_tokens,
         )
         self._loss_sum, self._z_sum, self._micro_batches = None, None, 0
+        self._target_tokens = None
         self.guard.record(stats, self.global_step)
         self._skipped = (
             stats.nonfinite if self._skipped is None else self._skipped + stats.nonfinite

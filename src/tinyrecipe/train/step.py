@@ -43,6 +43,19 @@ def micro_batch_loss(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tens
     return loss
 
 
+def target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The number of positions of a batch whose loss is taken (labels not IGNORE_INDEX)."""
+    return (batch["labels"] != IGNORE_INDEX).sum()
+
+
+def per_token_loss(datamodule) -> bool:
+    """Whether a DataModule's batches hold varying numbers of target tokens (its
+    `targets_vary`: SFT's prompts and padding), so a step's loss is normalised per target token
+    over the whole step (`finish_step(tokens=...)`). Pretraining's full blocks keep the mean over
+    micro-batches (the same value there, and bitwise the reference run's)."""
+    return bool(getattr(datamodule, "targets_vary", False))
+
+
 def z_loss_term(model: Llama) -> torch.Tensor | None:
     """The z-loss part of the model's last training loss (detached), None when z-loss is off."""
     return getattr(model, "z_loss_term", None) if model.config.z_loss else None
@@ -148,19 +161,31 @@ def finish_step(
     optimizer: torch.optim.Optimizer | None = None,
     z_sum: torch.Tensor | None = None,
     spikes: SpikeSkipper | None = None,
+    tokens: torch.Tensor | None = None,
 ) -> StepStats:
     """After the last backward of a step and before `optimizer.step()`: reduce the norm and the
     loss in one all-reduce, clip, and arm the optimizer to skip a non-finite step on the device.
 
     `loss_sum` is this rank's sum of the micro-batch losses (detached), `z_sum` of their z-loss
-    parts (reduced in the same all-reduce). An optimizer without the fused kernel cannot skip on
-    the device; then a bad step's gradients are dropped on the host (one device sync, only for
-    that kernel)."""
+    parts (reduced in the same all-reduce); the step's loss is their mean over micro-batches and
+    ranks. With `tokens` (this rank's target tokens in the step) the step is per token instead:
+    each micro-batch's loss and backward were *sums* over its target tokens (`loss x
+    target_tokens(batch)`; the loop and the strategy average their gradients over the
+    `micro_batches` and the ranks, as for means), and the loss and the gradients become means over
+    the whole step's target tokens, as one process with the whole batch would take them, however
+    unequally the tokens fall across micro-batches and ranks (torchtitan's and OLMo-core's
+    global-token normalisation). The token count rides in the same all-reduce.
+
+    An optimizer without the fused kernel cannot skip on the device; then a bad step's gradients
+    are dropped on the host (one device sync, only for that kernel)."""
     grads = [p.grad for p in params if p.grad is not None]
     world = _world_size()
     device = loss_sum.device
     sq = _local_sq_norm(grads, world) if grads else torch.zeros((), device=device)
-    count = torch.full((), float(micro_batches), device=device)  # a fill kernel: no host copy
+    if tokens is None:
+        count = torch.full((), float(micro_batches), device=device)  # a fill: no host copy
+    else:
+        count = tokens.float()
     values = [sq.to(device), loss_sum.float(), count]
     if z_sum is not None:
         values.append(z_sum.float())
@@ -169,12 +194,20 @@ def finish_step(
         dist.all_reduce(packed)
     grad_norm = packed[0].sqrt()
     loss = packed[1] / packed[2]
+    rescale = None
+    if tokens is not None:  # gradients of summed losses, averaged over micro-batches and ranks
+        rescale = micro_batches * world / packed[2]
+        grad_norm = grad_norm * rescale
     nonfinite = (~torch.isfinite(grad_norm) | ~torch.isfinite(loss)).float()
     spike = spikes.judge(loss, grad_norm, nonfinite) if spikes is not None else None
     skip = nonfinite if spike is None else torch.maximum(nonfinite, spike)
+    scale = None
     if max_norm is not None and max_norm > 0 and grads:
         scale = (max_norm / (grad_norm + 1e-6)).clamp(max=1.0)
         scale = torch.where(nonfinite > 0, torch.ones_like(scale), scale)
+    if rescale is not None:
+        scale = rescale if scale is None else scale * rescale
+    if scale is not None and grads:
         torch._foreach_mul_(grads, scale)
     if optimizer is not None:
         if optimizer.defaults.get("fused"):
