@@ -58,7 +58,7 @@ def measure_loader(path: str, window: int, args) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     parser.add_argument("--max-mb", type=float, default=3.0, help="sample size per source")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--vocab", type=int, default=8192)

@@ -32,7 +32,7 @@ from tinyrecipe.model.config import resolve_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--items", type=int, default=200, help="questions (4 requests each)")
     p.add_argument("--batch-size", type=int, default=8)

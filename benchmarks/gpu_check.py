@@ -748,7 +748,7 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="tiny sizes on CPU (tests this script)")
     p.add_argument("--peak-flops", type=float, help="bf16 peak FLOP/s of a GPU not in the table")
     p.add_argument("--out", default=os.environ.get("OUT", "out/gpu-check"))

@@ -10,7 +10,7 @@ from tinyrecipe.data.sample import make_eval_sample
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__)
     parser.add_argument("--raw", required=True, help="the sample corpus (make_sample.py --out)")
     parser.add_argument("--out", required=True, help="directory for stdlib_mc.{jsonl,yaml}")
     parser.add_argument("--items", type=int, default=400, help="questions (half prose, half code)")

@@ -9,7 +9,7 @@ from tinyrecipe.data.sample import make_sample
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__)
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
         "--max-mb", type=float, default=None, help="cap per source (uncompressed MB)"

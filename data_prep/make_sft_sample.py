@@ -9,7 +9,7 @@ from tinyrecipe.data.sample import make_sft_sample
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__)
     parser.add_argument("--out", required=True, help="output .jsonl file")
     parser.add_argument("--max-records", type=int, default=None)
     args = parser.parse_args()

@@ -15,7 +15,9 @@ from tinyrecipe.data.prep import prepare_slimpajama
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_prep_arguments(parser)
     args = parser.parse_args()

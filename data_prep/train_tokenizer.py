@@ -20,7 +20,9 @@ PATTERNS = ("*.jsonl.zst", "*.jsonl", "*.parquet", "*.txt")
 
 def main() -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("inputs", nargs="+", help="files or directories")
     parser.add_argument("--vocab-size", type=int, required=True)

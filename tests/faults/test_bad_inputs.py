@@ -357,3 +357,26 @@ def test_an_ablations_missing_data_says_how_to_make_it(tmp_path):
     )
     one_line_error(result, "prepared-bos", "make ablation-data")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["fit", "--config", "recipes/quickstart.yaml", "--model.warmup", "2", "--print_config"],
+        ["fit", "--config", "recipes/quickstart.yaml", "--trainer.max_step", "2", "--print_config"],
+        ["sweep", "--base", "recipes/ablations/base.yaml", "--seed", "1", "--dry-run"],
+    ],
+    ids=["fit-model", "fit-trainer", "sweep"],
+)
+def test_abbreviated_options_are_refused(argv, capsys, monkeypatch):
+    """`--model.warmup 2` is not `--model.warmup_steps 2`: options are spelt out, on the command
+    line as in a recipe file."""
+    from tinyrecipe.cli import main as cli_main
+
+    monkeypatch.chdir(ROOT)
+    try:
+        code = cli_main(argv)
+    except SystemExit as exit:  # argparse's own usage error
+        code = exit.code
+    assert code == 2
+    assert "unrecognized arguments: " + argv[-3] in capsys.readouterr().err

@@ -12,7 +12,9 @@ from tinyrecipe.experiments.runs import read_run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinyrecipe compare", description=__doc__)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="tinyrecipe compare", description=__doc__
+    )
     parser.add_argument("runs", nargs="+", help="run directories (trainer.default_root_dir)")
     parser.add_argument("--out", default="report", help="where report.md and the plots go")
     parser.add_argument(

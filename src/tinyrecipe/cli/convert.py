@@ -9,20 +9,24 @@ from tinyrecipe.interop.convert import from_hf, to_hf, to_peft
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinyrecipe convert", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="tinyrecipe convert", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="direction", required=True)
-    to = sub.add_parser("to-hf", help="checkpoint -> Hugging Face directory")
+    to = sub.add_parser("to-hf", allow_abbrev=False, help="checkpoint -> Hugging Face directory")
     to.add_argument("ckpt")
     to.add_argument("out_dir")
     to.add_argument(
         "--tokenizer", help="directory with tokenizer.json / tokenizer.model to include"
     )
     to.add_argument("--max-shard-gb", type=float, default=5.0)
-    peft = sub.add_parser("to-peft", help="a LoRA run's adapters -> PEFT adapter directory")
+    peft = sub.add_parser(
+        "to-peft", allow_abbrev=False, help="a LoRA run's adapters -> PEFT adapter directory"
+    )
     peft.add_argument("ckpt")
     peft.add_argument("out_dir")
     peft.add_argument("--base", help="the base model's Hugging Face name or directory")
-    frm = sub.add_parser("from-hf", help="Hugging Face directory -> checkpoint")
+    frm = sub.add_parser("from-hf", allow_abbrev=False, help="Hugging Face directory -> checkpoint")
     frm.add_argument("hf_dir")
     frm.add_argument("out")
     args = parser.parse_args(argv)

@@ -20,6 +20,7 @@ from tinyrecipe.io import atomic_write
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="tinyrecipe eval",
         description="Score a checkpoint on lm-evaluation-harness tasks (zero-shot unless "
         "--num-fewshot).",

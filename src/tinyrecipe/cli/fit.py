@@ -45,8 +45,9 @@ from tinyrecipe.train.callbacks import (
 from tinyrecipe.train.module import CausalLMModule
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
-# A bad recipe raises (the `tinyrecipe` wrapper prints one line) instead of a usage dump.
-PARSER_KWARGS = {"exit_on_error": False}
+# A bad recipe raises (the `tinyrecipe` wrapper prints one line) instead of a usage dump; an
+# abbreviated option (`--model.warmup`) is refused like a misspelt one.
+PARSER_KWARGS = {"exit_on_error": False, "allow_abbrev": False}  # options spelt out
 
 
 def _model_vocab(preset: str, config) -> int | None:

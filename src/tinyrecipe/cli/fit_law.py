@@ -47,7 +47,9 @@ def plot_fit(fit, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinyrecipe fit-law", description=__doc__)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="tinyrecipe fit-law", description=__doc__
+    )
     parser.add_argument("runs", nargs="+", help="run directories (trainer.default_root_dir)")
     parser.add_argument("--out", default="law.json")
     parser.add_argument("--tag", default="val/loss", help="the loss curve to fit")

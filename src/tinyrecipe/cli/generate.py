@@ -57,6 +57,7 @@ def load_model(args: argparse.Namespace) -> Llama:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="tinyrecipe generate",
         description="Sample a continuation of --prompt (top-k sampling at temperature 0.8 by "
         "default; --temperature 0 is greedy).",

@@ -14,7 +14,9 @@ from tinyrecipe.experiments.ladder import ladder, write_ladder
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
-    parser = argparse.ArgumentParser(prog="tinyrecipe ladder", description=__doc__)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="tinyrecipe ladder", description=__doc__
+    )
     parser.add_argument("--base", required=True)
     parser.add_argument("--sizes", required=True, help="comma-separated presets or dW-lL shapes")
     parser.add_argument("--tokens-per-param", required=True, help="comma-separated budgets")

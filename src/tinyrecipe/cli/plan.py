@@ -22,6 +22,7 @@ def _count(x: float) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="tinyrecipe plan",
         description=planning.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,

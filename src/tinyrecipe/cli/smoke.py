@@ -28,7 +28,9 @@ def stdlib_text_bytes() -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tinyrecipe smoke", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="tinyrecipe smoke", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--block", type=int, default=128)

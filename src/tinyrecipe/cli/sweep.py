@@ -13,7 +13,9 @@ from tinyrecipe.experiments.sweep import plan_sweep, run_sweep, slurm_script
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(argv or [])
-    parser = argparse.ArgumentParser(prog="tinyrecipe sweep", description=__doc__)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, prog="tinyrecipe sweep", description=__doc__
+    )
     parser.add_argument("--base", required=True, help="the recipe every run starts from")
     parser.add_argument("overlays", nargs="*", help="one run per overlay recipe")
     parser.add_argument("--out", default="runs", help="parent of the run directories")
