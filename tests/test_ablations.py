@@ -221,3 +221,22 @@ def test_cpu_mini_ladder_end_to_end(corpus, tmp_path):
     assert plan.returncode == 0, plan.stderr[-2000:]
     summary = json.loads(plan.stdout)
     assert summary["n_params"] > 0 and summary["loss"] == pytest.approx(target, rel=1e-3)
+
+
+def test_a_failed_new_sweep_run_leaves_no_logs_for_compare(tmp_path):
+    """A run that fails before its first checkpoint keeps its sweep.log and no events file (which
+    compare would read as a run); a run with a checkpoint keeps everything to resume."""
+    import sys
+
+    from tinyrecipe.experiments.sweep import SweepRun, run_sweep
+
+    class Failing(SweepRun):
+        def command(self) -> list[str]:
+            write = "p = pathlib.Path(sys.argv[1]); p.mkdir(parents=True); (p / 'events').write_text('x')"
+            code = f"import pathlib, sys; {write}; print('boom'); sys.exit(1)"
+            return [sys.executable, "-c", code, str(self.directory / "tensorboard")]
+
+    run = Failing("base", [], tmp_path / "base")
+    assert run_sweep([run], log=lambda *_: None) == [run]
+    assert not (run.directory / "tensorboard").exists()
+    assert "boom" in (run.directory / "sweep.log").read_text()

@@ -378,31 +378,32 @@ def test_fsdp1_is_refused_in_one_line():
 
 
 def test_a_run_directory_refuses_a_new_run_and_another_model_shape(corpus, tmp_path):
-    """A run's checkpoints are refused, in one line and untouched, to a new run started into
-    its directory and to a resume with another model shape; the right resume continues."""
+    """A run's records are refused, in one line and byte-identical afterwards (checkpoints, logs,
+    the recipe's copy), to a new run started into its directory, to a resume with another model
+    shape or LoRA setting, and to a --ckpt_path that does not exist; the right resume continues."""
     recipe = write_recipe(tmp_path, corpus, max_steps=2, every=2)
     assert fit(recipe).returncode == 0
-    err = io.StringIO()  # forgot --ckpt_path last (in this process: it stops before training)
-    with redirect_stderr(err), redirect_stdout(io.StringIO()):
-        code = cli_main(["fit", "--config", str(recipe)])
-    assert code == 2 and "holds checkpoints of an earlier run" in err.getvalue()
-    assert "Traceback" not in err.getvalue()
-    other = fit(
-        recipe,
-        "--ckpt_path",
-        "last",
-        "--trainer.max_steps",
-        "4",
-        "--model.config",
-        json.dumps({**MICRO, "n_layer": 3}),
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def refused(*args: str) -> str:  # in this process: each stops before the Trainer writes
+        err = io.StringIO()
+        with redirect_stderr(err), redirect_stdout(io.StringIO()):
+            code = cli_main(["fit", "--config", str(recipe), *args])
+        assert code == 2 and "Traceback" not in err.getvalue(), err.getvalue()[-2000:]
+        return err.getvalue()
+
+    assert "holds checkpoints of an earlier run" in refused()  # forgot --ckpt_path last
+    other_shape = json.dumps({**MICRO, "n_layer": 3})
+    said = refused("--ckpt_path", "last", "--model.config", other_shape)
+    assert "checkpoint holds another model (n_layer 2 vs 3" in said
+    said = refused("--ckpt_path", "last", "--model.lora_rank", "4")
+    assert "checkpoint was trained with LoRA off, the recipe says rank 4" in said
+    missing = tmp_path / "checkpoints/step=9.ckpt"
+    assert f"checkpoint '{missing}' (--ckpt_path) does not exist" in refused(
+        "--ckpt_path", str(missing)
     )
-    assert other.returncode == 2
-    assert "checkpoint holds another model (n_layer 2 vs 3" in other.stderr
-    assert "Traceback" not in other.stderr
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "last.ckpt",
-        "step=2.ckpt",
-    ]  # untouched: no last-v1.ckpt
+    after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert after == before  # no new events file, config.yaml, checkpoint or validation point
     resumed = fit(recipe, "--ckpt_path", "last", "--trainer.max_steps", "3")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (tmp_path / "checkpoints/last.ckpt").resolve().name == "step=3.ckpt"

@@ -42,6 +42,7 @@ from tinyrecipe.train.callbacks import (
     StepLearningRateMonitor,
     TokenThroughputMonitor,
 )
+from tinyrecipe.train.checkpoint import check_fit_start
 from tinyrecipe.train.module import CausalLMModule
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
@@ -174,6 +175,11 @@ class TinyRecipeCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         check_accelerator(config.trainer.accelerator)  # before the model and data are built
         super().instantiate_classes()
+
+    def before_fit(self) -> None:
+        # every refusal before the Trainer writes logs, the recipe's copy or a validation point
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        check_fit_start(self.trainer, self.model, config.get("ckpt_path"))
 
     def after_validate(self) -> None:
         if self.trainer.is_global_zero:

@@ -150,11 +150,13 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
         return [0.0 if s.name in added else s.weight for s in self.sources]
 
     def prepare_data(self) -> None:
-        """Refuse a missing or damaged local split before the run starts (and writes logs)."""
+        """Refuse a missing or damaged local split, or one of another tokenizer, before the run
+        starts (and writes logs)."""
         for s in self.sources:
             for split in (s.train, s.validation):
                 if split:
                     check_split(split, s.prepare)
+        self.setup()
 
     def setup(self, stage: str | None = None) -> None:
         if self._train is not None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tinyrecipe.io import atomic_write
+from tinyrecipe.io import atomic_write, remove
 
 DONE = "sweep-done.json"
 
@@ -59,7 +59,7 @@ def plan_sweep(
     sets: list[str] | None = None,
 ) -> list[SweepRun]:
     """One run per overlay and seed, named after its recipe file (`<name>-seed<N>` with seeds),
-    under `out`. The base runs alone too, first, when it is listed among the overlays (`sweep
+    under `out`. The base runs alone too, first and named `base`, when it is listed among the overlays (`sweep
     --base DIR/base.yaml DIR/*.yaml`) or there are none: the baseline `compare` measures the
     others against (a ladder's base, not listed, is no run of its own)."""
     base, out = Path(base), Path(out)
@@ -73,7 +73,7 @@ def plan_sweep(
     with_base = len(listed) < len(overlays) or not overlays
     runs = []
     for overlay in [None] * with_base + listed:
-        name = Path(overlay).stem if overlay else base.stem
+        name = Path(overlay).stem if overlay else "base"
         configs = [base] + ([Path(overlay)] if overlay else [])
         for seed in seeds or [None]:
             run_name = name if seed is None else f"{name}-seed{seed}"
@@ -97,6 +97,8 @@ def run_sweep(runs: list[SweepRun], log=print) -> list[SweepRun]:
         log(f"[{n}/{len(runs)}] {run.name}: {'resuming' if state == 'interrupted' else 'starting'}")
         log("  " + shlex.join(cmd))
         run.directory.mkdir(parents=True, exist_ok=True)
+        if state == "new":  # logs of an earlier attempt that left no checkpoint to resume
+            remove(run.directory / "tensorboard")
         start = time.perf_counter()
         with open(run.directory / "sweep.log", "a") as out:
             code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
@@ -107,6 +109,8 @@ def run_sweep(runs: list[SweepRun], log=print) -> list[SweepRun]:
             log(f"  done in {seconds:.0f} s")
         else:
             failed.append(run)
+            if run.state() == "new":  # nothing to resume: no logs for compare to read
+                remove(run.directory / "tensorboard")
             log(f"  FAILED (exit {code}); see {run.directory / 'sweep.log'}")
     return failed
 

@@ -91,7 +91,7 @@ def load_tinyrecipe_checkpoint(
     return config, state
 
 
-def _checkpoint_meta(path: Path) -> dict | None:
+def checkpoint_meta(path: Path) -> dict | None:
     """A Lightning or Fabric checkpoint's entries without reading its tensors (mmap), or None
     for a format without them (a Hugging Face directory)."""
     if path.is_dir() and (path / "meta.pt").is_file():
@@ -106,7 +106,7 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
     path = Path(path)
     if path.is_dir() and (path / "config.json").is_file():
         return _hf_config(path)
-    meta = _checkpoint_meta(path)
+    meta = checkpoint_meta(path)
     if meta is not None and "hyper_parameters" in meta:
         return config_from_hparams(meta["hyper_parameters"])
     return load_tinyrecipe_checkpoint(path)[0]
@@ -114,7 +114,7 @@ def checkpoint_config(path: str | Path) -> ModelConfig:
 
 def checkpoint_lora(path: str | Path) -> tuple[int, float] | None:
     """(lora_rank, lora_alpha) of a LoRA run's checkpoint, None for any other checkpoint."""
-    return lora_of((_checkpoint_meta(Path(path)) or {}).get("hyper_parameters") or {})
+    return lora_of((checkpoint_meta(Path(path)) or {}).get("hyper_parameters") or {})
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -122,7 +122,7 @@ def checkpoint_step(path: str | Path) -> int:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' (model.decay_from) does not exist")
-    meta = _checkpoint_meta(path) or {}
+    meta = checkpoint_meta(path) or {}
     if "global_step" not in meta:
         raise ValueError(
             f"checkpoint '{path}' records no training step; give model.decay_from as a step"

@@ -143,3 +143,38 @@ def load_with_fallback(path: Path, load: Callable[[Path], T]) -> T:
             f"checkpoint '{path}' is unreadable ({type(err).__name__}: {err}) and no other "
             "checkpoint beside it loads; start without --ckpt_path"
         ) from None
+
+
+def check_fit_start(trainer, module, ckpt_path: str | None) -> None:
+    """The refusals of a run that can be made before anything is written (the logger's files,
+    the recipe's copy, a sanity validation's point): a new run into a directory of another run's
+    checkpoints, a `--ckpt_path` that does not exist, a checkpoint of another model shape or LoRA
+    setting, an `init_from` that does not exist. A checkpoint that cannot be read here is left to
+    the fall-back of `load_with_fallback`."""
+    from tinyrecipe.interop.checkpoint import checkpoint_meta
+
+    callback = trainer.checkpoint_callback
+    dirpath = Path(callback.dirpath) if callback is not None and callback.dirpath else None
+    init_from = module.hparams.get("init_from")
+    if init_from and not Path(init_from).exists():
+        raise FileNotFoundError(f"model.init_from '{init_from}' does not exist")
+    if ckpt_path is None:
+        if dirpath is not None and any(dirpath.glob("*.ckpt")):
+            raise ValueError(
+                f"'{dirpath}' holds checkpoints of an earlier run; resume it with "
+                "--ckpt_path last, or set another trainer.default_root_dir (or delete them)"
+            )
+        return
+    if ckpt_path in ("best", "hpc", "registry") or "://" in str(ckpt_path):
+        return
+    path = dirpath / "last.ckpt" if ckpt_path == "last" and dirpath else Path(ckpt_path)
+    if not path.exists():
+        if ckpt_path == "last":
+            return  # no checkpoint yet: Lightning starts the run afresh
+        raise FileNotFoundError(f"checkpoint '{path}' (--ckpt_path) does not exist")
+    try:
+        hparams = (checkpoint_meta(path) or {}).get("hyper_parameters")
+    except Exception:  # unreadable: load_with_fallback decides
+        return
+    if hparams is not None:
+        module.check_resume(hparams)

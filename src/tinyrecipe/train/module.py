@@ -431,11 +431,9 @@ class CausalLMModule(L.LightningModule):
         pairs = dm.val_sources() if hasattr(dm, "val_sources") else []
         return [name for name, _ in pairs], [weight for _, weight in pairs]
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse, in one line, a checkpoint of another model shape (before load_state_dict
-        fails); let the DataModule restate the loops' batch counters in this run's micro-batches
-        (a resume on another number of processes or micro-batch size)."""
-        hparams = checkpoint.get("hyper_parameters", {})
+    def check_resume(self, hparams: dict[str, Any]) -> None:
+        """Refuse, in one line, to resume a checkpoint (its hyper-parameters) of another model
+        shape or LoRA setting."""
         theirs = config_from_hparams(hparams)
         if detail := shape_diff(theirs, self.config):
             raise ValueError(
@@ -448,6 +446,12 @@ class CausalLMModule(L.LightningModule):
                 f"{lora_setting(self.hparams) or 'off'}; resume with the same model.lora_* keys, "
                 "or start a new run from it with model.init_from (adapters merged)"
             )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, in one line, a checkpoint of another model shape (before load_state_dict
+        fails); let the DataModule restate the loops' batch counters in this run's micro-batches
+        (a resume on another number of processes or micro-batch size)."""
+        self.check_resume(checkpoint.get("hyper_parameters", {}))
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if hasattr(dm, "adapt_loop_progress"):
             dm.adapt_loop_progress(checkpoint)
