@@ -3,6 +3,7 @@ cannot tell apart, and the CPU mini-ladder runs end to end: ladder -> sweep -> c
 fit-law -> plan --law."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,19 @@ def test_law_fit_recovers_chinchillas_constants_from_exact_points():
     fit = fit_law(points, runs, bootstrap=0)
     for key in ("E", "A", "B", "alpha", "beta"):
         assert getattr(fit.law, key) == pytest.approx(getattr(CHINCHILLA, key), rel=1e-4), key
+
+
+def test_law_json_is_json_without_intervals_and_the_fit_reports_progress(tmp_path):
+    """--bootstrap 0 writes null intervals (JSON has no NaN); each resample reports progress."""
+    points, runs = law_points(CHINCHILLA, noise=0.0)
+    fit_law(points, runs, bootstrap=0).save(tmp_path / "law.json")
+    text = (tmp_path / "law.json").read_text()
+    law = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in law.json"))
+    assert law["intervals"]["E"] == [None, None]
+    assert load_law(tmp_path / "law.json").E == pytest.approx(CHINCHILLA.E, rel=1e-4)
+    seen = []
+    fit_law(points, runs, bootstrap=3, progress=lambda done, total, s: seen.append((done, total)))
+    assert seen == [(1, 3), (2, 3), (3, 3)]
 
 
 @pytest.mark.fast
@@ -221,6 +235,9 @@ def test_cpu_mini_ladder_end_to_end(corpus, tmp_path):
     assert plan.returncode == 0, plan.stderr[-2000:]
     summary = json.loads(plan.stdout)
     assert summary["n_params"] > 0 and summary["loss"] == pytest.approx(target, rel=1e-3)
+    said = cli("plan", "--law", tmp_path / "law.json", "--target-loss", target).stdout
+    constants = re.search(r"\(fit E=(\S+), A=(\S+), B=(\S+), alpha=(\S+), beta=(\S+)\)", said)
+    assert constants and all(len(c.rstrip(",")) <= 10 for c in constants.groups()), said[:300]
 
 
 def test_a_failed_new_sweep_run_leaves_no_logs_for_compare(tmp_path):

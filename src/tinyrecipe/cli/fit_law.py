@@ -6,8 +6,11 @@ bootstrap intervals; `tinyrecipe plan --law law.json` then plans with it."""
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
 
+from tinyrecipe.experiments.compare import log_x_axis
 from tinyrecipe.experiments.runs import loss_points, read_run
 from tinyrecipe.planning.lawfit import PARAMS, fit_law
 
@@ -29,8 +32,7 @@ def plot_fit(fit, path: Path) -> None:
         d = np.geomspace(mine[:, 1].min(), mine[:, 1].max(), 50)
         (line,) = ax.plot(d, [fit.law.loss(n, x) for x in d], label=f"{n / 1e6:.2f}M params")
         ax.scatter(mine[:, 1], mine[:, 2], color=line.get_color(), s=12)
-    ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    log_x_axis(ax)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation loss")
     law = fit.law
@@ -46,6 +48,17 @@ def plot_fit(fit, path: Path) -> None:
     plt.close(fig)
 
 
+def _progress(done: int, total: int, seconds: float) -> None:
+    """A line per tenth of the resamples, with the time left at the pace so far."""
+    if done == total or done % max(1, total // 10) == 0:
+        left = seconds / done * (total - done)
+        print(
+            f"fit-law: bootstrap {done}/{total} ({seconds:.0f} s, ~{left:.0f} s left)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         allow_abbrev=False, prog="tinyrecipe fit-law", description=__doc__
@@ -59,7 +72,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = [read_run(path) for path in args.runs]
     points, names = loss_points(runs, args.tag, args.final_only)
-    fit = fit_law(points, names, bootstrap=args.bootstrap)
+    print(
+        f"fit-law: {len(points)} points from {len(runs)} runs, then {args.bootstrap} bootstrap "
+        "resamples",
+        file=sys.stderr,
+        flush=True,
+    )
+    fit = fit_law(points, names, bootstrap=args.bootstrap, progress=_progress)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fit.save(out)
@@ -68,6 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(points)} points from {len(runs)} runs; L(N, D) = E + A/N^alpha + B/D^beta:")
     for key in PARAMS:
         lo, hi = fit.intervals[key]
-        print(f"  {key:<6} {getattr(fit.law, key):>12.5g}   95% bootstrap [{lo:.5g}, {hi:.5g}]")
+        interval = (
+            f"95% bootstrap [{lo:.5g}, {hi:.5g}]"
+            if math.isfinite(lo)
+            else "no interval (--bootstrap 0)"
+        )
+        print(f"  {key:<6} {getattr(fit.law, key):>12.5g}   {interval}")
     print(f"wrote {out} and {plot}; plan with it: tinyrecipe plan --law {out} --target-loss ...")
     return 0

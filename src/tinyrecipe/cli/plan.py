@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(
-        f"target loss {loss:.4f} (fit E={fit.E}, A={fit.A}, B={fit.B}, alpha={fit.alpha}, beta={fit.beta})"
+        f"target loss {loss:.4f} (fit E={fit.E:.4g}, A={fit.A:.4g}, B={fit.B:.4g}, "
+        f"alpha={fit.alpha:.4g}, beta={fit.beta:.4g})"
     )
     print(f"lifetime inference: {args.inference_tokens:.3g} tokens\n")
     print(

@@ -15,6 +15,9 @@ together), each from the full fit and the best grid points.
 from __future__ import annotations
 
 import json
+import math
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,15 +52,18 @@ class LawFit:
     huber: float = 0.0  # the objective at the optimum
 
     def save(self, path: str | Path) -> None:
+        def finite(x: float) -> float | None:  # JSON has no NaN: an interval not fitted is null
+            return x if math.isfinite(x) else None
+
         payload = {
             "law": asdict(self.law),
-            "intervals": self.intervals,
+            "intervals": {k: [finite(lo), finite(hi)] for k, (lo, hi) in self.intervals.items()},
             "points": self.points,
             "runs": self.runs,
-            "huber": self.huber,
+            "huber": finite(self.huber),
             "form": "L(N, D) = E + A / N^alpha + B / D^beta; N parameters, D training tokens",
         }
-        atomic_write(Path(path), json.dumps(payload, indent=1))
+        atomic_write(Path(path), json.dumps(payload, indent=1, allow_nan=False))
 
 
 def load_law(path: str | Path) -> LossFit:
@@ -146,9 +152,11 @@ def fit_law(
     starts: int = 16,
     bootstrap: int = 100,
     seed: int = 0,
+    progress: Callable[[int, int, float], None] | None = None,
 ) -> LawFit:
     """Fit L(N, D) to (N, D, L) points; `runs` names the run of each point (bootstrap resamples
-    runs, or points when there are none)."""
+    runs, or points when there are none; each resample refits from the full fit's optimum).
+    `progress(done, total, seconds)` is called after each resample."""
     data = np.asarray(points, dtype=np.float64)
     if data.ndim != 2 or data.shape[1] != 3 or len(data) < 5:
         raise ValueError(
@@ -164,13 +172,15 @@ def fit_law(
     names = sorted(set(runs))
     members = {name: np.flatnonzero(np.array(runs) == name) for name in names}
     samples = []
-    for _ in range(bootstrap):
+    start = time.perf_counter()
+    for done in range(1, bootstrap + 1):
         chosen = rng.choice(len(names), len(names), replace=True)
         rows = np.concatenate([members[names[c]] for c in chosen])
-        if len({tuple(data[r, :2]) for r in rows}) < 5:
-            continue  # too few distinct (N, D) to fit five constants
-        refit, _ = _minimise(data[rows], np.vstack([theta, grid_starts[:2]]))
-        samples.append(asdict(_as_law(refit)))
+        if len({tuple(data[r, :2]) for r in rows}) >= 5:  # else too few to fit five constants
+            refit, _ = _minimise(data[rows], theta[None])
+            samples.append(asdict(_as_law(refit)))
+        if progress is not None:
+            progress(done, bootstrap, time.perf_counter() - start)
     intervals = (
         {
             k: (
