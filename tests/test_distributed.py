@@ -3,6 +3,7 @@ optimizer step (the TinyLlama recipe's strategy), no collective beyond them, the
 checkpoint that survives kill -9, and a Fabric start-up that never holds the whole model."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -155,8 +156,9 @@ def test_no_sync_accumulation_trains_like_synced_and_like_one_process(runs):
 def test_hsdp_on_four_processes_trains_like_one_and_resumes_exactly(runs, corpus, tmp_path):
     """2 replicas x 2 shards (HSDP) with accumulation 4: the losses and gradient norms of one
     process (fp32 reduction order: 5e-6), one reduce-scatter per sharded module and step inside
-    the shard group; resumed from its step-2 sharded checkpoint, the last step's weights are
-    bitwise those of the uninterrupted run."""
+    the shard group; `--ckpt_path last` with the newest sharded checkpoint damaged (a shard cut
+    in half) falls back to step 2 in one line, and the last step's weights are bitwise those of
+    the uninterrupted run."""
     one, hsdp = (scalars(runs[n] / "tensorboard") for n in ("one", "hsdp"))
     for tag in ("train/loss", "train/grad_norm"):
         for (s1, a), (s2, b) in zip(one[tag], hsdp[tag], strict=True):
@@ -167,14 +169,15 @@ def test_hsdp_on_four_processes_trains_like_one_and_resumes_exactly(runs, corpus
             assert scatters == FSDP_MODULES, step
     ckpts = runs["hsdp"] / "checkpoints"
     resumed = write_recipe(tmp_path, corpus, max_steps=STEPS, every=1000, batch_size=1).parent
-    result = counted_fit(
-        resumed,
-        *COMMON,
-        *HSDP,
-        "--ckpt_path",
-        str(ckpts / "step=2.ckpt"),
-    )
+    shutil.copytree(ckpts, resumed / "checkpoints", symlinks=True)  # mtimes kept
+    assert (resumed / "checkpoints/last.ckpt").resolve().name == f"step={STEPS}.ckpt"
+    shard = sorted((resumed / f"checkpoints/step={STEPS}.ckpt").glob("*.distcp"))[-1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    result = counted_fit(resumed, *COMMON, *HSDP, "--ckpt_path", "last")
     assert result.returncode == 0, result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if "is unreadable" in line]
+    assert len(said) == 1 and f"'step={STEPS}.ckpt/{shard.name}' is cut short" in said[0], said
+    assert "'step=2.ckpt' (step 2)" in said[0]
     _, want = load_tinyrecipe_checkpoint(ckpts / f"step={STEPS}.ckpt")
     _, got = load_tinyrecipe_checkpoint(resumed / "checkpoints/last.ckpt")
     assert all(torch.equal(want[k], got[k]) for k in want)

@@ -73,3 +73,16 @@ def atomic_write(path: str | Path, data: str | bytes) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return Path(path)
+
+
+def short_reason(err: BaseException) -> str:
+    """An error in one short line: its type and first sentence (torch's advice after it left
+    out); for DCP's CheckpointException, whose text holds every failing rank's traceback, the
+    first failing rank's error."""
+    rank = ""
+    if failures := getattr(err, "failures", None):  # {rank: (exception, traceback)}
+        first, (err, _) = min(failures.items())
+        rank = f"rank {first}: "
+    text = str(err).splitlines()[0].split(". ")[0] if str(err) else ""
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return f"{rank}{type(err).__name__}: {text}"

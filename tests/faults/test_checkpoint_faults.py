@@ -85,5 +85,51 @@ def test_an_unreadable_last_falls_back_to_the_newest_readable_checkpoint(tmp_pat
     with pytest.warns(UserWarning, match=r"last.ckpt' is unreadable .*'step=4.ckpt' \(step 4\)"):
         assert io.load_checkpoint(last)["global_step"] == 4
     (tmp_path / "step=4.ckpt").write_bytes(b"junk")
-    with pytest.raises(ValueError, match="unreadable .* no other checkpoint beside it loads"):
+    with pytest.raises(ValueError, match="unreadable .* no other checkpoint beside it loads") as no:
         io.load_checkpoint(last)
+    assert len(str(no.value)) < 300 and "\n" not in str(no.value)  # not torch's whole advice
+
+
+def _sharded(path, value: float) -> None:
+    """A sharded checkpoint as FSDP2Strategy writes it: DCP shards, .metadata, meta.pt."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({"w": torch.full((64, 64), value)}, checkpoint_id=path, no_dist=True)
+    torch.save({"global_step": int(value)}, path / "meta.pt")
+
+
+def _load_sharded(path):
+    import torch.distributed.checkpoint as dcp
+
+    state = {"w": torch.zeros(64, 64)}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    return {"global_step": torch.load(path / "meta.pt")["global_step"], "w": state["w"]}
+
+
+@pytest.mark.parametrize("damage", ["cut", "deleted", "metadata", "zeroed"])
+def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, damage):
+    """A shard cut short or deleted, a garbled .metadata (each seen before loading), or a shard
+    of the right size with damaged bytes (seen by DCP's load): the previous one loads, said in
+    one short line."""
+    import os
+
+    from tinyrecipe.train.checkpoint import load_with_fallback
+
+    for step in (3, 6, 9):
+        _sharded(tmp_path / f"step={step}.ckpt", float(step))
+        os.utime(tmp_path / f"step={step}.ckpt", (step, step))
+    newest = tmp_path / "step=9.ckpt"
+    shard = next(newest.glob("*.distcp"))
+    if damage == "cut":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    elif damage == "deleted":
+        shard.unlink()
+    elif damage == "metadata":
+        (newest / ".metadata").write_bytes(b"garbled")
+    else:
+        shard.write_bytes(b"\0" * shard.stat().st_size)
+    with pytest.warns(UserWarning) as said:
+        result = load_with_fallback(newest, _load_sharded)
+    assert result["global_step"] == 6 and torch.equal(result["w"], torch.full((64, 64), 6.0))
+    message = next(str(w.message) for w in said if "is unreadable" in str(w.message))
+    assert "'step=6.ckpt' (step 6)" in message and len(message) < 300, message

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from tinyrecipe.io import atomic_path
+from tinyrecipe.io import atomic_path, short_reason
 from tinyrecipe.model import ModelConfig
 from tinyrecipe.model.config import DEFAULT_PRESET, resolve_config
 from tinyrecipe.model.hf import from_hf_config, from_hf_state_dict
@@ -72,8 +72,7 @@ def load_tinyrecipe_checkpoint(
         raise
     except Exception as err:  # a file cut short, a shard missing, a damaged header...
         raise ValueError(
-            f"checkpoint '{path}' is unreadable ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); it was cut short or damaged: use "
+            f"checkpoint '{path}' is unreadable ({short_reason(err)}); it was cut short or damaged: use "
             "another checkpoint (an earlier one beside it) or write it again"
         ) from err
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:

@@ -16,9 +16,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from tinyrecipe.faults import failpoint
-from tinyrecipe.io import atomic_path, remove_stale
+from tinyrecipe.io import atomic_path, remove_stale, short_reason
 
 T = TypeVar("T")
+_METADATA_FILENAME = "meta.pt"  # Lightning's metadata file in a sharded checkpoint directory
 
 
 class _Failpointed:
@@ -90,12 +91,37 @@ def _disk_error(err: OSError, path: Path) -> OSError:
     return err
 
 
-def is_complete(path: Path) -> bool:
-    """A checkpoint file, or a sharded checkpoint directory holding its index and Lightning's
-    metadata (DCP `.metadata` and `meta.pt`)."""
+def sharded_problem(path: Path) -> str | None:
+    """What keeps a sharded checkpoint directory from loading, found without loading it: DCP's
+    index (`.metadata`) or Lightning's `meta.pt` missing, the index unreadable, or a shard file
+    it names missing or shorter than the last byte it reads there. None: it looks whole."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    name = path.resolve().name
+    for meta in (".metadata", _METADATA_FILENAME):
+        if not (path / meta).is_file():
+            return f"'{name}/{meta}' is missing"
+    try:
+        ends: dict[str, int] = {}
+        for info in FileSystemReader(path).read_metadata().storage_data.values():
+            ends[info.relative_path] = max(
+                ends.get(info.relative_path, 0), info.offset + info.length
+            )
+    except Exception as err:  # garbled: unpickling fails, or not DCP's metadata
+        return f"'{name}/.metadata' is unreadable ({type(err).__name__})"
+    for shard, end in sorted(ends.items()):
+        if not (path / shard).is_file():
+            return f"'{name}/{shard}' is missing"
+        if (size := (path / shard).stat().st_size) < end:
+            return f"'{name}/{shard}' is cut short ({size} of {end} bytes)"
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be loaded, seen without loading it; None when it may load."""
     if path.is_dir():
-        return (path / ".metadata").is_file() and (path / "meta.pt").is_file()
-    return path.is_file()
+        return sharded_problem(path)
+    return None if path.is_file() else f"'{path.name}' is not a file"
 
 
 def refuse_sharded(path: Path) -> None:
@@ -108,41 +134,52 @@ def refuse_sharded(path: Path) -> None:
         )
 
 
-def load_with_fallback(path: Path, load: Callable[[Path], T]) -> T:
-    """`load(path)`; if `path` is unreadable (a disk fault, a copy cut short, a directory missing
-    its shards), `load` of the newest other checkpoint beside it that loads, with a warning. A
-    missing `path` is an error: nothing to fall back from."""
+def load_with_fallback(
+    path: Path, load: Callable[[Path], T], any_failed: Callable[[bool], bool] = bool
+) -> T:
+    """`load(path)`; if `path` is unreadable (a disk fault, a copy cut short, a shard missing or
+    cut, a garbled index), `load` of the newest other checkpoint beside it that loads, with a
+    one-line warning. A missing `path` is an error: nothing to fall back from. `any_failed`
+    (for sharded checkpoints, a reduction over the ranks) makes every rank judge each candidate
+    alike, so all of them load the same one; the default judges this process alone."""
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
     if not path.exists():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist")
-    try:
-        if not is_complete(path):
-            raise ValueError("incomplete sharded checkpoint (no .metadata or meta.pt)")
-        return load(path)
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
-        others = sorted(
-            (
-                p
-                for p in path.parent.glob("*.ckpt")
-                if p.resolve() != path.resolve() and is_complete(p)
-            ),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
-        )
-        for other in others:
-            try:
-                result = load(other)
-            except Exception:  # unreadable too: try the next older one
-                continue
+
+    def attempt(candidate: Path) -> tuple[T | None, str | None]:
+        why = checkpoint_problem(candidate)
+        if any_failed(why is not None):
+            return None, why or "unreadable on another rank"
+        try:
+            result, why = load(candidate), None
+        except (Exception, CheckpointException) as err:  # damaged in any way: try the next
+            result, why = None, short_reason(err)
+        if any_failed(why is not None):
+            return None, why or "unreadable on another rank"
+        return result, None
+
+    result, why = attempt(path)
+    if why is None:
+        return result
+    others = sorted(
+        (p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve()),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for other in others:
+        result, _ = attempt(other)
+        if result is not None:
             step = result.get("global_step") if isinstance(result, dict) else None
             rank_zero_warn(
-                f"checkpoint '{path}' is unreadable ({type(err).__name__}: {err}); resuming from "
-                f"the newest readable one beside it, '{other.name}' (step {step})"
+                f"checkpoint '{path}' is unreadable ({why}); resuming from the newest readable "
+                f"one beside it, '{other.name}' (step {step})"
             )
             return result
-        raise ValueError(
-            f"checkpoint '{path}' is unreadable ({type(err).__name__}: {err}) and no other "
-            "checkpoint beside it loads; start without --ckpt_path"
-        ) from None
+    raise ValueError(
+        f"checkpoint '{path}' is unreadable ({why}) and no other checkpoint beside it loads; "
+        "start without --ckpt_path"
+    )
 
 
 def check_fit_start(trainer, module, ckpt_path: str | None) -> None:

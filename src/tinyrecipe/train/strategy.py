@@ -176,7 +176,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         if path.is_file():  # a consolidated single file (save_distributed_checkpoint=False)
             return super().load_checkpoint(path, weights_only)
         return load_with_fallback(
-            path, lambda p: super(FSDP2Strategy, self).load_checkpoint(p, weights_only)
+            path,
+            lambda p: super(FSDP2Strategy, self).load_checkpoint(p, weights_only),
+            any_failed=lambda failed: self.reduce_boolean_decision(failed, all=False),
         )
 
     def remove_checkpoint(self, filepath) -> None:
