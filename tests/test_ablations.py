@@ -257,3 +257,15 @@ def test_a_failed_new_sweep_run_leaves_no_logs_for_compare(tmp_path):
     assert run_sweep([run], log=lambda *_: None) == [run]
     assert not (run.directory / "tensorboard").exists()
     assert "boom" in (run.directory / "sweep.log").read_text()
+
+
+@pytest.mark.parametrize("ladder", ["recipes/ladder", "recipes/ladder/cpu"])
+def test_a_ladder_bases_comment_names_the_command_that_wrote_its_overlays(ladder):
+    base = (ROOT / ladder / "base.yaml").read_text()
+    comment = re.search(r"^#\s+(tinyrecipe ladder .*?)$(?!\n#\s+--)", base, re.M | re.S)
+    said = " ".join(comment.group(1).replace("\\\n#", " ").split())
+    overlays = [p for p in (ROOT / ladder).glob("*.yaml") if p.name != "base.yaml"]
+    assert overlays
+    for overlay in overlays:
+        written = re.search(r"^# Written by: (.*)$", overlay.read_text(), re.M).group(1)
+        assert " ".join(written.split()) == said, overlay.name

@@ -2,6 +2,7 @@
 from-hf -> to-hf is exact."""
 
 import json
+import os
 from functools import partial
 
 import pytest
@@ -65,6 +66,10 @@ def test_sharded_export_and_round_trip_are_exact(tmp_path):
     assert (out / "model.safetensors.index.json").is_file() and len(
         list(out.glob("model-*.safetensors"))
     ) > 1
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert set(modes.values()) == {0o666 & ~umask}, modes  # safetensors alone would write 0600
     back = from_hf(out, tmp_path / "back.ckpt")
     config, state = load_tinyrecipe_checkpoint(back)
     assert config == CONFIG

@@ -99,6 +99,15 @@ def test_same_loglikelihoods_and_scores_as_hflm(exported, corpus, eval_task, bos
         scores[0]["results"]["stdlib_mc"]["acc_norm"]
         == scores[1]["results"]["stdlib_mc"]["acc_norm"]
     )
+    if bos:  # the JSON's standard errors (docs/evaluation.md) and the table's every metric
+        from tinyrecipe.interop.evaluate import table
+
+        mc = scores[0]["results"]["stdlib_mc"]
+        p = mc["acc"]
+        assert mc["acc_stderr"] == pytest.approx((p * (1 - p) / (LIMIT - 1)) ** 0.5)
+        shown = table(scores[0]["results"])
+        assert "| stdlib_mc | acc |" in shown and "| stdlib_mc | acc_norm |" in shown
+        assert f"| {100 * mc['acc_stderr']:.2f} |" in shown
 
 
 def test_rolling_and_generation_match_hflm(exported, corpus):

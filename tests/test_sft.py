@@ -301,6 +301,9 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path, c
     from tinyrecipe.interop.convert import to_peft
 
     adapter = to_peft(path, tmp_path / "adapter", str(hf_dir))
+    assert (adapter / "adapter_model.safetensors").stat().st_mode & 0o777 == (
+        adapter / "adapter_config.json"
+    ).stat().st_mode & 0o777  # not safetensors' own 0600
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(hf_dir), adapter)
     with torch.no_grad():
         theirs = peft_model.eval()(idx).logits

@@ -380,3 +380,13 @@ def test_abbreviated_options_are_refused(argv, capsys, monkeypatch):
         code = exit.code
     assert code == 2
     assert "unrecognized arguments: " + argv[-3] in capsys.readouterr().err
+
+
+def test_a_recipe_that_is_not_yaml_names_its_file_and_line(tmp_path, capsys):
+    from tinyrecipe.cli import main as cli_main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_steps: 2\n bad: [\n")
+    assert cli_main(["fit", "--config", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"recipe '{bad}', line 3 column 2 is not valid YAML" in err[0]

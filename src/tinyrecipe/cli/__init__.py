@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("tinyrecipe.cli.eval", "score a checkpoint on lm-evaluation-harness tasks"),
     "convert": (
         "tinyrecipe.cli.convert",
-        "Hugging Face Llama <-> tinyrecipe checkpoint (to-hf / from-hf)",
+        "Hugging Face Llama <-> tinyrecipe checkpoint; LoRA adapters -> PEFT (to-hf / from-hf / to-peft)",
     ),
     "memory": (
         "tinyrecipe.cli.memory",

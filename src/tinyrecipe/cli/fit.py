@@ -151,6 +151,7 @@ class TinyRecipeCLI(LightningCLI):
                 "data": {"class_path": DEFAULT_DATA},
                 "lr_monitor.logging_interval": "step",
                 "trainer.check_val_every_n_epoch": None,  # training streams are endless
+                "trainer.enable_model_summary": False,  # the run prints its own line (describe)
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "", "name": "tensorboard", "version": ""},
@@ -265,8 +266,16 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
 def _show_tinyrecipe_info() -> None:
-    """Print tinyrecipe's INFO lines (which attention kernel runs, ...): never a silent slow path."""
+    """Print tinyrecipe's INFO lines (which attention kernel runs, ...): never a silent slow path.
+    Lightning's advertisement for its cloud logger (an INFO line of every run) is left out."""
+    lightning_info = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_a_tip not in lightning_info.filters:
+        lightning_info.addFilter(_not_a_tip)
     log = logging.getLogger("tinyrecipe")
     if not log.handlers:
         handler = _StderrHandler()
@@ -276,9 +285,27 @@ def _show_tinyrecipe_info() -> None:
         log.propagate = False
 
 
+def check_recipe_files(argv: list[str]) -> None:
+    """A `--config` file that is not valid YAML: one line naming the file and the line (the
+    parser's own message names neither)."""
+    for flag, path in zip(argv, argv[1:], strict=False):
+        if flag not in ("--config", "-c") or not Path(path).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(path).read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ValueError(
+                f"recipe '{path}'{where} is not valid YAML ({problem}); fix it there"
+            ) from None
+
+
 def main(argv: list[str]) -> int:
     """`argv` starts with the subcommand: fit, validate or fabric."""
     _show_tinyrecipe_info()
+    check_recipe_files(argv)
     try:
         if argv[:1] == ["fabric"]:
             from tinyrecipe.train.fabric import train

@@ -16,6 +16,7 @@ read with safetensors or `torch.load(weights_only=True)` only.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -58,11 +59,19 @@ def to_hf(
     return Path(out_dir)
 
 
+def save_safetensors(tensors: dict, path: Path) -> None:
+    """safetensors' `save_file` with the file mode any other new file gets (it writes 0600)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, path, metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def to_peft(ckpt: str | Path, out_dir: str | Path, base_model: str | None = None) -> Path:
     """Export a LoRA run's adapters as a PEFT LoRA adapter directory for the Hugging Face form of
     its base model (`base_model`: its hub name or directory, recorded in adapter_config.json)."""
-    from safetensors.torch import save_file
-
     lora = checkpoint_lora(ckpt)
     if lora is None:
         raise ValueError(
@@ -88,14 +97,12 @@ def to_peft(ckpt: str | Path, out_dir: str | Path, base_model: str | None = None
     with atomic_path(out_dir) as work:
         work.mkdir()
         tensors = {k: v.contiguous().clone() for k, v in adapters.items()}
-        save_file(tensors, work / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_safetensors(tensors, work / "adapter_model.safetensors")
         (work / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2) + "\n")
     return Path(out_dir)
 
 
 def _write_hf_dir(work: Path, config, hf_state: dict, tokenizer_dir, max_shard_gb: float) -> None:
-    from safetensors.torch import save_file
-
     bos, eos = 1, 2
     if tokenizer_dir is not None:
         from tinyrecipe.data.tokenizer import load_tokenizer
@@ -144,12 +151,12 @@ def _write_hf_dir(work: Path, config, hf_state: dict, tokenizer_dir, max_shard_g
         size += nbytes
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], work / "model.safetensors", metadata={"format": "pt"})
+        save_safetensors(shards[0], work / "model.safetensors")
     else:
         weight_map = {}
         for i, shard in enumerate(shards, 1):
             name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, work / name, metadata={"format": "pt"})
+            save_safetensors(shard, work / name)
             weight_map.update(dict.fromkeys(shard, name))
         total = sum(t.numel() * t.element_size() for t in hf_state.values())
         (work / "model.safetensors.index.json").write_text(

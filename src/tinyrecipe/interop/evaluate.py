@@ -335,6 +335,11 @@ def evaluate(
             numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
             if numeric and name != "sample_len" and not math.isnan(value):
                 row[name] = value
+        n = metrics.get("sample_len")
+        for name in MEAN_OF_ZERO_ONE:
+            if name in row and isinstance(n, int) and n > 1:
+                # lm-eval's mean_stderr, exact for a mean of 0/1 scores (its bootstrap is off)
+                row[f"{name}_stderr"] = math.sqrt(row[name] * (1 - row[name]) / (n - 1))
         if row:
             results[task] = row
     out = {
@@ -351,6 +356,9 @@ def evaluate(
     if samples:
         out["samples"] = raw.get("samples", {})
     return out
+
+
+MEAN_OF_ZERO_ONE = ("acc", "acc_norm", "exact_match")  # metrics that average 0/1 scores
 
 
 def headline(metrics: dict) -> tuple[str, float] | None:
@@ -383,9 +391,14 @@ def table(results: dict, label: str = "this model") -> str:
                 + f" | {sum(vals) / len(vals):.2f} |"
             )
         return "\n".join(lines)
-    lines = ["| task | metric | value |", "|---|---|---|"]
-    for task, (metric, value) in rows.items():
-        lines.append(f"| {task} | {metric} | {100 * value:.2f} |")
+    lines = ["| task | metric | value | ± stderr |", "|---|---|---|---|"]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            if metric.endswith("_stderr"):
+                continue
+            err = metrics.get(f"{metric}_stderr")
+            shown = f"{100 * err:.2f}" if err is not None else ""
+            lines.append(f"| {task} | {metric} | {100 * value:.2f} | {shown} |")
     return "\n".join(lines)
 
 

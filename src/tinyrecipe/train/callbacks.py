@@ -302,10 +302,19 @@ class StepProgressBar(TQDMProgressBar):
     once per step (Lightning's counts micro-batches of an 'epoch' the endless stream never
     ends). The CLI puts it in unless a recipe brings its own bar or turns bars off."""
 
+    def on_train_start(self, trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        self._count_steps(trainer)  # a resumed run starts mid-epoch: no epoch start comes
+
     def on_train_epoch_start(self, trainer, *args) -> None:
         if trainer.max_steps <= 0:
             return super().on_train_epoch_start(trainer, *args)
+        self._count_steps(trainer)
+
+    def _count_steps(self, trainer) -> None:
         bar = self.train_progress_bar
+        if trainer.max_steps <= 0 or bar is None:
+            return
         bar.set_description("step", refresh=False)
         bar.reset(total=trainer.max_steps)
         bar.n = trainer.global_step  # a resumed run starts where it was
