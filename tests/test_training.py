@@ -419,6 +419,21 @@ def test_progress_bar_counts_optimizer_steps(corpus, tmp_path):
     shown = result.stdout + result.stderr
     assert "step: 100%" in shown and "3/3" in shown, shown[-3000:]
     assert "Epoch 0" not in shown
+    assert "Total params" not in shown and "Tip:" not in shown  # the run's own line instead
+
+
+def test_a_resumed_runs_progress_bar_counts_from_its_step():
+    """Lightning sends no epoch start to a run resumed mid-epoch: the bar is set at train start."""
+    from types import SimpleNamespace
+
+    from tinyrecipe.train.callbacks import StepProgressBar
+
+    bar = StepProgressBar()
+    trainer = SimpleNamespace(max_steps=500, global_step=451, is_global_zero=True)
+    bar._trainer = trainer
+    bar.on_train_start(trainer, None)
+    assert (bar.train_progress_bar.total, bar.train_progress_bar.n) == (500, 451)
+    bar.train_progress_bar.close()
 
 
 @pytest.mark.fast
