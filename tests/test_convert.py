@@ -189,3 +189,39 @@ def test_greedy_generation_equals_transformers(tmp_path):
         attention_mask=torch.ones_like(prompt),
     )
     assert torch.equal(ours, theirs)
+
+
+def test_generation_stops_at_the_first_all_eos_column_however_often_it_looks(monkeypatch):
+    """EOS is looked for every EOS_CHECK_EVERY tokens (no host read per token); the result is
+    the full generation cut just after the first position where every row drew EOS."""
+    from tinyrecipe.interop import generate as module
+    from tinyrecipe.interop.generate import EOS_CHECK_EVERY, generate
+
+    looks, look = [], module._eos_column
+    monkeypatch.setattr(module, "_eos_column", lambda *a: looks.append(1) or look(*a))
+
+    torch.manual_seed(0)
+    model = Llama(CONFIG).eval()
+    for batch in (1, 2):
+        prompt = torch.randint(
+            0, CONFIG.vocab_size, (batch, 5), generator=torch.Generator().manual_seed(3)
+        )
+        sampling = {"temperature": 1.5, "top_k": 8}
+        full = generate(model, prompt, 40, generator=torch.Generator().manual_seed(7), **sampling)
+        new = full[:, 5:]
+        for eos in new.flatten().unique().tolist()[:6]:
+            common = (new == eos).all(0).nonzero()
+            stop = int(common[0]) + 1 if common.numel() else 40
+            for n in (1, EOS_CHECK_EVERY - 1, EOS_CHECK_EVERY, EOS_CHECK_EVERY + 1, 40):
+                got = generate(
+                    model,
+                    prompt,
+                    n,
+                    eos_id=eos,
+                    generator=torch.Generator().manual_seed(7),
+                    **sampling,
+                )
+                assert torch.equal(got, full[:, : 5 + min(n, stop)]), (batch, eos, n)
+    looks.clear()
+    generate(model, prompt, 40, eos_id=-1, temperature=0)  # never drawn: runs to the end
+    assert len(looks) == 40 // EOS_CHECK_EVERY + 1

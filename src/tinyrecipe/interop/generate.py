@@ -67,6 +67,9 @@ def _static_cache(model: Llama, batch: int) -> list:
     return cache
 
 
+EOS_CHECK_EVERY = 16  # new tokens between looks for EOS: the host reads the device that seldom
+
+
 @torch.no_grad()
 def generate(
     model: Llama,
@@ -80,8 +83,9 @@ def generate(
     use_cache: bool = True,
     compile: bool = False,
 ) -> torch.Tensor:
-    """Append up to `max_new_tokens` to idx (B, T), stopping at the context length or after
-    `eos_id`; temperature 0 is greedy. With `use_cache` each new token costs one position's
+    """Append up to `max_new_tokens` to idx (B, T), stopping at the context length or after the
+    first position where every row drew `eos_id` (looked for every `EOS_CHECK_EVERY` tokens, the
+    tokens drawn past it dropped: no host sync per token); temperature 0 is greedy. With `use_cache` each new token costs one position's
     work (KV cache); without it the whole sequence is recomputed (the reference). `compile`:
     each new token runs one `torch.compile`d graph over a static cache of the whole context
     (compiled once per batch size; the prompt runs eagerly), instead of some 15 kernels per
@@ -101,13 +105,26 @@ def generate(
     elif use_cache:
         cache = model.new_kv_cache(idx.size(0), total)
     logits = model(idx, cache=cache)[:, -1]
+    checked = idx.size(1)  # columns before it hold no column of EOS in every row
     while idx.size(1) < total:
         nxt = _next_token(logits.float(), temperature, top_k, top_p, generator)
         idx = torch.cat([idx, nxt], dim=1)
-        if (eos_id is not None and (nxt == eos_id).all()) or idx.size(1) >= total:
+        if idx.size(1) >= total:
             break
+        if eos_id is not None and idx.size(1) - checked >= EOS_CHECK_EVERY:
+            if (stop := _eos_column(idx, checked, eos_id)) is not None:
+                return idx[:, : stop + 1]
+            checked = idx.size(1)
         logits = (step(nxt, cache=cache) if use_cache else model(idx))[:, -1]
+    if eos_id is not None and (stop := _eos_column(idx, checked, eos_id)) is not None:
+        return idx[:, : stop + 1]
     return idx
+
+
+def _eos_column(idx: torch.Tensor, start: int, eos_id: int) -> int | None:
+    """The first column from `start` on where every row is `eos_id` (one host read), or None."""
+    hits = (idx[:, start:] == eos_id).all(0).nonzero()
+    return start + int(hits[0]) if hits.numel() else None
 
 
 def continuation(tok, prompt: str, prompt_ids: list[int], new_ids: list[int]) -> str:
