@@ -108,3 +108,31 @@ def test_fabric_two_processes_match_one_and_resume_on_one(
     for (_, x), (_, y) in zip(a["train/loss"], b["train/loss"], strict=True):
         assert x == pytest.approx(y, abs=1e-4)
     assert b["train/tokens_seen"] == a["train/tokens_seen"]  # from the data position
+
+
+def test_fabric_refuses_fsdp1_in_one_line():
+    """FSDP1's flat sharded gradients would be normed as if replicated: refused, as in fit."""
+    from tinyrecipe.train.fabric import train
+
+    for spec in ("fsdp", {"class_path": "lightning.pytorch.strategies.FSDPStrategy"}):
+        with pytest.raises(ValueError, match=r"FSDPStrategy \(FSDP1\) is not supported"):
+            train({"trainer": {"strategy": spec}})
+
+
+def test_a_kill_before_the_last_link_moves_leaves_last_naming_a_whole_checkpoint(
+    one_process, corpus, tmp_path
+):
+    """Killed after step 3's checkpoint is in place but before `last.ckpt` points at it: last
+    still names step 2's, whole, and the resumed step 3 logs the uninterrupted run's loss."""
+    log = ["--trainer.log_every_n_steps", "1", "--checkpoint.every_n_train_steps", "2"]
+    run = write_recipe(tmp_path, corpus, max_steps=3, every=100, batch_size=4)
+    killed = tinyrecipe("fabric", "--config", run, *log, TINYRECIPE_KILL_AT="checkpoint.link:2")
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    last = tmp_path / "fabric/last.ckpt"
+    assert last.resolve().name == "step=2.ckpt"
+    resumed = fabric(run, *log, "--resume", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert last.resolve().name == "step=3.ckpt"
+    assert sorted(p.name for p in last.parent.glob("step=*")) == ["step=2.ckpt", "step=3.ckpt"]
+    steps = dict(scalars(tmp_path / "fabric")["train/loss"])
+    assert steps[3] == pytest.approx(dict(one_process["train/loss"])[3], abs=1e-6)

@@ -8,6 +8,7 @@ outside the tests) a failpoint is one environment lookup. The points:
     val.batch              a validation batch
     checkpoint.write       one write() call while a checkpoint file is being written
     checkpoint.rename      a checkpoint fully written to its temp file, not yet renamed
+    checkpoint.link        a checkpoint in place, the `last` link to it not yet swapped in
     prep.document          a document added to a split being prepared
     prep.rename            a prepared split complete in its temp dir, not yet renamed
 """

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tinyrecipe.faults import failpoint
+
 
 def temp_sibling(path: str | Path, tag: str | int | None = None) -> Path:
     """`.<name>.tmp-<tag>` beside `path` (tag: this process's id unless given; processes that
@@ -86,3 +88,17 @@ def short_reason(err: BaseException) -> str:
     text = str(err).splitlines()[0].split(". ")[0] if str(err) else ""
     text = text if len(text) <= 120 else text[:117] + "..."
     return f"{rank}{type(err).__name__}: {text}"
+
+
+def link(target: str | Path, path: str | Path) -> None:
+    """Point the symlink `path` at `target` (relative, in the same directory) in one atomic
+    rename: the new link is made beside it and renamed over it, so `path` always exists and
+    always names a whole checkpoint. A directory (not a link) at `path` is deleted first."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    remove(tmp)
+    os.symlink(os.path.relpath(target, path.parent), tmp)
+    failpoint("checkpoint.link")
+    if path.is_dir() and not path.is_symlink():
+        remove(path)
+    os.replace(tmp, path)

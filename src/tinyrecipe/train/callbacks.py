@@ -4,7 +4,6 @@ runs."""
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from tinyrecipe.io import remove, temp_sibling
+from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
 
 
@@ -194,16 +193,10 @@ class Checkpoints(ModelCheckpoint):
 
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
-        # Lightning removes the old link, then makes the new one; here the new link is made
-        # beside it and renamed over it, so `last.ckpt` always exists.
+        # Lightning removes the old link, then makes the new one; `io.link` renames the new one
+        # over it, so `last.ckpt` always exists.
         if trainer.is_global_zero:
-            link = Path(linkpath)
-            tmp = temp_sibling(link)
-            remove(tmp)
-            os.symlink(os.path.relpath(filepath, link.parent), tmp)
-            if link.is_dir() and not link.is_symlink():
-                remove(link)
-            os.replace(tmp, link)
+            link(filepath, linkpath)
         trainer.strategy.barrier()
 
 

@@ -29,13 +29,20 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from tinyrecipe.data.position import StreamPosition
+from tinyrecipe.faults import failpoint
 from tinyrecipe.interop.checkpoint import checkpoint_config
-from tinyrecipe.io import publish, remove_stale, temp_sibling
+from tinyrecipe.io import link, publish, remove, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered, reshard
 from tinyrecipe.planning.flops import device_peak
 from tinyrecipe.train.callbacks import DownstreamEval
 from tinyrecipe.train.checkpoint import refuse_sharded
-from tinyrecipe.train.module import CausalLMModule, describe, set_scheduled_lr, shape_diff
+from tinyrecipe.train.module import (
+    CausalLMModule,
+    describe,
+    refuse_fsdp1,
+    set_scheduled_lr,
+    shape_diff,
+)
 from tinyrecipe.train.step import (
     finish_step,
     micro_batch_loss,
@@ -102,9 +109,12 @@ def _strategy(spec: Any, module: CausalLMModule, precision: str):
     return strategy
 
 
-def _save(fabric: L.Fabric, path: Path, state: dict) -> None:
-    """fabric.save into a temporary sibling every rank agrees on, renamed into place by rank 0
-    once all have written: a killed save never replaces a good `path`."""
+def _save(fabric: L.Fabric, directory: Path, step: int, state: dict, keep: int = 2) -> Path:
+    """`directory/step=<step>.ckpt`, written into a temporary sibling every rank agrees on and
+    renamed into place by rank 0 once all have written, then `last.ckpt` pointed at it in one
+    atomic link swap (as the Trainer path does), then all but the newest `keep` step checkpoints
+    deleted: a kill at any moment leaves `last.ckpt` naming a whole checkpoint."""
+    path = directory / f"step={step}.ckpt"
     tmp = temp_sibling(path, "fabric")
     reshard(state["state_dict"])  # after an evaluation, gathered weights would not be saved
     if fabric.global_rank == 0:
@@ -113,8 +123,14 @@ def _save(fabric: L.Fabric, path: Path, state: dict) -> None:
     fabric.save(tmp, state)
     fabric.barrier()
     if fabric.global_rank == 0:
+        failpoint("checkpoint.rename")
         publish(tmp, path)
+        link(path, directory / "last.ckpt")
+        steps = sorted(directory.glob("step=*.ckpt"), key=lambda p: int(p.stem.split("=")[1]))
+        for old in steps[:-keep] if keep > 0 else []:
+            remove(old)
     fabric.barrier()
+    return path
 
 
 def _load(fabric: L.Fabric, path: str, state: dict, config) -> dict:
@@ -179,6 +195,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     """Train `recipe` (a parsed recipe dict); returns the training loss of every optimizer step
     (the mean over its micro-batches and ranks, as the Trainer logs it)."""
     t, m = recipe.get("trainer") or {}, dict(recipe.get("model") or {})
+    refuse_fsdp1(t.get("strategy"))
     data_spec = dict(recipe.get("data") or {})
     data_class = _import(data_spec.pop("class_path", DEFAULT_DATA))
     if not issubclass(data_class, StreamPosition):  # a rank-aware stream with a position
@@ -245,6 +262,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     every = int(t.get("val_check_interval") or 0) // accumulate  # micro-batches -> steps
     log_every = int(t.get("log_every_n_steps") or 50)
     save_every = int((recipe.get("checkpoint") or {}).get("every_n_train_steps") or 0)
+    keep = int((recipe.get("checkpoint") or {}).get("save_top_k") or 2)
     peak, _ = device_peak(fabric.device, precision)
     params = [p for p in module.model.parameters()]
     fabric.print(f"tinyrecipe fabric: {fabric.world_size} process(es), {precision}, {root}")
@@ -339,9 +357,9 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
             _downstream(fabric, module, downstream, step)
         if save_every and step % save_every == 0 and step < max_steps:
             state["global_step"] = step
-            _save(fabric, root / "fabric" / "last.ckpt", state)
+            _save(fabric, root / "fabric", step, state, keep)
     module.guard.flush()
     state["global_step"] = step
-    _save(fabric, root / "fabric" / "last.ckpt", state)
+    _save(fabric, root / "fabric", step, state, keep)
     fabric.print(f"checkpoint: {root / 'fabric' / 'last.ckpt'}")
     return losses

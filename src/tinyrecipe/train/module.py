@@ -48,6 +48,19 @@ from tinyrecipe.train.step import (
     z_loss_term,
 )
 
+FSDP1_REFUSED = (
+    "trainer.strategy FSDPStrategy (FSDP1) is not supported; use 'fsdp2' "
+    "(tinyrecipe.train.strategy.FSDP2Strategy)"
+)
+
+
+def refuse_fsdp1(spec) -> None:
+    """FSDP1 (`fsdp`, `FSDPStrategy`) in a recipe's strategy, refused in one line: its flat
+    sharded gradients would be normed as if replicated, and it reduces on every micro-batch."""
+    name = spec.get("class_path", "") if isinstance(spec, dict) else str(spec or "")
+    if name == "fsdp" or name.rpartition(".")[2] == "FSDPStrategy":
+        raise ValueError(FSDP1_REFUSED)
+
 
 def shape_diff(theirs: ModelConfig, ours: ModelConfig) -> str:
     """'n_layer 2 vs 3, ...' over the shape fields that differ; '' when the weights fit."""
@@ -222,10 +235,7 @@ class CausalLMModule(L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
-            raise ValueError(
-                "trainer.strategy FSDPStrategy (FSDP1) is not supported; use 'fsdp2' "
-                "(tinyrecipe.train.strategy.FSDP2Strategy)"
-            )
+            raise ValueError(FSDP1_REFUSED)
         hp = self.hparams
         if hp.init_from and hp.meta_init:
             raise ValueError(
