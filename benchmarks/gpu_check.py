@@ -429,7 +429,12 @@ def _timed(fn, reps: int = 10) -> float:
 def check_attention(s: dict) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from tinyrecipe.model.attention import causal_attention, load_flash_attn
+    from tinyrecipe.model.attention import (
+        causal_attention,
+        load_fa3,
+        load_flash_attn,
+        select_backend,
+    )
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -449,10 +454,18 @@ def check_attention(s: dict) -> dict:
         except Exception as exc:  # a backend that cannot run this shape or dtype
             rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:120]}"}
 
+    chosen = select_backend(q.to(dtype), "auto")
+    measure(f"auto (chooses {chosen})", lambda a, b, c: causal_attention(a, b, c, "auto"))
     if device == "cuda" and load_flash_attn() is not None:
         measure("flash-attn", lambda a, b, c: causal_attention(a, b, c, "flash"))
     else:
         rows["flash-attn"] = {"error": "flash-attn not installed (pip install 'tinyrecipe[gpu]')"}
+    if device == "cuda" and load_fa3() is not None:
+        measure("flash-attn 3", lambda a, b, c: causal_attention(a, b, c, "fa3"))
+    else:
+        rows["flash-attn 3"] = {"error": "flash_attn_interface (FlashAttention-3) not installed"}
+    if device == "cuda":
+        measure("cudnn (cuDNN first)", lambda a, b, c: causal_attention(a, b, c, "cudnn"))
     backends = {
         "sdpa (auto)": None,
         "sdpa flash": SDPBackend.FLASH_ATTENTION,

@@ -13,8 +13,9 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.fast  # make test-fast
 
 # the [gpu] extra, imported lazily: flash_attn (fallen back from), torchao (model.float8 only,
-# one line without it); both tested
-OPTIONAL = {"flash_attn", "torchao"}
+# one line without it); and FlashAttention-3's flash_attn_interface, built from
+# flash-attention's hopper/ (no package index has it), fallen back from; all tested
+OPTIONAL = {"flash_attn", "flash_attn_interface", "torchao"}
 
 
 def declared_runtime() -> set[str]:

@@ -111,29 +111,67 @@ def test_sdpa_gqa_matches_reference(n_kv_head):
     assert torch.allclose(out, _reference_attention(q, k, v), atol=1e-5)
 
 
-def test_backend_falls_back_to_sdpa_on_cpu_and_refuses_forced_flash():
+def test_backend_falls_back_to_sdpa_on_cpu_and_refuses_forced_kernels():
     q = torch.randn(1, 4, 2, 8)
     assert attention_module.select_backend(q, "auto") == "sdpa"
     assert attention_module.select_backend(q.bfloat16(), "auto") == "sdpa"
-    with pytest.raises(RuntimeError, match="attention='flash' needs flash-attn"):
-        attention_module.select_backend(q, "flash")
+    for forced, needs in (("flash", "flash-attn"), ("fa3", "flash_attn_interface"), ("cudnn", "")):
+        with pytest.raises(RuntimeError, match=f"attention='{forced}' needs .*{needs}.* got cpu"):
+            attention_module.select_backend(q, forced)
 
 
-def test_flash_is_chosen_when_importable_on_cuda(monkeypatch):
-    """The selection logic without a GPU: pretend flash-attn imported and the tensor is CUDA."""
+@pytest.mark.parametrize(
+    ("capability", "fa3", "fa2", "chosen"),
+    [
+        ((9, 0), True, True, "fa3"),  # Hopper: FlashAttention-3 when it imports
+        ((9, 0), False, True, "cudnn"),  # else SDPA's cuDNN kernel, faster there than FA2
+        ((10, 0), True, True, "cudnn"),  # Blackwell: FlashAttention-3 is Hopper's
+        ((8, 0), True, True, "flash"),  # Ampere: FlashAttention-2 when it imports
+        ((8, 9), False, False, "sdpa"),
+        ((7, 5), True, True, "sdpa"),
+    ],
+)
+def test_auto_picks_the_fastest_kernel_of_the_gpu(monkeypatch, capability, fa3, fa2, chosen):
+    """The selection table without a GPU: the device's capability and the importable packages
+    pretended."""
+    monkeypatch.setattr(attention_module, "_gpu_half", lambda q: True)
+    monkeypatch.setattr(attention_module, "gpu_capability", lambda device: capability)
+    monkeypatch.setattr(attention_module, "load_fa3", lambda: (print, print) if fa3 else None)
+    monkeypatch.setattr(attention_module, "load_flash_attn", lambda: print if fa2 else None)
+    q = torch.randn(1, 4, 2, 8)
+    assert attention_module.select_backend(q, "auto") == chosen
+    assert attention_module.select_backend(q, "sdpa") == "sdpa"
+
+
+def test_the_cudnn_choice_runs_sdpa_with_cudnn_first(monkeypatch):
+    """`cudnn` is SDPA with its cuDNN kernel tried first (its others where cuDNN cannot take the
+    call): on CPU the same values as SDPA's own choice, under a whole-graph compile too."""
+    monkeypatch.setattr(attention_module, "select_backend", lambda q, requested="auto": "cudnn")
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 12, 8, 16), torch.randn(2, 12, 2, 16)
+    want = _reference_attention(q, k, k)
+    torch.testing.assert_close(attention_module.causal_attention(q, k, k), want, atol=1e-5, rtol=0)
+    compiled = torch.compile(attention_module.causal_attention, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q, k, k), want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["flash", "fa3"])
+def test_flash_kernels_take_grouped_heads_as_they_are(monkeypatch, kernel):
+    """FlashAttention-2 and -3 get (B, T, H, D) q and the KV heads unrepeated (FA3's
+    (output, lse) pair unpacked), pretending the package imported and the tensor is CUDA."""
     calls = []
 
-    def fake_flash(q, k, v, causal):
+    def fake(q, k, v, causal):
         calls.append((q.shape, k.shape, causal))
-        return q
+        return (q, None) if kernel == "fa3" else q
 
-    monkeypatch.setattr(attention_module, "load_flash_attn", lambda: fake_flash)
-    monkeypatch.setattr(attention_module, "flash_supported", lambda q: True)
+    monkeypatch.setattr(attention_module, "load_flash_attn", lambda: fake)
+    monkeypatch.setattr(attention_module, "load_fa3", lambda: (fake, None))
+    monkeypatch.setattr(attention_module, "_gpu_half", lambda q: True)
     q, k = torch.randn(1, 4, 4, 8), torch.randn(1, 4, 2, 8)
-    assert attention_module.select_backend(q) == "flash"
-    attention_module.causal_attention(q, k, k)
+    assert attention_module.select_backend(q, kernel) == kernel
+    assert torch.equal(attention_module.causal_attention(q, k, k, backend=kernel), q)
     assert calls == [((1, 4, 4, 8), (1, 4, 2, 8), True)]  # (B, T, H, D), KV heads not repeated
-    assert attention_module.select_backend(q, "sdpa") == "sdpa"
 
 
 def test_importing_the_model_pulls_in_neither_lightning_nor_flash_attn():
@@ -305,7 +343,9 @@ def test_documents_run_on_torchs_varlen_kernel_on_a_gpu_without_flash_attn(monke
     q = torch.randn(2, 16, 4, 8)
     assert attention.document_backend(q) == "sdpa"  # a CPU tensor
     monkeypatch.setattr(attention, "_gpu_half", lambda q: True)  # as if CUDA bf16
-    assert attention.document_backend(q) == "varlen"
+    for capability in ((8, 0), (9, 0)):  # SDPA's own dispatch, or its cuDNN kernel first
+        monkeypatch.setattr(attention, "gpu_capability", lambda device, c=capability: c)
+        assert attention.document_backend(q) == "varlen"
     assert attention.document_backend(q, "sdpa") == "sdpa"
 
     documents = _varlen_equals_the_dense_mask()

@@ -1,24 +1,39 @@
-"""Causal attention kernels: FlashAttention-2 when it can run, PyTorch SDPA everywhere else.
+"""Causal attention kernels, chosen by what is fastest on the device (`select_backend`):
 
-flash-attn is imported lazily, on the first call that could use it, never at module import.
+* `fa3`: FlashAttention-3 (`flash_attn_interface`, Hopper) when it imports;
+* `cudnn`: SDPA with its cuDNN kernel first (Hopper and later without FlashAttention-3: measured
+  0.92 ms against 1.27 for FlashAttention-2 inside SDPA on an H200, `docs/performance.md`);
+* `flash`: FlashAttention-2 (the `flash-attn` package) on Ampere/Ada when it imports;
+* `sdpa`: PyTorch SDPA, its own dispatch (every other device, the CPU included).
+
+`model.config.attention: auto` takes that order; a name forces one kernel (one line where it
+cannot run). Kernel packages are imported lazily, on the first call that could use them.
 
 With a `DocumentMask` (packed blocks of several documents), a token attends only to earlier
 tokens of its own document. On a GPU a varlen kernel takes the documents as sequences
-(`cu_seqlens`) and does no work across them: flash-attn's when it is installed, else torch's own
-(`torch.nn.attention.varlen`, FlashAttention-2 inside torch); elsewhere SDPA with a
-block-diagonal causal mask.
+(`cu_seqlens`) and does no work across them: FlashAttention-3's or -2's when chosen, else
+torch's own (`torch.nn.attention.varlen`); elsewhere SDPA with a block-diagonal causal mask.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 log = logging.getLogger(__name__)
+# `cudnn`: SDPA tries its cuDNN kernel first, its others where cuDNN cannot take the call
+CUDNN_FIRST = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 
 _FLASH: list = []  # [flash_attn_func or None] once looked up
@@ -38,8 +53,37 @@ def load_flash_attn():
     return _FLASH[0]
 
 
+_FA3: list = []  # [flash_attn_interface's (flash_attn_func, flash_attn_varlen_func) or None]
+
+
+def load_fa3():
+    """FlashAttention-3's `(flash_attn_func, flash_attn_varlen_func)` from `flash_attn_interface`
+    (built from flash-attention's `hopper/`), or None where it does not import. Looked up once."""
+    if not _FA3:
+        try:
+            from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
+        except Exception as err:  # not installed, or built for another torch / GPU
+            log.info("FlashAttention-3 unavailable (%s)", err)
+            _FA3.append(None)
+        else:
+            _FA3.append((flash_attn_func, flash_attn_varlen_func))
+    return _FA3[0]
+
+
 def _gpu_half(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}  # CUDA device index -> compute capability
+
+
+def gpu_capability(device: torch.device) -> tuple[int, int]:
+    """The compute capability of a CUDA device, read once per device (`compile_blocks` reads it
+    before compiling, so a compiled graph finds the cached answer)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 def flash_supported(q: torch.Tensor) -> bool:
@@ -47,18 +91,42 @@ def flash_supported(q: torch.Tensor) -> bool:
     return _gpu_half(q) and load_flash_attn() is not None
 
 
+BACKENDS = ("auto", "sdpa", "cudnn", "flash", "fa3")
+_INSTALL = {
+    "flash": "flash-attn (pip install 'tinyrecipe[gpu]')",
+    "fa3": "FlashAttention-3's flash_attn_interface (built from flash-attention's hopper/)",
+}
+
+
 def select_backend(q: torch.Tensor, requested: str = "auto") -> str:
-    """The kernel `causal_attention` runs for `q`: "flash" or "sdpa"."""
+    """The kernel `causal_attention` runs for `q`: "fa3", "cudnn", "flash" or "sdpa". `auto`: on
+    a CUDA fp16/bf16 tensor, FlashAttention-3 on Hopper (9.x) when it imports, else SDPA's cuDNN
+    kernel on Hopper and later, FlashAttention-2 on Ampere/Ada (8.x) when it imports; SDPA
+    elsewhere. A forced kernel that cannot run is one line."""
     if requested == "sdpa":
         return "sdpa"
-    if flash_supported(q):
-        return "flash"
-    if requested == "flash":
-        raise RuntimeError(
-            "attention='flash' needs flash-attn installed (pip install 'tinyrecipe[gpu]') and CUDA "
-            f"fp16/bf16 tensors, got {q.device.type} {q.dtype}; set model attention to 'auto' or 'sdpa'"
-        )
-    return "sdpa"
+    half = _gpu_half(q)
+    if requested == "auto":
+        if not half:
+            return "sdpa"
+        major = gpu_capability(q.device)[0]
+        if major == 9 and load_fa3() is not None:
+            return "fa3"
+        if major >= 9:
+            return "cudnn"
+        return "flash" if major == 8 and load_flash_attn() is not None else "sdpa"
+    ready = {
+        "flash": lambda: load_flash_attn() is not None,
+        "fa3": lambda: load_fa3() is not None,
+        "cudnn": torch.backends.cudnn.is_available,
+    }[requested]
+    if half and ready():
+        return requested
+    needs = _INSTALL.get(requested, "cuDNN")
+    raise RuntimeError(
+        f"attention={requested!r} needs {needs} and CUDA fp16/bf16 tensors, got {q.device.type} "
+        f"{q.dtype}; set model.config.attention to 'auto' or 'sdpa'"
+    )
 
 
 _VARLEN: list = []  # [torch's varlen attention adapted to (q, k, v, cu_seqlens, max_len), or None]
@@ -94,10 +162,11 @@ def load_torch_varlen():
 
 
 def document_backend(q: torch.Tensor, requested: str = "auto") -> str:
-    """The kernel a document mask runs on for `q`: "flash" (flash-attn's varlen), "varlen"
-    (torch's, on CUDA fp16/bf16 when flash-attn is missing and `requested` is "auto") or "sdpa"."""
+    """The kernel a document mask runs on for `q`: "fa3" or "flash" (their varlen kernels),
+    "varlen" (torch's, on CUDA fp16/bf16 when `requested` is "auto" and neither package runs) or
+    "sdpa" (a dense block-diagonal mask; "cudnn" too, where SDPA takes the mask)."""
     chosen = select_backend(q, requested)
-    if chosen == "sdpa" and requested == "auto" and _gpu_half(q) and load_torch_varlen():
+    if chosen in ("sdpa", "cudnn") and requested == "auto" and _gpu_half(q) and load_torch_varlen():
         return "varlen"
     return chosen
 
@@ -180,25 +249,35 @@ def causal_attention(
         return _document_attention(q, k, v, chosen, documents)
     if chosen == "flash":  # flash-attn aligns the causal mask to the last query itself
         return load_flash_attn()(q, k, v, causal=True)
+    if chosen == "fa3":
+        return _first(load_fa3()[0](q, k, v, causal=True))
     T, S = q.size(1), k.size(1)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     gqa = k.size(1) != q.size(1)
-    if T == S:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    elif T == 1:  # one new token (decoding) sees every cached key: no mask, the fast kernels
-        y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
-        y = masked_sdpa(q, k, v, mask)
+    with sdpa_kernel(CUDNN_FIRST, set_priority=True) if chosen == "cudnn" else nullcontext():
+        if T == S:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif T == 1:  # one new token (decoding) sees every cached key: no mask, the fast kernels
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:  # query i sits at position S - T + i and sees keys 0 .. S - T + i
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+            y = masked_sdpa(q, k, v, mask)
     return y.transpose(1, 2)
+
+
+def _first(out):
+    """FlashAttention-3 returns the output alone or (output, log-sum-exp) by release."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _document_attention(q, k, v, chosen: str, documents: DocumentMask) -> torch.Tensor:
     B, T, H, D = q.shape
-    if chosen in ("flash", "varlen") and documents.cu_seqlens is not None:
+    if chosen in ("fa3", "flash", "varlen") and documents.cu_seqlens is not None:
         cu, n = documents.cu_seqlens, documents.max_seqlen
         flat = (q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D))
-        if chosen == "flash":
+        if chosen == "fa3":
+            y = _first(load_fa3()[1](*flat, cu, cu, n, n, causal=True))
+        elif chosen == "flash":
             from flash_attn import flash_attn_varlen_func
 
             y = flash_attn_varlen_func(*flat, cu, cu, n, n, causal=True)

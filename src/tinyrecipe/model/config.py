@@ -12,8 +12,9 @@ class ModelConfig:
     """Shape and numerics of a Llama-2 style decoder (RoPE, RMSNorm pre-norm, SwiGLU, GQA, no biases).
 
     The defaults are TinyLlama-1.1B. `init_std=None` means TinyLlama's sqrt(2 / (5 * d_model)).
-    `attention` picks the kernel: "auto" (flash-attn 2 on CUDA fp16/bf16 when importable, else
-    SDPA), "sdpa" or "flash" (error if flash-attn cannot run). `loss_chunk_size` > 0 computes
+    `attention` picks the kernel: "auto" (the fastest the GPU has: FlashAttention-3 or SDPA's
+    cuDNN kernel on Hopper, FlashAttention-2 on Ampere when it imports; SDPA elsewhere), or one
+    forced: "sdpa", "cudnn", "flash", "fa3" (an error where it cannot run). `loss_chunk_size` > 0 computes
     the training loss with `linear_cross_entropy` that many tokens at a time, never holding the
     full (tokens x vocab) logits; 0 uses the plain `F.cross_entropy` reference. `z_loss` > 0
     adds z_loss x mean(log Z)² (the log-partition of the logits) to the training loss.
@@ -75,9 +76,10 @@ class ModelConfig:
                 f"ModelConfig.document_positions={self.document_positions!r} is unknown; use "
                 "'continue' (positions run through the packed block) or 'restart' (per document)"
             )
-        if self.attention not in ("auto", "sdpa", "flash"):
+        if self.attention not in ("auto", "sdpa", "cudnn", "flash", "fa3"):
             raise ValueError(
-                f"ModelConfig.attention={self.attention!r} is unknown; use 'auto', 'sdpa' or 'flash'"
+                f"ModelConfig.attention={self.attention!r} is unknown; use 'auto', 'sdpa', "
+                "'cudnn', 'flash' or 'fa3'"
             )
 
     @property

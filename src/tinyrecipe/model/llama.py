@@ -264,7 +264,7 @@ class Llama(nn.Module):
             kind = weight.device.type
             dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
             probe = weight.new_empty(0, dtype=dtype or weight.dtype)
-            varlen = document_backend(probe, self.config.attention) != "sdpa"
+            varlen = document_backend(probe, self.config.attention) in ("fa3", "flash", "varlen")
             mask = DocumentMask.from_documents(documents, varlen=varlen)
             if self.config.document_positions == "restart":
                 positions = document_positions(documents)

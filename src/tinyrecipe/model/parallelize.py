@@ -20,7 +20,12 @@ from importlib.metadata import version
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from tinyrecipe.model.attention import load_flash_attn, load_torch_varlen
+from tinyrecipe.model.attention import (
+    gpu_capability,
+    load_fa3,
+    load_flash_attn,
+    load_torch_varlen,
+)
 from tinyrecipe.model.llama import Block, Llama
 from tinyrecipe.model.lora import LORA_ALPHA, LORA_TARGETS, apply_lora, check_lora
 
@@ -96,7 +101,10 @@ def compile_blocks(model: Llama) -> None:
     compiled graph, so compile time is one block's, not the model's (torchtitan's choice).
     The chunked loss's bf16/fp16 softmax work is compiled too (`tinyrecipe.model.loss`)."""
     load_flash_attn()  # settle the kernel choices outside the graph
+    load_fa3()
     load_torch_varlen()
+    if torch.cuda.is_available():
+        gpu_capability(torch.device("cuda"))
     for block in model.blocks:
         block.compile(fullgraph=True)
     model.compile_loss = True
