@@ -554,3 +554,34 @@ def test_document_mask_batches_carry_each_tokens_document(corpus):
     ]
     with pytest.raises(ValueError, match="records no document boundaries"):
         document_ids(tokens, {}, "some/dir")
+
+
+def test_loaders_pin_their_batches_when_training_on_cuda(corpus):
+    """Pinned host batches on CUDA (the loops copy them non-blocking), pageable elsewhere; the
+    device comes from the Trainer's strategy or, in the Fabric loop, from set_rank_world."""
+    from types import SimpleNamespace
+
+    from tinyrecipe.data.datamodule import MixedStreamingDataModule
+
+    root = corpus["root"]
+    dm = MixedStreamingDataModule(
+        sources=[
+            {
+                "name": "slim",
+                "train": str(root / "slim/train"),
+                "validation": str(root / "slim/validation"),
+            }
+        ],
+        block_size=64,
+        batch_size=2,
+        vocab_size=1024,
+    )
+    for device, pinned in (("cpu", False), ("cuda", True)):
+        dm.trainer = SimpleNamespace(
+            strategy=SimpleNamespace(root_device=torch.device(device)), global_rank=0, world_size=1
+        )
+        assert dm.train_dataloader().pin_memory is pinned
+        assert all(loader.pin_memory is pinned for loader in dm.val_dataloader())
+    dm.trainer = None
+    dm.set_rank_world(0, 1, 1, torch.device("cuda"))
+    assert dm.train_dataloader().pin_memory

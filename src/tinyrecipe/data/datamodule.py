@@ -255,7 +255,11 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
             document_mask=self.document_mask,
         )
         return CountingLoader(
-            self, stream, batch_size=self.batch_size, num_workers=self.num_workers
+            self,
+            stream,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory(),
         )
 
     def val_dataloader(self) -> list[DataLoader]:
@@ -272,6 +276,7 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
                     batch_size=self.val_batch_size,
                     sampler=ShardedEvalSampler(dataset, rank, world),
                     num_workers=self.num_workers,
+                    pin_memory=self.pin_memory(),
                 )
             )
         return loaders

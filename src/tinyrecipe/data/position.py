@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 
@@ -35,9 +36,23 @@ class StreamPosition:
     batches_consumed: int = 0
     allow_global_batch_change: bool = False
 
-    def set_rank_world(self, rank: int, world_size: int, accumulate: int = 1) -> None:
-        """Which share of the stream this process trains on, without a Trainer (Fabric)."""
+    def set_rank_world(
+        self, rank: int, world_size: int, accumulate: int = 1, device: Any = None
+    ) -> None:
+        """Which share of the stream this process trains on, and on which device, without a
+        Trainer (Fabric)."""
         self._rank_world_override = (rank, world_size, accumulate)
+        self._device_override = device
+
+    def pin_memory(self) -> bool:
+        """Whether loaders pin their batches: when training on CUDA, so that the loops' copies
+        to the GPU (non-blocking in Lightning and Fabric) overlap instead of waiting on a
+        pageable copy."""
+        device = getattr(self, "_device_override", None)
+        trainer = getattr(self, "trainer", None)
+        if device is None and trainer is not None:
+            device = trainer.strategy.root_device
+        return device is not None and torch.device(device).type == "cuda"
 
     def _rank_world(self) -> tuple[int, int]:
         if getattr(self, "_rank_world_override", None):

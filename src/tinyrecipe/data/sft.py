@@ -373,6 +373,7 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
             batch_size=self.batch_size,
             collate_fn=functools.partial(collate, pad_id=self.pad_id),
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory(),
         )
 
     def val_dataloader(self) -> DataLoader | list:
@@ -383,6 +384,7 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
             batch_size=self.batch_size,
             collate_fn=functools.partial(collate, pad_id=self.pad_id),
             num_workers=self.num_workers,
+            pin_memory=self.pin_memory(),
         )
 
     def state_dict(self) -> dict[str, Any]:

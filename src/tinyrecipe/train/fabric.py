@@ -235,7 +235,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     accumulate = int(t.get("accumulate_grad_batches") or 1)
     reshard_after_backward = getattr(strategy, "reshard_after_backward", True)
     if hasattr(data, "set_rank_world"):
-        data.set_rank_world(fabric.global_rank, fabric.world_size, accumulate)
+        data.set_rank_world(fabric.global_rank, fabric.world_size, accumulate, fabric.device)
     state = {
         "state_dict": model,
         "optimizer": optimizer,
