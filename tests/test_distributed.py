@@ -104,6 +104,8 @@ def runs(corpus, tmp_path_factory):
             1,
             [*HSDP, "--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"],
         ),
+        # the recipe's strategy logging every other step: the steps between read nothing
+        ("fsdp2-log2", 2, [*FSDP2_RECIPE, "--trainer.log_every_n_steps", "2"]),
     ):
         root = write_recipe(
             tmp / name, corpus, max_steps=STEPS, every=1000, batch_size=batch
@@ -132,6 +134,24 @@ def test_one_gradient_reduction_one_gather_and_one_all_reduce_per_step(runs):
         scatters = sum(v for k, v in step.items() if k.startswith("reduce_scatter"))
         gathers = sum(v for k, v in step.items() if k.startswith("all_gather"))
         assert scatters == ACCUMULATE * FSDP_MODULES and gathers == ACCUMULATE * 2 * FSDP_MODULES
+
+
+def test_no_host_reads_between_logging_steps(runs):
+    """2-process FSDP2 with accumulation, logging every other step: a step that does not log
+    reads no tensor on the host (each read a device sync on a GPU: `.item()`, `float()`,
+    `.tolist()`, ...); Lightning's SIGTERM check and the metrics' reads come with logging steps
+    only, and the non-finite flag is read from a host copy made a step earlier."""
+    for rank in range(2):
+        steps = json.loads((runs["fsdp2-log2"] / f"counts.json.reads.rank{rank}").read_text())
+        assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+        assert [s["logging"] for s in steps] == [False, True, False]
+        for step in steps:
+            if not step["logging"]:
+                assert step["reads"] == [], step
+        assert any(step["reads"] for step in steps if step["logging"])  # the counter counts
+    for rank in counts(runs["fsdp2-log2"], 2):
+        assert rank[1] == {k: v for k, v in rank[1].items() if k != "broadcast"}  # no check yet
+        assert rank[2].get("broadcast") == 1  # after the step-2 logs
 
 
 def test_no_sync_accumulation_trains_like_synced_and_like_one_process(runs):

@@ -107,21 +107,25 @@ def set_scheduled_lr(scheduler: LambdaLR) -> None:
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
 
 
-def _sigterm_check_per_step(trainer) -> None:
+def _sigterm_check_at_logging_steps(trainer) -> None:
     """Lightning (2.6) broadcasts a SIGTERM flag from rank 0 and reads it on the host before
-    every micro-batch: a collective and a device sync per micro-batch. Once per optimizer step
-    (before its first micro-batch) stops a run as surely. Wraps a private method of the epoch
-    loop; a Lightning without it is left as it is."""
+    every micro-batch: a collective and a device sync each time. Checked instead before the
+    first micro-batch of a step that follows a logging step (whose metrics the host reads
+    anyway), a run stops within `log_every_n_steps` steps of the signal, and no other step
+    waits on the device. Wraps a private method of the epoch loop; a Lightning without it is
+    left as it is."""
     loop = trainer.fit_loop.epoch_loop
     check = getattr(loop, "_broadcast_sigterm_tensor", None)
-    if check is None or getattr(check, "_per_step", False):
+    if check is None or getattr(check, "_at_logging_steps", False):
         return
+    every = max(1, int(trainer.log_every_n_steps or 1))
 
     def at_step_start() -> None:
-        if loop.batch_progress.current.ready % trainer.accumulate_grad_batches == 0:
+        first_micro_batch = loop.batch_progress.current.ready % trainer.accumulate_grad_batches == 0
+        if first_micro_batch and trainer.global_step > 0 and trainer.global_step % every == 0:
             check()
 
-    at_step_start._per_step = True
+    at_step_start._at_logging_steps = True
     loop._broadcast_sigterm_tensor = at_step_start
 
 
@@ -286,7 +290,7 @@ class CausalLMModule(L.LightningModule):
         precision = str(self.trainer.precision)
         rank_zero_info(describe(self, precision, self.trainer.strategy.root_device))
         self._per_token = per_token_loss(getattr(self.trainer, "datamodule", None))
-        _sigterm_check_per_step(self.trainer)
+        _sigterm_check_at_logging_steps(self.trainer)
 
     def on_train_start(self) -> None:
         """A resumed run's first step takes this recipe's schedule, not the learning rate stored

@@ -247,6 +247,7 @@ class NonFiniteGuard:
             event.record()
         else:
             host, event = torch.stack([flag, loss]), None
+        host._host_copy = True  # read a step later, when the copy has long finished
         self._pending = (host, step, event)
 
     def flush(self) -> None:
@@ -257,9 +258,9 @@ class NonFiniteGuard:
         self._pending = None
         if event is not None:
             event.synchronize()
-        if host[0].item() == 0:
+        flag, loss = host.tolist()
+        if flag == 0:
             return
-        loss = host[1].item()
         if self.policy == "stop":
             raise FloatingPointError(
                 f"training loss is {loss} at step {step} (the update was skipped; weights and "
