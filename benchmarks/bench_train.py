@@ -186,7 +186,7 @@ def build_run(
             compiled=s["compile"],
             lora=run.lora,
         )
-        run.estimate_mib = est.total / MiB
+        run.estimate_mib = est.allocated / MiB  # what the peak measures (tensors)
         return run
     if name.startswith("hf"):
         return _hf(name, config, device)

@@ -24,8 +24,8 @@ Sections (each reported even when another fails; results in <out>/gpu_check.json
     python benchmarks/gpu_check.py --peak-flops 989e12  # a GPU missing from the peak table
     python benchmarks/gpu_check.py --cpu                # the same code paths, tiny, on CPU (tested)
 
-Targets: MFU >= 55% for the compiled recipe (the paper: 56% on A100s), the memory estimate
-within 15% of the measured peak.
+Targets: MFU >= 58% for the compiled recipe (the paper: 56% on A100s), the memory estimate's
+reserved figure within 10% of the measured reserved peak.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-MFU_TARGET, MEMORY_TOLERANCE = 0.55, 0.15
+MFU_TARGET, MEMORY_TOLERANCE = 0.58, 0.10
 GiB = 2**30
 
 
@@ -333,7 +333,9 @@ def run_recipe(
         "mfu": tps * train_flops_per_token(cfg, s["seq"]) / peak if peak else None,
         "peak_source": source,
         "wall_s": wall,
-        "estimate_gib": est.total / GiB,
+        "estimate_gib": est.allocated / GiB,  # tensors: against the allocated peak
+        "estimate_reserved_gib": est.reserved / GiB,  # against the reserved peak (the target)
+        "estimate_total_gib": est.total / GiB,  # with the CUDA context: what must fit the card
         "loss": logged.get("train/loss"),
         "grad_norm": logged.get("train/grad_norm"),
         "val_loss": logged.get("val/loss"),
@@ -345,7 +347,7 @@ def run_recipe(
     if torch.cuda.is_available():
         row["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GiB
         row["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GiB
-        row["estimate_error"] = row["estimate_gib"] / row["peak_allocated_gib"] - 1
+        row["estimate_error"] = row["estimate_reserved_gib"] / row["peak_reserved_gib"] - 1
     return row
 
 
@@ -671,8 +673,8 @@ def table(report: dict) -> str:
         f"gpu-check: {env.get('device')}, torch {env.get('torch')}, lightning {env.get('lightning')}, "
         f"peak {env.get('peak_flops') or 0:.3g} FLOP/s ({env.get('peak_source')})",
         "",
-        "| recipe run | tokens/s | MFU | step s | peak alloc GiB | reserved GiB | estimate GiB | est. error | loss | val loss | ckpt |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe run | tokens/s | MFU | step s | peak alloc GiB | est. alloc | reserved GiB | est. reserved | est. error | loss | val loss | ckpt |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for name in [k for k in report if k.startswith("recipe ")]:
@@ -682,8 +684,9 @@ def table(report: dict) -> str:
             continue
         lines.append(
             f"| {name} | {r['tokens_per_s']:,.0f} | {f(r['mfu'], '.1%')} | {r['step_s']:.3f} | "
-            f"{f(r.get('peak_allocated_gib'), '.1f')} | {f(r.get('peak_reserved_gib'), '.1f')} | "
-            f"{r['estimate_gib']:.1f} | {f(r.get('estimate_error'), '+.0%')} | {f(r['loss'], '.3f')} | "
+            f"{f(r.get('peak_allocated_gib'), '.1f')} | {r['estimate_gib']:.1f} | "
+            f"{f(r.get('peak_reserved_gib'), '.1f')} | {r['estimate_reserved_gib']:.1f} | "
+            f"{f(r.get('estimate_error'), '+.0%')} | {f(r['loss'], '.3f')} | "
             f"{f(r['val_loss'], '.3f')} | {'yes' if r['checkpoint_complete'] else '-'} |"
         )
     for name in [k for k in report if k.startswith("recipe ")]:
@@ -749,7 +752,7 @@ def table(report: dict) -> str:
     if c.get("mfu") is not None:
         lines.append(
             f"\ntargets: MFU >= {MFU_TARGET:.0%} -> {c['mfu']:.1%}; estimate within "
-            f"{MEMORY_TOLERANCE:.0%} of the peak -> {f(c.get('estimate_error'), '+.1%')}"
+            f"{MEMORY_TOLERANCE:.0%} of the reserved peak -> {f(c.get('estimate_error'), '+.1%')}"
         )
         m = report.get("recipe compiled-mb16", {})
         if m.get("mfu") is not None:
