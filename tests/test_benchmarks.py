@@ -81,3 +81,25 @@ def test_gpu_check_variants_reach_the_recipe(tmp_path, monkeypatch):
     assert strategy["compiled-zero3"]["reshard_after_backward"] is True
     assert [r["model"]["float8"] for r in recipes.values()] == [False, False, True, False]
     assert recipes["compiled-mb16"]["data"]["init_args"]["batch_size"] == 2 * s["micro"]
+
+
+def test_the_docs_fine_tuning_figures_are_the_scripts():
+    """docs/quickstart.md and docs/interop.md state what benchmarks/quickstart_finetune.py
+    measured by running the documented commands (docs/assets/quickstart-finetune.json)."""
+
+    figures = json.loads((ROOT / "docs/assets/quickstart-finetune.json").read_text())
+    full, lora = figures["full"], figures["lora"]
+    assert full["command"] == "tinyrecipe fit --config recipes/finetune/quickstart-sft.yaml"
+    assert lora["command"] == full["command"] + (
+        " --model.lora_rank 8 --model.lr 3e-3 --model.min_lr 3e-4"
+    )
+    quickstart = " ".join((ROOT / "docs/quickstart.md").read_text().split())
+    interop = " ".join((ROOT / "docs/interop.md").read_text().split())
+    before, after, tuned = (
+        f"{full['val_loss_before']:.3f}",
+        f"{full['val_loss_after']:.3f}",
+        f"{lora['val_loss_after']:.3f}",
+    )
+    assert f"falls from {before} to {after} ({tuned} with LoRA" in quickstart
+    assert f"goes from {before} to {tuned} with LoRA" in interop and f"against {after}" in interop
+    assert f"200 steps, {full['seconds']} s on 2 cores" in quickstart
