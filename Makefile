@@ -6,7 +6,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 export LITDATA_DISABLE_VERSION_CHECK ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv venv-dev quickstart quickstart-data ablation-data smoke test test-fast lint format bench gpu-check gpu-wheels clean
+.PHONY: venv venv-dev quickstart quickstart-data ablation-data smoke test test-fast rehearsal lint format bench gpu-check gpu-wheels clean
 
 # SKIP_SETUP=1 uses $(VENV) as it is (the quickstart test runs inside an installed venv).
 venv:
@@ -58,6 +58,11 @@ smoke: venv
 
 test: venv-dev
 	$(PY) -m pytest -q
+
+# The 8-rank rehearsal of the flagship recipe's structure on CPU (FSDP2, 4-rank elastic resume,
+# HSDP 2 x 4; a few minutes on 2 cores; tests/test_rehearsal.py), left out of `make test`.
+rehearsal: venv-dev
+	$(PY) -m pytest -q -m rehearsal tests/test_rehearsal.py
 
 # A representative subset in a few minutes (the `fast` marker; docs/install.md lists it).
 test-fast: venv-dev
