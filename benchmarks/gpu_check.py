@@ -1,17 +1,22 @@
-"""`make gpu-check`: the TinyLlama-1.1B recipe's real path on one GPU, and the GPU-only checks.
+"""`make gpu-check`: the TinyLlama-1.1B recipe's real path on every GPU of the machine, and the
+GPU-only checks.
 
 Sections (each reported even when another fails; results in <out>/gpu_check.json):
 
   recipe     `recipes/tinyllama-1.1b.yaml` through the same parser and Trainer as `tinyrecipe fit`
-             (FSDP2 strategy at world size 1, bf16-mixed, micro-batch 8 x 2048, the recipe's 16
-             micro-batches per step, clipping, logging, chunked loss, meta init), compiled and
-             eager, on synthetic data of the recipe's vocabulary: tokens/s and MFU per optimizer
-             step, peak allocated and reserved memory against `tinyrecipe memory`'s estimate,
-             one validation and one atomic sharded checkpoint of the compiled run; and the same
-             step as 8 micro-batches of 16 (compiled-mb16: does a bigger micro-batch reach the
-             MFU target, at what memory?).
-  attention  FlashAttention-2 (when installed) and every SDPA backend against an fp64 reference,
-             bf16, the 1.1B shape: error and forward+backward time.
+             on every GPU (torchrun, one process each, when there are several; FSDP2 with the
+             weights kept gathered through the step, bf16-mixed, micro-batch 8 x 2048, the
+             recipe's 16 micro-batches per step, clipping, logging, the chunked loss with its
+             compiled kernel, meta init, compiled blocks) on synthetic data of the recipe's
+             vocabulary: tokens/s per GPU and MFU per optimizer step, peak allocated and
+             reserved memory against `tinyrecipe memory`'s estimate, one validation and one
+             atomic sharded checkpoint of the first run; then the same step as 8 micro-batches
+             of 16 (compiled-mb16), with activation checkpointing (compiled-ckpt) and with float8
+             linear layers (compiled-float8, when torchao is installed). `--runs` picks others
+             (eager, compiled-zero3).
+  attention  `auto`'s choice, FlashAttention-3 and -2 (when installed), SDPA with cuDNN first and
+             every SDPA backend against an fp64 reference, bf16, the 1.1B shape: error and
+             forward+backward time.
   loss       the head's loss for one micro-batch (8 x 2048 tokens, vocab 32000, bf16): plain
              cross-entropy, the chunked loss eager, and with its compiled softmax kernel (the
              recipe's): forward + backward ms, peak memory, the loss against the plain one.
@@ -20,9 +25,9 @@ Sections (each reported even when another fails; results in <out>/gpu_check.json
              compiled (static cache, CUDA graphs); one layer's attention for a new token over a
              static cache, query groups folded (the model's path on CUDA) against grouped.
 
-    python benchmarks/gpu_check.py                     # one H100 / H200, ~8 minutes
+    python benchmarks/gpu_check.py                     # every GPU here; one H100 / H200: ~8 min
     python benchmarks/gpu_check.py --peak-flops 989e12  # a GPU missing from the peak table
-    python benchmarks/gpu_check.py --cpu                # the same code paths, tiny, on CPU (tested)
+    python benchmarks/gpu_check.py --cpu --devices 2    # the same code paths, tiny, on CPU (tested)
 
 Targets: MFU >= 58% for the compiled recipe (the paper: 56% on A100s), the memory estimate's
 reserved figure within 10% of the measured reserved peak.
@@ -84,12 +89,12 @@ def settings(cpu: bool) -> dict:
         seq=2048,
         micro=8,
         accumulate=16,
-        steps=6,  # 2 to warm up (compile), 3 timed, the last profiled with --profile
+        steps=5,  # 2 to warm up (compile), 2 timed, the last profiled with --profile
         warm=2,
         precision="bf16-mixed",
         accelerator="gpu",
         chunk=4096,
-        runs=("compiled", "compiled-mb16", "eager"),
+        runs=("compiled", "compiled-mb16", "compiled-ckpt", "compiled-float8"),
         prec_preset="llama-60m",
         prec_steps=50,
         prec_batch=8,
@@ -144,9 +149,12 @@ VARIANTS = {  # name -> (compile, micro-batch multiplier, extra recipe arguments
     # the same 2M-token step in 8 micro-batches of 16: half the per-micro-batch work (FSDP2's
     # gathers and casts, the fp32 gradient accumulation, launch gaps) for twice the activations
     "compiled-mb16": (True, 2, []),
-    # the blocks' linear layers in float8 (model.float8; needs torchao on the machine): not a
-    # default run, `--runs compiled-float8`; MFU still against the bf16 peak
+    # the blocks' linear layers in float8 (model.float8; needs torchao on the machine; reported
+    # as not run without it); MFU still against the bf16 peak
     "compiled-float8": (True, 1, ["--model.float8", "true"]),
+    # activation checkpointing under per-block compile (one graph per checkpointed block): what
+    # `plan --emit` and a tight card turn on; its price in tokens/s and its memory
+    "compiled-ckpt": (True, 1, ["--model.activation_checkpointing", "true"]),
 }
 
 
@@ -156,9 +164,12 @@ def step_shape(s: dict, variant: str) -> tuple[int, int, int]:
     return s["steps"], s["micro"] * factor, s["accumulate"] // factor
 
 
-def recipe_args(s: dict, variant: str, root: Path, sources: list[dict]) -> list[str]:
-    """`tinyrecipe fit` arguments of one recipe run: the TinyLlama recipe at this mode's sizes,
-    one GPU, then the variant's own arguments (last: they win)."""
+def recipe_args(
+    s: dict, variant: str, root: Path, sources: list[dict], devices: int = 1
+) -> list[str]:
+    """`tinyrecipe fit` arguments of one recipe run: the TinyLlama recipe at this mode's sizes on
+    `devices` devices (each with the recipe's per-device micro-batch and accumulation), then the
+    variant's own arguments (last: they win)."""
     compiled, _, extra = VARIANTS[variant]
     steps, micro, accumulate = step_shape(s, variant)
     args = [
@@ -167,11 +178,11 @@ def recipe_args(s: dict, variant: str, root: Path, sources: list[dict]) -> list[
         "--trainer.accelerator",
         s["accelerator"],
         "--trainer.devices",
-        "1",
+        str(devices),
         "--trainer.precision",
         s["precision"],
         "--global_batch_size",
-        str(micro * accumulate),
+        str(micro * accumulate * devices),
         "--trainer.max_steps",
         str(steps),
         "--trainer.val_check_interval",
@@ -220,9 +231,15 @@ def recipe_args(s: dict, variant: str, root: Path, sources: list[dict]) -> list[
 
 
 def run_recipe(
-    out: Path, s: dict, variant: str, peak_flops: float | None, profile: bool = False
+    out: Path,
+    s: dict,
+    variant: str,
+    peak_flops: float | None,
+    profile: bool = False,
+    devices: int = 1,
 ) -> dict:
-    """One `tinyrecipe fit` of the TinyLlama recipe at world size 1 (in this process)."""
+    """One `tinyrecipe fit` of the TinyLlama recipe on `devices` devices (this process is one
+    rank: torchrun starts the others)."""
     compiled = VARIANTS[variant][0]
     from lightning.pytorch.callbacks import Callback
 
@@ -232,13 +249,10 @@ def run_recipe(
     from tinyrecipe.train.callbacks import Checkpoints, DeviceEvent
     from tinyrecipe.train.module import describe
 
-    sources = make_data(
-        out / "data", s["vocab"], (s["steps"] + 1) * s["accumulate"] * s["micro"] * 2049
-    )
+    sources = json.loads((out / "data/sources.json").read_text())  # prepare_run's
     root = out / variant
-    shutil.rmtree(root, ignore_errors=True)  # a rerun into the same --out starts afresh
     steps, micro, accumulate = step_shape(s, variant)
-    args = recipe_args(s, variant, root, sources)
+    args = recipe_args(s, variant, root, sources, devices)
     times: list[float] = []
     profiled: dict = {}
 
@@ -305,17 +319,18 @@ def run_recipe(
     trainer.fit(module, cli.datamodule)
     wall = time.perf_counter() - start
     cfg = module.config
-    tokens_per_step = micro * s["seq"] * accumulate
+    tokens_per_step = micro * s["seq"] * accumulate  # per device
     timed = times[s["warm"] - 1 :] if len(times) >= s["warm"] else times  # compile left out
     step_s = statistics.median(timed)
-    tps = tokens_per_step / step_s
+    tps = tokens_per_step / step_s  # per device
     peak, source = device_peak(trainer.strategy.root_device, s["precision"], peak_flops)
     est = estimate_memory(
         cfg,
         micro,
         s["seq"],
         precision=s["precision"],
-        sharded=True,  # FSDP2 at world size 1: its gathered compute-dtype weights count
+        world_size=devices,
+        sharded=True,  # FSDP2, at world size 1 too: its gathered compute-dtype weights count
         accumulation=accumulate,
         compiled=compiled,
         gathered=not (
@@ -326,6 +341,8 @@ def run_recipe(
     ckpt = root / "checkpoints" / "last.ckpt"
     row = {
         "describe": describe(module, s["precision"], trainer.strategy.root_device),
+        "devices": devices,
+        "rank": trainer.global_rank,
         "steps_timed": len(timed),
         "step_s": step_s,
         "step_s_all": times,
@@ -673,7 +690,7 @@ def table(report: dict) -> str:
         f"gpu-check: {env.get('device')}, torch {env.get('torch')}, lightning {env.get('lightning')}, "
         f"peak {env.get('peak_flops') or 0:.3g} FLOP/s ({env.get('peak_source')})",
         "",
-        "| recipe run | tokens/s | MFU | step s | peak alloc GiB | est. alloc | reserved GiB | est. reserved | est. error | loss | val loss | ckpt |",
+        "| recipe run | tokens/s per device | MFU | step s | peak alloc GiB | est. alloc | reserved GiB | est. reserved | est. error | loss | val loss | ckpt |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
@@ -758,9 +775,37 @@ def table(report: dict) -> str:
         if m.get("mfu") is not None:
             lines.append(
                 f"micro-batch 16: MFU {m['mfu']:.1%} ({m['mfu'] / c['mfu'] - 1:+.1%} against 8), "
-                f"peak {f(m.get('peak_allocated_gib'), '.1f')} GiB at world size 1"
+                f"peak {f(m.get('peak_allocated_gib'), '.1f')} GiB at world size {m['devices']}"
             )
     return "\n".join(lines)
+
+
+def prepare_run(out: Path, s: dict, variant: str, devices: int) -> None:
+    """Before a recipe run's processes start (one place, not once per rank): its synthetic data
+    (made once per --out) and an empty run directory (a rerun into the same --out starts
+    afresh)."""
+    listed = out / "data/sources.json"
+    if not listed.is_file():
+        tokens = (s["steps"] + 1) * s["accumulate"] * s["micro"] * devices * 2049
+        listed.parent.mkdir(parents=True, exist_ok=True)
+        listed.write_text(json.dumps(make_data(out / "data", s["vocab"], tokens)))
+    shutil.rmtree(out / variant, ignore_errors=True)
+
+
+def recipe_command(variant: str, out: Path, devices: int) -> list[str]:
+    """The child process of one recipe run: this script alone on one device, under torchrun
+    (one process per device, a standalone rendezvous) on several."""
+    child = [__file__, "--out", str(out), "--_recipe", variant, "--devices", str(devices)]
+    if devices == 1:
+        return [sys.executable, *child]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*torchrun, "--nproc-per-node", str(devices), *child]
+
+
+def _imports(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -773,6 +818,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--runs", help=f"recipe variants to run, comma-separated: {', '.join(VARIANTS)}")
     p.add_argument("--profile", action="store_true", help="profile one step of the first run")
+    p.add_argument(
+        "--devices",
+        type=int,
+        help="devices for the recipe runs (default: every GPU; torchrun starts one process each)",
+    )
     p.add_argument("--_recipe", choices=list(VARIANTS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -781,9 +831,11 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device; run with --cpu for the CPU check", file=sys.stderr)
         return 2
     s = settings(args.cpu)
-    if args._recipe:  # a child process: one recipe run, its own CUDA memory statistics
-        row = run_recipe(out, s, args._recipe, args.peak_flops, args.profile)
-        (out / f"recipe-{args._recipe}.json").write_text(json.dumps(row, indent=2))
+    devices = args.devices or (1 if args.cpu else torch.cuda.device_count())
+    if args._recipe:  # a child process (one rank of it): one recipe run, its own memory stats
+        row = run_recipe(out, s, args._recipe, args.peak_flops, args.profile, devices)
+        if row["rank"] == 0:
+            (out / f"recipe-{args._recipe}.json").write_text(json.dumps(row, indent=2))
         return 0
 
     import lightning
@@ -804,8 +856,13 @@ def main(argv: list[str] | None = None) -> int:
     only = set((args.only or "recipe,attention,loss,precision,generate").split(","))
     if "recipe" in only:
         runs = args.runs.split(",") if args.runs else list(s["runs"])
+        report["env"]["devices"] = devices
         for i, name in enumerate(runs):
-            cmd = [sys.executable, __file__, "--out", str(out), "--_recipe", name]
+            if VARIANTS[name][2][:2] == ["--model.float8", "true"] and not _imports("torchao"):
+                report[f"recipe {name}"] = {"error": "not run: torchao is not installed"}
+                continue
+            prepare_run(out, s, name, devices)
+            cmd = recipe_command(name, out, devices)
             cmd += ["--cpu"] if args.cpu else []
             cmd += ["--profile"] if args.profile and i == 0 else []
             cmd += ["--peak-flops", str(args.peak_flops)] if args.peak_flops else []

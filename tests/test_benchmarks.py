@@ -35,17 +35,21 @@ def test_bench_train_reports_every_run_against_the_peers():
 
 def test_gpu_check_runs_its_real_paths_on_cpu(tmp_path):
     """`make gpu-check`'s CPU dry run: the TinyLlama recipe through the fit parser and Trainer
-    (FSDP2 strategy at world size 1, accumulation, clipping, validation, a sharded checkpoint),
-    the attention backends, bf16 against fp32 and generation, each reported."""
-    result = run("gpu_check.py", "--cpu", "--out", str(tmp_path), "--profile")
+    on 2 processes started by torchrun, as on a machine of several GPUs (FSDP2, accumulation,
+    clipping, validation, a sharded checkpoint), the attention backends, bf16 against fp32 and
+    generation, each reported."""
+    result = run("gpu_check.py", "--cpu", "--devices", "2", "--out", str(tmp_path), "--profile")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     recipe = report["recipe eager"]
+    assert report["env"]["devices"] == 2 and recipe["devices"] == 2 and recipe["rank"] == 0
     assert "compile=off" in recipe["describe"] and "precision=32-true" in recipe["describe"]
     assert recipe["tokens_per_s"] > 0 and 0 < recipe["mfu"] < 1 and recipe["steps_timed"] >= 1
     assert recipe["checkpoint_complete"] and recipe["val_loss"] > 0
     assert report["attention"]["sdpa math"]["rel_error"] < 1e-5
     assert "not installed" in report["attention"]["flash-attn"]["error"]
+    assert "not installed" in report["attention"]["flash-attn 3"]["error"]
+    assert report["attention"]["auto (chooses sdpa)"]["rel_error"] < 1e-5
     for fallback in ("document mask, sdpa", "document mask, sdpa grouped kv"):
         assert report["attention"][fallback]["rel_error"] < 1e-5  # fp32 on CPU
     assert "not available" in report["attention"]["document mask, torch varlen"]["error"]
