@@ -27,8 +27,7 @@ FIT_ARGS ?=
 VAL_PERMILLE ?= 50
 
 quickstart: venv quickstart-data
-	$(VENV)/bin/tinyrecipe fit --config recipes/quickstart.yaml $(FIT_ARGS) \
-	  $$( [ -f $(QS_OUT)/checkpoints/last.ckpt ] && echo --ckpt_path last )
+	$(VENV)/bin/tinyrecipe fit --config recipes/quickstart.yaml --ckpt_path auto $(FIT_ARGS)
 	$(VENV)/bin/tinyrecipe generate --ckpt $(QS_OUT)/checkpoints/last.ckpt --tokenizer $(Q)/tokenizer \
 	  --prompt "def" --prompt "The" --max-new-tokens 60
 	@echo "TensorBoard logs: $(QS_OUT)/tensorboard   (tensorboard --logdir $(QS_OUT)/tensorboard)"

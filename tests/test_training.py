@@ -380,9 +380,11 @@ def test_fsdp1_is_refused_in_one_line():
 def test_a_run_directory_refuses_a_new_run_and_another_model_shape(corpus, tmp_path):
     """A run's records are refused, in one line and byte-identical afterwards (checkpoints, logs,
     the recipe's copy), to a new run started into its directory, to a resume with another model
-    shape or LoRA setting, and to a --ckpt_path that does not exist; the right resume continues."""
+    shape or LoRA setting, and to a --ckpt_path that does not exist; `--ckpt_path auto` starts the
+    run, then resumes it."""
     recipe = write_recipe(tmp_path, corpus, max_steps=2, every=2)
-    assert fit(recipe).returncode == 0
+    first = fit(recipe, "--ckpt_path", "auto")  # nothing to resume: a new run
+    assert first.returncode == 0 and "--ckpt_path auto: a new run" in first.stderr
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     def refused(*args: str) -> str:  # in this process: each stops before the Trainer writes
@@ -404,8 +406,9 @@ def test_a_run_directory_refuses_a_new_run_and_another_model_shape(corpus, tmp_p
     )
     after = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     assert after == before  # no new events file, config.yaml, checkpoint or validation point
-    resumed = fit(recipe, "--ckpt_path", "last", "--trainer.max_steps", "3")
+    resumed = fit(recipe, "--ckpt_path", "auto", "--trainer.max_steps", "3")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"--ckpt_path auto: resuming from {tmp_path / 'checkpoints/last.ckpt'}" in resumed.stderr
     assert (tmp_path / "checkpoints/last.ckpt").resolve().name == "step=3.ckpt"
     assert len(list((tmp_path / "tensorboard").glob("version_*"))) == 0  # one log, continued
 

@@ -133,3 +133,21 @@ def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, d
     assert result["global_step"] == 6 and torch.equal(result["w"], torch.full((64, 64), 6.0))
     message = next(str(w.message) for w in said if "is unreadable" in str(w.message))
     assert "'step=6.ckpt' (step 6)" in message and len(message) < 300, message
+
+
+def test_auto_resume_picks_last_else_the_newest_readable_else_nothing(tmp_path):
+    import os
+
+    from tinyrecipe.train.checkpoint import resolve_auto_resume
+
+    assert resolve_auto_resume(tmp_path / "none") is None and resolve_auto_resume(tmp_path) is None
+    io = AtomicCheckpointIO()
+    for step in (2, 4):
+        io.save_checkpoint(state(step), tmp_path / f"step={step}.ckpt")
+        os.utime(tmp_path / f"step={step}.ckpt", (step, step))
+    assert resolve_auto_resume(tmp_path) == str(tmp_path / "step=4.ckpt")
+    _sharded(tmp_path / "step=6.ckpt", 6.0)  # newer, but a shard is gone
+    next((tmp_path / "step=6.ckpt").glob("*.distcp")).unlink()
+    assert resolve_auto_resume(tmp_path) == str(tmp_path / "step=4.ckpt")
+    os.symlink("step=2.ckpt", tmp_path / "last.ckpt")
+    assert resolve_auto_resume(tmp_path) == str(tmp_path / "last.ckpt")

@@ -22,6 +22,7 @@ states only what differs:
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ import lightning as L
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 import tinyrecipe.train.strategy  # noqa: F401  (registers trainer.strategy: fsdp2)
 from tinyrecipe.model.config import resolve_config
@@ -42,7 +44,7 @@ from tinyrecipe.train.callbacks import (
     StepLearningRateMonitor,
     TokenThroughputMonitor,
 )
-from tinyrecipe.train.checkpoint import check_fit_start
+from tinyrecipe.train.checkpoint import check_fit_start, resolve_auto_resume
 from tinyrecipe.train.module import CausalLMModule
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
@@ -178,9 +180,15 @@ class TinyRecipeCLI(LightningCLI):
         super().instantiate_classes()
 
     def before_fit(self) -> None:
+        kwargs = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        if kwargs.get("ckpt_path") == "auto":  # resume when there is a checkpoint, else start
+            callback = self.trainer.checkpoint_callback
+            directory = Path(callback.dirpath) if callback and callback.dirpath else None
+            kwargs["ckpt_path"] = resolve_auto_resume(directory)
+            said = f"resuming from {kwargs['ckpt_path']}" if kwargs["ckpt_path"] else "a new run"
+            rank_zero_info(f"tinyrecipe: --ckpt_path auto: {said}")
         # every refusal before the Trainer writes logs, the recipe's copy or a validation point
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        check_fit_start(self.trainer, self.model, config.get("ckpt_path"))
+        check_fit_start(self.trainer, self.model, kwargs.get("ckpt_path"))
 
     def after_validate(self) -> None:
         if self.trainer.is_global_zero:
@@ -224,6 +232,8 @@ class _ParseOnly(TinyRecipeCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--resume", type=str | None, default=None, help="a Fabric checkpoint")
+        # `fit`'s own argument, which recipes may set (`ckpt_path: auto`); not the Fabric loop's
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help=argparse.SUPPRESS)
 
     def instantiate_classes(self) -> None:
         pass
@@ -251,6 +261,7 @@ def parse_recipe(argv: list[str]) -> tuple[dict, str | None]:
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = _ParseOnly(run=False, args=expand_strategy_name(argv), save_config_callback=None)
     resume = cli.config.pop("resume", None)
+    cli.config.pop("ckpt_path", None)
     return yaml.safe_load(cli.parser.dump(cli.config, skip_none=False)), resume
 
 

@@ -182,6 +182,19 @@ def load_with_fallback(
     )
 
 
+def resolve_auto_resume(directory: Path | None) -> str | None:
+    """`--ckpt_path auto`: the run directory's `last.ckpt` when it exists (the newest; a damaged
+    one falls back when loaded, `load_with_fallback`), else its newest readable checkpoint, else
+    None: a fresh start. A pure function of the directory, so every rank decides alike."""
+    if directory is None or not directory.is_dir():
+        return None
+    last = directory / "last.ckpt"
+    if last.exists():
+        return str(last)
+    candidates = sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return next((str(p) for p in candidates if checkpoint_problem(p) is None), None)
+
+
 def check_fit_start(trainer, module, ckpt_path: str | None) -> None:
     """The refusals of a run that can be made before anything is written (the logger's files,
     the recipe's copy, a sanity validation's point): a new run into a directory of another run's
