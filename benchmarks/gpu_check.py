@@ -249,7 +249,8 @@ def run_recipe(
     from tinyrecipe.train.callbacks import Checkpoints, DeviceEvent
     from tinyrecipe.train.module import describe
 
-    sources = json.loads((out / "data/sources.json").read_text())  # prepare_run's
+    listed = json.loads((out / "data.json").read_text())["sources"]  # prepare_run's
+    sources = json.loads(Path(listed).read_text())
     root = out / variant
     steps, micro, accumulate = step_shape(s, variant)
     args = recipe_args(s, variant, root, sources, devices)
@@ -784,11 +785,12 @@ def prepare_run(out: Path, s: dict, variant: str, devices: int) -> None:
     """Before a recipe run's processes start (one place, not once per rank): its synthetic data
     (made once per --out) and an empty run directory (a rerun into the same --out starts
     afresh)."""
-    listed = out / "data/sources.json"
-    if not listed.is_file():
-        tokens = (s["steps"] + 1) * s["accumulate"] * s["micro"] * devices * 2049
-        listed.parent.mkdir(parents=True, exist_ok=True)
-        listed.write_text(json.dumps(make_data(out / "data", s["vocab"], tokens)))
+    tokens = (s["steps"] + 1) * s["accumulate"] * s["micro"] * devices * 2049
+    data = out / f"data-{s['vocab']}-{tokens}"  # a --cpu run's data is not a GPU run's
+    if not (data / "sources.json").is_file():
+        data.mkdir(parents=True, exist_ok=True)
+        (data / "sources.json").write_text(json.dumps(make_data(data, s["vocab"], tokens)))
+    (out / "data.json").write_text(json.dumps({"sources": str(data / "sources.json")}))
     shutil.rmtree(out / variant, ignore_errors=True)
 
 

@@ -58,3 +58,22 @@ def test_make_quickstart_small(tmp_path):
     assert again.stdout.count("already prepared, reused") == 4  # both splits of both sources
     # neither the sample corpus nor the tokenizer was rebuilt (their scripts print these)
     assert " MB -> " not in again.stdout and "trained a 1024-token BPE" not in again.stdout
+
+    # the README's ablation line, as written there, on that data (this test's vocabulary, 2 steps)
+    readme = (ROOT / "README.md").read_text()
+    written = re.search(
+        r"^tinyrecipe (fit --config recipes/ablations/base\.yaml .*?)  #", readme, re.M
+    )
+    line = written.group(1).split()
+    small = ["--model.config.vocab_size", "1024", "--trainer.max_steps", "2"]
+    small += ["--data.val_max_blocks", "2", "--data.batch_size", "2", "--data.num_workers", "0"]
+    ablation = subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", *line, *small],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert ablation.returncode == 0, ablation.stderr[-3000:]
+    assert (tmp_path / "out/ablations/mha/checkpoints/last.ckpt").exists()

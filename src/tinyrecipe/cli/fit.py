@@ -131,6 +131,15 @@ class TinyRecipeCLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(CausalLMModule, L.LightningDataModule, **kwargs)
 
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict):
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if not add_subcommands:
+            # run=False (the Fabric loop's parser, tests' helpers): `fit`'s own argument, which
+            # recipes may set (`ckpt_path: auto`), accepted and left to the caller
+            self.parser.add_argument(
+                "--ckpt_path", type=str | None, default=None, help=argparse.SUPPRESS
+            )
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(Checkpoints, "checkpoint")
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
@@ -179,16 +188,24 @@ class TinyRecipeCLI(LightningCLI):
         check_accelerator(config.trainer.accelerator)  # before the model and data are built
         super().instantiate_classes()
 
-    def before_fit(self) -> None:
+    def _resolve_auto(self) -> dict:
+        """`ckpt_path: auto` made the run directory's newest readable checkpoint, or None."""
         kwargs = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        if kwargs.get("ckpt_path") == "auto":  # resume when there is a checkpoint, else start
+        if kwargs.get("ckpt_path") == "auto":
             callback = self.trainer.checkpoint_callback
             directory = Path(callback.dirpath) if callback and callback.dirpath else None
             kwargs["ckpt_path"] = resolve_auto_resume(directory)
             said = f"resuming from {kwargs['ckpt_path']}" if kwargs["ckpt_path"] else "a new run"
             rank_zero_info(f"tinyrecipe: --ckpt_path auto: {said}")
+        return kwargs
+
+    def before_fit(self) -> None:
+        kwargs = self._resolve_auto()
         # every refusal before the Trainer writes logs, the recipe's copy or a validation point
         check_fit_start(self.trainer, self.model, kwargs.get("ckpt_path"))
+
+    def before_validate(self) -> None:
+        self._resolve_auto()
 
     def after_validate(self) -> None:
         if self.trainer.is_global_zero:
@@ -232,8 +249,6 @@ class _ParseOnly(TinyRecipeCLI):
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)
         parser.add_argument("--resume", type=str | None, default=None, help="a Fabric checkpoint")
-        # `fit`'s own argument, which recipes may set (`ckpt_path: auto`); not the Fabric loop's
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help=argparse.SUPPRESS)
 
     def instantiate_classes(self) -> None:
         pass

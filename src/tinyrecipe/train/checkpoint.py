@@ -163,7 +163,7 @@ def load_with_fallback(
     if why is None:
         return result
     others = sorted(
-        (p for p in path.parent.glob("*.ckpt") if p.resolve() != path.resolve()),
+        (p for p in path.parent.glob("*.ckpt") if p.exists() and p.resolve() != path.resolve()),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
@@ -191,7 +191,8 @@ def resolve_auto_resume(directory: Path | None) -> str | None:
     last = directory / "last.ckpt"
     if last.exists():
         return str(last)
-    candidates = sorted(directory.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+    present = (p for p in directory.glob("*.ckpt") if p.exists())  # not a dangling last link
+    candidates = sorted(present, key=lambda p: p.stat().st_mtime, reverse=True)
     return next((str(p) for p in candidates if checkpoint_problem(p) is None), None)
 
 
@@ -209,6 +210,8 @@ def check_fit_start(trainer, module, ckpt_path: str | None) -> None:
     if init_from and not Path(init_from).exists():
         raise FileNotFoundError(f"model.init_from '{init_from}' does not exist")
     if ckpt_path is None:
+        if any(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")):
+            return  # a SLURM requeue: Lightning resumes its own hpc checkpoint
         if dirpath is not None and any(dirpath.glob("*.ckpt")):
             raise ValueError(
                 f"'{dirpath}' holds checkpoints of an earlier run; resume it with "

@@ -262,7 +262,9 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     every = int(t.get("val_check_interval") or 0) // accumulate  # micro-batches -> steps
     log_every = int(t.get("log_every_n_steps") or 50)
     save_every = int((recipe.get("checkpoint") or {}).get("every_n_train_steps") or 0)
-    keep = int((recipe.get("checkpoint") or {}).get("save_top_k") or 2)
+    top_k = (recipe.get("checkpoint") or {}).get("save_top_k")
+    # step checkpoints kept: Lightning's default 2; -1 all (0 in _save); `last` needs at least one
+    keep = 2 if top_k is None else (0 if int(top_k) < 0 else max(int(top_k), 1))
     peak, _ = device_peak(fabric.device, precision)
     params = [p for p in module.model.parameters()]
     fabric.print(f"tinyrecipe fabric: {fabric.world_size} process(es), {precision}, {root}")

@@ -290,6 +290,11 @@ class CausalLMModule(L.LightningModule):
         precision = str(self.trainer.precision)
         rank_zero_info(describe(self, precision, self.trainer.strategy.root_device))
         self._per_token = per_token_loss(getattr(self.trainer, "datamodule", None))
+        if self._per_token and self.trainer.gradient_clip_algorithm == "value":
+            raise ValueError(
+                "trainer.gradient_clip_algorithm: value clips the summed per-token gradients of "
+                "SFT data before their normalisation; use norm (the default)"
+            )
         _sigterm_check_at_logging_steps(self.trainer)
 
     def on_train_start(self) -> None:
@@ -362,10 +367,13 @@ class CausalLMModule(L.LightningModule):
         if gradient_clip_val and gradient_clip_algorithm == "value":
             self.clip_gradients(optimizer, gradient_clip_val, "value")
             max_norm = None
+        # Lightning divides every micro-batch's loss by accumulate_grad_batches, also in an
+        # epoch's shorter last step: per token, the gradients are rescaled from that
+        per_token_divisor = self.trainer.accumulate_grad_batches
         stats = finish_step(
             list(self.model.parameters()),
             self._loss_sum,
-            self._micro_batches,
+            per_token_divisor if self._per_token else self._micro_batches,
             max_norm=max_norm,
             optimizer=getattr(optimizer, "_optimizer", optimizer),
             z_sum=self._z_sum,
@@ -392,9 +400,8 @@ class CausalLMModule(L.LightningModule):
         self.log("train/skipped_steps", self._skipped)
         tokens = before + (self.global_step + 1 - start_step) * per_step
         # a device fill, not a tensor built from a Python float (a host-to-device copy per step)
-        self.log(
-            "train/tokens_seen", torch.full((), tokens, device=self.device, dtype=torch.float64)
-        )
+        wide = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no fp64
+        self.log("train/tokens_seen", torch.full((), tokens, device=self.device, dtype=wide))
 
     def on_train_end(self) -> None:
         self.guard.flush()
