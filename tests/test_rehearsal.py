@@ -9,21 +9,13 @@ global batch (1e-5), and each sharded module reduce-scatters once per step.
 
 import pytest
 
-from tests.test_distributed import COMMON, FSDP_MODULES, counted_fit, counts
+from tests.test_distributed import COMMON, FSDP2_RECIPE, FSDP_MODULES, counted_fit, counts
 from tests.test_training import scalars, write_recipe
 
 pytestmark = pytest.mark.rehearsal
 
 GLOBAL = 16  # sequences per optimizer step, in every layout below
-# the recipe's strategy: the weights gathered once per optimizer step
-FSDP2 = [
-    "--trainer.strategy",
-    "tinyrecipe.train.strategy.FSDP2Strategy",
-    "--trainer.strategy.reshard_after_forward",
-    "false",
-    "--trainer.strategy.reshard_after_backward",
-    "false",
-]
+FSDP2 = FSDP2_RECIPE[2:]  # the recipe's strategy flags, without the 2 devices
 KEEP = ["--checkpoint.every_n_train_steps", "1", "--checkpoint.save_top_k", "-1"]
 
 
