@@ -18,7 +18,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from tinyrecipe.model import Llama, ModelConfig  # noqa: E402
 from tinyrecipe.model.loss import IGNORE_INDEX  # noqa: E402
 from tinyrecipe.model.parallelize import parallelize  # noqa: E402
-from tinyrecipe.train.step import finish_step, micro_batch_loss, target_tokens  # noqa: E402
+from tinyrecipe.train.step import finish_step, micro_batch_loss, step_loss  # noqa: E402
 
 ROWS, T = 8, 24
 MAX_NORM = 20.0  # above the step's norm: the gradients compare unclipped
@@ -48,8 +48,7 @@ def step(model, batch, rank: int, world: int, accumulate: int) -> dict:
             start = (micro * world + rank) * rows
             part = {k: v[start : start + rows] for k, v in batch.items()}
             model.set_requires_gradient_sync(micro == accumulate - 1)
-            n = target_tokens(part)
-            loss = micro_batch_loss(model, part) * n
+            loss, _, n = step_loss(model, part, per_token=True)
             (loss / accumulate).backward()  # as the loops do: averaged over micro-batches
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
             tokens = n if tokens is None else tokens + n

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
+from tinyrecipe.train.checkpoint import refuse_new_run_into
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
@@ -175,13 +176,10 @@ class Checkpoints(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:
-        # A new run into a directory of another run's checkpoints would interleave the two.
-        # (Here, not in on_fit_start: FSDP2 restores a checkpoint after that hook.)
-        if trainer.ckpt_path is None and any(Path(self.dirpath).glob("*.ckpt")):
-            raise ValueError(
-                f"'{self.dirpath}' holds checkpoints of an earlier run; resume it with "
-                "--ckpt_path last, or set another trainer.default_root_dir (or delete them)"
-            )
+        # For the Trainer used without the CLI, whose before_fit refuses earlier (here, not in
+        # on_fit_start: FSDP2 restores a checkpoint after that hook)
+        if trainer.ckpt_path is None:
+            refuse_new_run_into(self.dirpath)
         super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

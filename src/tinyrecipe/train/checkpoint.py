@@ -196,6 +196,15 @@ def resolve_auto_resume(directory: Path | None) -> str | None:
     return next((str(p) for p in candidates if checkpoint_problem(p) is None), None)
 
 
+def refuse_new_run_into(dirpath: Path | None) -> None:
+    """A new run into a directory of another run's checkpoints would interleave the two."""
+    if dirpath is not None and any(Path(dirpath).glob("*.ckpt")):
+        raise ValueError(
+            f"'{dirpath}' holds checkpoints of an earlier run; resume it with "
+            "--ckpt_path last, or set another trainer.default_root_dir (or delete them)"
+        )
+
+
 def check_fit_start(trainer, module, ckpt_path: str | None) -> None:
     """The refusals of a run that can be made before anything is written (the logger's files,
     the recipe's copy, a sanity validation's point): a new run into a directory of another run's
@@ -212,11 +221,7 @@ def check_fit_start(trainer, module, ckpt_path: str | None) -> None:
     if ckpt_path is None:
         if any(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")):
             return  # a SLURM requeue: Lightning resumes its own hpc checkpoint
-        if dirpath is not None and any(dirpath.glob("*.ckpt")):
-            raise ValueError(
-                f"'{dirpath}' holds checkpoints of an earlier run; resume it with "
-                "--ckpt_path last, or set another trainer.default_root_dir (or delete them)"
-            )
+        refuse_new_run_into(dirpath)
         return
     if ckpt_path in ("best", "hpc", "registry") or "://" in str(ckpt_path):
         return

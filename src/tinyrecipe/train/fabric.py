@@ -45,12 +45,10 @@ from tinyrecipe.train.module import (
 )
 from tinyrecipe.train.step import (
     finish_step,
-    micro_batch_loss,
     per_token_loss,
-    target_tokens,
+    step_loss,
     val_metrics,
     val_sums,
-    z_loss_term,
 )
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
@@ -299,11 +297,8 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
                 fabric.no_backward_sync(model, enabled=not_last),
                 keep_gathered(module.model, enabled=not_last and not reshard_after_backward),
             ):
-                loss = micro_batch_loss(model, batch)
-                z = z_loss_term(module.model)
-                if per_token:  # summed over target tokens; `finish_step` divides by the step's
-                    n = target_tokens(batch)
-                    loss, z = loss * n, (z * n if z is not None else None)
+                loss, z, n = step_loss(model, batch, per_token, z_from=module.model)
+                if n is not None:
                     tokens = n if tokens is None else tokens + n
                 fabric.backward(loss / accumulate)
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()

@@ -40,12 +40,10 @@ from tinyrecipe.train.step import (
     NonFiniteGuard,
     SpikeSkipper,
     finish_step,
-    micro_batch_loss,
     per_token_loss,
-    target_tokens,
+    step_loss,
     val_metrics,
     val_sums,
-    z_loss_term,
 )
 
 FSDP1_REFUSED = (
@@ -342,11 +340,8 @@ class CausalLMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         self._count_flops(batch, training=True)
-        loss = micro_batch_loss(self.model, batch)
-        z = z_loss_term(self.model)
-        if self._per_token:  # summed over target tokens; `finish_step` divides by the step's
-            n = target_tokens(batch)
-            loss, z = loss * n, (z * n if z is not None else None)
+        loss, z, n = step_loss(self.model, batch, self._per_token)
+        if n is not None:
             self._target_tokens = n if self._target_tokens is None else self._target_tokens + n
         detached = loss.detach()
         self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached

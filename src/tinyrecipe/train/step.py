@@ -43,6 +43,21 @@ def micro_batch_loss(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tens
     return loss
 
 
+def step_loss(
+    model, batch: dict[str, torch.Tensor], per_token: bool, z_from: Llama | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What one micro-batch adds to its step, for either loop: (the loss to back-propagate, its
+    z-loss part, its target tokens). The mean loss; `per_token`: the loss and z-loss summed over
+    the target tokens, which `finish_step(tokens=...)` then divides by the step's. `model` may
+    be a wrapper (Fabric's); `z_from` is the decoder itself (default: `model`)."""
+    loss = micro_batch_loss(model, batch)
+    z = z_loss_term(z_from or model)
+    if not per_token:
+        return loss, z, None
+    n = target_tokens(batch)
+    return loss * n, (z * n if z is not None else None), n
+
+
 def target_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The number of positions of a batch whose loss is taken (labels not IGNORE_INDEX)."""
     return (batch["labels"] != IGNORE_INDEX).sum()
