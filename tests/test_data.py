@@ -14,7 +14,8 @@ import zstandard
 
 from tinyrecipe.data import DataSource, MixedStreamingDataModule, load_tokenizer
 from tinyrecipe.data.mixture import MixtureSchedule, TokenBlocks
-from tinyrecipe.data.prep import prepare_split, read_metadata, read_slimpajama, read_starcoder
+from tinyrecipe.data.prep import prepare_split, read_metadata
+from tinyrecipe.data.readers import SLIMPAJAMA, STARCODER, read_records
 
 from .conftest import script
 
@@ -78,7 +79,9 @@ def test_blocks_are_the_document_stream_with_boundaries(corpus, tmp_path):
     tok = load_tokenizer(root / "tok")
     docs = [
         t
-        for t, r in read_slimpajama(next((root / "raw/slimpajama/validation").rglob("*.zst")))
+        for t, r in read_records(
+            next((root / "raw/slimpajama/validation").rglob("*.zst")), SLIMPAJAMA
+        )
         if r is None
     ]
     for boundary, (bos, eos) in {"bos_eos": (1, 1), "bos": (1, 0)}.items():
@@ -87,7 +90,7 @@ def test_blocks_are_the_document_stream_with_boundaries(corpus, tmp_path):
             [next((root / "raw/slimpajama/validation").rglob("*.zst"))],
             tmp_path / boundary,
             root / "tok",
-            "slimpajama",
+            SLIMPAJAMA,
             boundary=boundary,
             num_workers=1,
             chunk_tokens=10**7,
@@ -113,7 +116,7 @@ def test_prep_output_is_identical_for_any_worker_count_and_reruns_skip(corpus, t
             files,
             tmp_path / f"w{workers}",
             root / "tok",
-            "starcoder",
+            STARCODER,
             num_workers=workers,
             chunk_tokens=8192,
             keep="train",
@@ -134,7 +137,7 @@ def test_prep_output_is_identical_for_any_worker_count_and_reruns_skip(corpus, t
         files,
         tmp_path / "w1",
         root / "tok",
-        "starcoder",
+        STARCODER,
         num_workers=1,
         chunk_tokens=8192,
         keep="train",
@@ -165,7 +168,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
         json.dumps({"text": "code", "meta": {"redpajama_set_name": "RedPajamaGithub"}}).encode(),
     ]
     path = write_zst(tmp_path / "a.jsonl.zst", lines)
-    counts = Counter(reason for _, reason in read_slimpajama(path))
+    counts = Counter(reason for _, reason in read_records(path, SLIMPAJAMA))
     assert counts == {
         None: 2,
         "malformed_json": 1,
@@ -177,13 +180,13 @@ def test_bad_records_are_skipped_and_counted(tmp_path):
     data = path.read_bytes()
     cut = tmp_path / "cut.jsonl.zst"
     cut.write_bytes(data[: len(data) - 5])
-    assert Counter(r for _, r in read_slimpajama(cut))["truncated_file"] == 1
+    assert Counter(r for _, r in read_records(cut, SLIMPAJAMA))["truncated_file"] == 1
     pq.write_table(pa.table({"text": ["x"]}), tmp_path / "no_content.parquet")
-    assert [r for _, r in read_starcoder(tmp_path / "no_content.parquet")] == [
+    assert [r for _, r in read_records(tmp_path / "no_content.parquet", STARCODER)] == [
         "missing_content_column"
     ]
     pq.write_table(pa.table({"content": ["def f(): pass", None, "  "]}), tmp_path / "c.parquet")
-    assert Counter(r for _, r in read_starcoder(tmp_path / "c.parquet")) == {
+    assert Counter(r for _, r in read_records(tmp_path / "c.parquet", STARCODER)) == {
         None: 1,
         "missing_content": 1,
         "empty": 1,
@@ -216,7 +219,7 @@ def test_script_errors_are_one_line(corpus, tmp_path):
         tmp_path / "o",
         check=False,
     )
-    assert result.returncode == 2 and "has no files matching" in result.stderr
+    assert result.returncode == 2 and "holds no readable file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "o/train").exists()
 
@@ -412,7 +415,7 @@ def test_stages_in_the_datamodule_and_their_one_line_errors(corpus):
 
 def test_vocab_and_tokenizer_mismatch_are_refused(corpus, tmp_path):
     with pytest.raises(
-        ValueError, match="has tokenizer vocab 1024, model expects 32000 — re-run data_prep"
+        ValueError, match="has tokenizer vocab 1024, model expects 32000 — prepare it again"
     ):
         datamodule(corpus, vocab_size=32000)
     from tinyrecipe.data.tokenizer import train_bpe_tokenizer
@@ -444,7 +447,7 @@ def test_sentencepiece_tokenizer_model_directory_works(corpus, tmp_path):
     assert tok.decode(tok.encode("def main(): pass")) == "def main(): pass"
     files = sorted((corpus["root"] / "raw/slimpajama/validation").rglob("*.zst"))
     summary = prepare_split(
-        "v", files, tmp_path / "out", tmp_path / "spm", "slimpajama", num_workers=1
+        "v", files, tmp_path / "out", tmp_path / "spm", SLIMPAJAMA, num_workers=1
     )
     assert (
         summary.documents > 0

@@ -111,7 +111,7 @@ def tokenizer_vocab_mismatch(tmp_path, corpus):
     recipe = write_recipe(tmp_path, corpus, max_steps=1, every=1)
     shape = json.dumps({**MICRO, "vocab_size": 2048})
     one_line_error(
-        cli_fit(recipe, "--model.config", shape), "tokenizer vocab 1024", "re-run data_prep"
+        cli_fit(recipe, "--model.config", shape), "tokenizer vocab 1024", "prepare it again"
     )
 
 

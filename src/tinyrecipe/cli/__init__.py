@@ -11,6 +11,10 @@ import sys
 
 # subcommand -> (module with a `main(argv)`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": (
+        "tinyrecipe.cli.prepare",
+        "tokenize a corpus (jsonl, json, parquet, arrow, txt; local or sharded) into litdata",
+    ),
     "fit": ("tinyrecipe.cli.fit", "train a recipe: tinyrecipe fit --config recipes/X.yaml"),
     "validate": ("tinyrecipe.cli.fit", "evaluate a recipe's model on its validation data"),
     "fabric": (

@@ -179,30 +179,38 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
         self._check_metadata()
 
     def _check_metadata(self) -> None:
-        expected_sha = None
+        expected_sha = expected_ids = None
         if self.tokenizer_dir is not None:
             from tinyrecipe.data.tokenizer import TextTokenizer
 
-            expected_sha = TextTokenizer(self.tokenizer_dir).sha256
+            tok = TextTokenizer(self.tokenizer_dir)
+            expected_sha, expected_ids = tok.sha256, (tok.bos_id, tok.eos_id)
         first_sha = None
         for blocks in self._train + self._val:
             meta = blocks.meta
             if not meta:
                 raise ValueError(
                     f"data dir '{blocks.path}' has no tinyrecipe metadata in index.json; "
-                    "prepare it with data_prep/prepare_*.py"
+                    "prepare it with tinyrecipe prepare"
                 )
             if self.vocab_size is not None and meta["vocab_size"] != self.vocab_size:
                 raise ValueError(
                     f"data dir '{blocks.path}' has tokenizer vocab {meta['vocab_size']}, model expects "
-                    f"{self.vocab_size} — re-run data_prep with the model's tokenizer or set "
-                    "model vocab_size"
+                    f"{self.vocab_size} — prepare it again with the model's tokenizer "
+                    "(tinyrecipe prepare) or set model.vocab_size"
                 )
             sha = meta["tokenizer_sha256"]
             if expected_sha is not None and sha != expected_sha:
                 raise ValueError(
                     f"data dir '{blocks.path}' was tokenized with another tokenizer than "
-                    f"'{self.tokenizer_dir}' — re-run data_prep with that tokenizer"
+                    f"'{self.tokenizer_dir}' — prepare it again with that tokenizer"
+                )
+            ids = (meta.get("bos_id"), meta.get("eos_id"))
+            if expected_ids is not None and "bos_id" in meta and ids != expected_ids:
+                raise ValueError(
+                    f"data dir '{blocks.path}' marks documents with BOS/EOS ids {ids}, the "
+                    f"tokenizer '{self.tokenizer_dir}' uses {expected_ids} — prepare it again "
+                    "with that tokenizer"
                 )
             if first_sha is not None and sha != first_sha:
                 raise ValueError(

@@ -260,7 +260,7 @@ def document_ids(tokens: np.ndarray, meta: dict, path: str) -> np.ndarray:
         return np.cumsum(ends)
     raise ValueError(
         f"data dir '{path}' records no document boundaries (metadata boundary={boundary!r}); "
-        "prepare it again with data_prep/prepare_*.py, or set data.document_mask: false"
+        "prepare it again with tinyrecipe prepare, or set data.document_mask: false"
     )
 
 
@@ -277,7 +277,7 @@ def check_split(split: str, prepare: str | None = None) -> None:
     if is_remote(split):  # litdata reads these itself
         return
     path = Path(split)
-    how = f"`{prepare}`" if prepare else "data_prep/prepare_*.py"
+    how = f"`{prepare}`" if prepare else "tinyrecipe prepare"
     if not path.is_dir():
         raise FileNotFoundError(
             f"data dir '{path}' does not exist; prepare it with {how} or fix the path in the recipe"
@@ -293,7 +293,7 @@ def check_split(split: str, prepare: str | None = None) -> None:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(
             f"data index '{index_file}' is unreadable ({type(err).__name__}); prepare the split "
-            "again with data_prep/prepare_*.py"
+            "again with tinyrecipe prepare"
         ) from None
     missing = [f for f in files if not (path / f).is_file()]
     if missing:

@@ -1,14 +1,18 @@
-"""Corpus preparation: raw SlimPajama / Starcoderdata files -> litdata token chunks + metadata.
+"""Corpus preparation: raw text in any common format -> litdata token chunks + metadata.
 
 One prepared split is a litdata directory (`index.json` + `chunk-*.bin`) of token ids, one item
 per document (uint16 when the vocab fits), readable by `StreamingDataset(item_loader=
 TokensLoader(block_size))`. Our metadata sits in the same `index.json` under "tinyrecipe", so a
 remote copy carries it too.
 
-Documents are tokenized in parallel (a process pool over input files, in sorted order) and
-written by one writer in file order, so the output is byte-identical whatever the worker count.
-A split is built in a temporary directory and renamed into place only when complete; a rerun
-with the same inputs, tokenizer and options skips it.
+Documents are tokenized in parallel (a process pool over input files, in order) and written by
+one writer in file order, so the output is byte-identical whatever the worker count. A split is
+built in a temporary directory and renamed into place only when complete; a rerun with the same
+inputs, tokenizer and options skips it.
+
+Across machines, `shard=(i, n)` prepares the i-th of n contiguous runs of the input files (split
+by bytes) into `out/parts/<i>-of-<n>/`; `merge_parts` rewrites the parts' documents in order
+through the same writer, so the merged split is byte-identical to a one-shot preparation.
 """
 
 from __future__ import annotations
@@ -21,126 +25,47 @@ import shutil
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from tinyrecipe.data.readers import (
+    LINE_SUFFIXES,
+    SLIMPAJAMA,
+    STARCODER,
+    RecordFormat,
+    expand_inputs,
+    read_records,
+    record_fields,
+)
 from tinyrecipe.data.tokenizer import TextTokenizer
 from tinyrecipe.faults import failpoint
 from tinyrecipe.io import atomic_path
+
+PLAIN = RecordFormat()
 
 FORMAT_VERSION = 1
 META_KEY = "tinyrecipe"
 # Where each document's boundaries are marked. TinyLlama's own prep used BOS only.
 BOUNDARIES = {"bos_eos": (True, True), "bos": (True, False), "eos": (False, True)}
-SLIMPAJAMA_DROPPED_SETS = frozenset({"RedPajamaGithub"})
 ENCODE_BATCH = 512  # documents per encode_batch call
-
-# A reader yields (text, None) for a document or (None, reason) for a skipped record.
-Record = tuple[str | None, str | None]
-
-
-def read_slimpajama(path: Path) -> Iterator[Record]:
-    """Records of one SlimPajama `*.jsonl.zst` (or plain `.jsonl`) file.
-
-    Skips, by reason: non_utf8, malformed_json, missing_text, empty, dropped_<set> (the GitHub
-    subset), truncated_file (a zstd stream cut short: the complete lines before the cut are kept).
-    """
-    buffer = b""
-    try:
-        for block in _decompressed_blocks(path):
-            buffer += block
-            *lines, buffer = buffer.split(b"\n")
-            yield from (_slimpajama_record(line) for line in lines if line.strip())
-    except TruncatedFile:
-        yield None, "truncated_file"
-        return
-    if buffer.strip():
-        yield _slimpajama_record(buffer)
-
-
-class TruncatedFile(Exception):
-    """A compressed file whose last zstd frame never ends."""
-
-
-def _decompressed_blocks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
-    """Decompressed bytes of a .zst file (any number of frames) or raw bytes of another file.
-
-    zstandard's stream reader returns a silent EOF on a cut file; a decompressobj per frame
-    tells a finished frame from a cut one.
-    """
-    import zstandard
-
-    with open(path, "rb") as f:
-        if path.suffix != ".zst":
-            while block := f.read(size):
-                yield block
-            return
-        dobj, pending = None, False
-        while raw := f.read(size):
-            while raw:
-                if dobj is None:
-                    dobj = zstandard.ZstdDecompressor().decompressobj()
-                try:
-                    out = dobj.decompress(raw)
-                except zstandard.ZstdError as err:
-                    raise TruncatedFile(str(err)) from err
-                pending = True
-                if out:
-                    yield out
-                raw = dobj.unused_data if dobj.eof else b""
-                if dobj.eof:
-                    dobj, pending = None, False
-        if pending:
-            raise TruncatedFile(str(path))
-
-
-def _slimpajama_record(line: bytes) -> Record:
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        return None, "non_utf8"
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return None, "malformed_json"
-    if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        return None, "missing_text"
-    meta = obj.get("meta")
-    set_name = meta.get("redpajama_set_name") if isinstance(meta, dict) else None
-    if set_name in SLIMPAJAMA_DROPPED_SETS:
-        return None, f"dropped_{set_name}"
-    if not obj["text"].strip():
-        return None, "empty"
-    return obj["text"], None
-
-
-def read_starcoder(path: Path) -> Iterator[Record]:
-    """Records of one Starcoderdata parquet file (`content` column).
-
-    Skips: missing_content (null), empty, missing_content_column (a whole file without the
-    column counts once), unreadable_file.
-    """
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(path)
-    except Exception:
-        yield None, "unreadable_file"
-        return
-    if "content" not in parquet.schema_arrow.names:
-        yield None, "missing_content_column"
-        return
-    for batch in parquet.iter_batches(columns=["content"], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            if not isinstance(text, str):
-                yield None, "missing_content"
-            elif not text.strip():
-                yield None, "empty"
-            else:
-                yield text, None
+CHUNK_TOKENS = 2049 * 1024
+# Metadata that differs between the parts of one sharded preparation (everything else must agree).
+PER_PART = frozenset(
+    {
+        "fingerprint",
+        "documents",
+        "tokens",
+        "text_bytes",
+        "skipped",
+        "inputs",
+        "input_bytes",
+        "documents_per_input",
+        "shard",
+    }
+)
 
 
 def in_validation(key: str, permille: float) -> bool:
@@ -161,13 +86,16 @@ class SplitSummary:
     skipped: Counter = field(default_factory=Counter)
     seconds: float = 0.0
     reused: bool = False
+    merged: int = 0  # parts merged into it
 
     def line(self) -> str:
         rate = self.text_bytes / 1e6 / self.seconds if self.seconds else 0.0
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
-        how = (
-            "already prepared, reused" if self.reused else f"{self.seconds:.1f} s, {rate:.2f} MB/s"
-        )
+        how = f"{self.seconds:.1f} s, {rate:.2f} MB/s"
+        if self.reused:
+            how = "already prepared, reused"
+        elif self.merged:
+            how = f"{self.merged} parts merged in {self.seconds:.1f} s"
         return (
             f"{self.split}: {self.documents:,} documents, {self.tokens:,} tokens ({how}); "
             f"skipped: {skipped}"
@@ -186,7 +114,7 @@ def _init_worker(tokenizer_dir: str) -> None:
 
 def _tokenize_file(job: tuple) -> tuple[list[np.ndarray], Counter, int]:
     """Tokenize one input file: (documents as token arrays, skip counts, UTF-8 text bytes kept)."""
-    path, reader_name, boundary, keep, permille, dtype = job
+    path, fmt, boundary, keep, permille, dtype = job
     tok = _worker_tokenizer
     bos, eos = BOUNDARIES[boundary]
     skipped: Counter = Counter()
@@ -200,7 +128,7 @@ def _tokenize_file(job: tuple) -> tuple[list[np.ndarray], Counter, int]:
             docs.append(np.asarray(ids, dtype=dtype))
         texts.clear()
 
-    for text, reason in READERS[reader_name](Path(path)):
+    for text, reason in read_records(Path(path), fmt):
         if reason is not None:
             skipped[reason] += 1
             continue
@@ -214,20 +142,14 @@ def _tokenize_file(job: tuple) -> tuple[list[np.ndarray], Counter, int]:
     return docs, skipped, text_bytes
 
 
-READERS: dict[str, Callable[[Path], Iterator[Record]]] = {
-    "slimpajama": read_slimpajama,
-    "starcoder": read_starcoder,
-}
-
-
 # ---- main side ---------------------------------------------------------------------------------
 
 
-def _fingerprint(files: list[Path], tokenizer: TextTokenizer, options: dict) -> str:
+def _fingerprint(inputs: list[tuple[str, int]], tokenizer_sha: str, options: dict) -> str:
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
-    h.update(tokenizer.sha256.encode())
-    for f in files:
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    h.update(tokenizer_sha.encode())
+    for name, size in inputs:
+        h.update(f"{name}:{size}".encode())
     return h.hexdigest()
 
 
@@ -239,56 +161,90 @@ def read_metadata(split_dir: str | Path) -> dict:
     return json.loads(index.read_text()).get(META_KEY, {})
 
 
+def split_options(
+    fmt: RecordFormat, boundary: str, chunk_tokens: int, keep: str | None, val_permille: float
+) -> dict:
+    """The preparation options a split's metadata (and fingerprint) records."""
+    return dict(
+        format=FORMAT_VERSION,
+        **fmt.options(),
+        boundary=boundary,
+        chunk_tokens=chunk_tokens,
+        keep=keep,
+        val_permille=val_permille,
+    )
+
+
+def _clear_stale(final: Path) -> None:
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):  # an interrupted run's
+        for stale in final.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete `tmp` into `final`, swapping out an older preparation only now."""
+    failpoint("prep.rename")
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+def _write_index(tmp: Path, meta: dict, empty: bool = False) -> None:
+    index_path = tmp / "index.json"
+    index = {"chunks": [], "config": None} if empty else json.loads(index_path.read_text())
+    index[META_KEY] = dict(sorted(meta.items()))
+    index_path.write_text(json.dumps(index, indent=1))
+
+
 def prepare_split(
     split: str,
     files: list[Path],
     out_dir: str | Path,
     tokenizer_dir: str | Path,
-    reader: str,
+    fmt: RecordFormat = PLAIN,
     boundary: str = "bos_eos",
     num_workers: int | None = None,
-    chunk_tokens: int = 2049 * 1024,
+    chunk_tokens: int = CHUNK_TOKENS,
     keep: str | None = None,
-    val_permille: int = 0,
+    val_permille: float = 0,
+    shard: tuple[int, int] | None = None,
 ) -> SplitSummary:
     """Tokenize `files` into the litdata directory `out_dir/split`. See the module docstring.
 
-    `keep` ("train"/"validation") with `val_permille` splits a corpus by content hash.
+    `keep` ("train"/"validation") with `val_permille` splits a corpus by content hash. A shard's
+    split may be empty (its files hold no document of this split); any other split may not.
     """
     from litdata.streaming.item_loader import TokensLoader
     from litdata.streaming.writer import BinaryWriter
 
     if boundary not in BOUNDARIES:
         raise ValueError(f"boundary={boundary!r} is unknown; use one of {', '.join(BOUNDARIES)}")
-    if not files:
+    if not files and shard is None:
         raise ValueError(f"no input files for split '{split}'")
     tokenizer = TextTokenizer(tokenizer_dir)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
-    options = dict(
-        format=FORMAT_VERSION,
-        reader=reader,
-        boundary=boundary,
-        chunk_tokens=chunk_tokens,
-        keep=keep,
-        val_permille=val_permille,
-    )
-    fingerprint = _fingerprint(files, tokenizer, options)
+    options = split_options(fmt, boundary, chunk_tokens, keep, val_permille)
+    inputs = [(f.name, f.stat().st_size) for f in files]
+    fingerprint = _fingerprint(inputs, tokenizer.sha256, options)
     final = Path(out_dir) / split
     summary = SplitSummary(split)
-    for pattern in (f".{split}.tmp-*", f".{split}.old-*"):  # left by an interrupted run
-        for stale in final.parent.glob(pattern):
-            shutil.rmtree(stale, ignore_errors=True)
+    _clear_stale(final)
     meta = read_metadata(final)
     if meta.get("fingerprint") == fingerprint:  # complete and identical: nothing to do
         summary.documents, summary.tokens = meta["documents"], meta["tokens"]
         summary.skipped, summary.reused = Counter(meta["skipped"]), True
         return summary
 
+    created = not final.parent.exists()
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{split}.tmp-{os.getpid()}"
     start = time.perf_counter()
     writer = BinaryWriter(str(tmp), chunk_size=chunk_tokens, item_loader=TokensLoader())
-    jobs = [(str(f), reader, boundary, keep, val_permille, dtype) for f in files]
+    jobs = [(str(f), fmt, boundary, keep, val_permille, dtype) for f in files]
     workers = min(num_workers if num_workers is not None else os.cpu_count() or 1, len(jobs))
     if workers > 1:
         # fork: works from scripts without a __main__ guard and from notebooks; the parent has
@@ -316,41 +272,267 @@ def prepare_split(
     finally:
         if pool is not None:
             pool.terminate()
-    if summary.documents == 0:
+    if summary.documents == 0 and shard is None:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(
-            f"split '{split}' has no usable documents in {len(files)} file(s) under "
-            f"{files[0].parent} (skipped: {dict(summary.skipped) or 'none'}); check the input files"
-        )
-    writer.done()
-    writer.merge()
-    index_path = tmp / "index.json"
-    index = json.loads(index_path.read_text())
-    index[META_KEY] = dict(
-        options,
-        fingerprint=fingerprint,
-        tokenizer_sha256=tokenizer.sha256,
-        vocab_size=tokenizer.vocab_size,
-        bos_id=tokenizer.bos_id,
-        eos_id=tokenizer.eos_id,
-        dtype=np.dtype(dtype).name,
-        documents=summary.documents,
-        tokens=summary.tokens,
-        skipped=dict(summary.skipped),
-        inputs=[f"{f.parent.name}/{f.name}" for f in files],  # <language>/<file> for Starcoderdata
-        documents_per_input=per_input,
-    )
-    index_path.write_text(json.dumps(index, indent=1))
-    failpoint("prep.rename")
-    if final.exists():  # an older, different preparation: swap it out only once ours is complete
-        old = final.parent / f".{split}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
+        if created and not any(final.parent.iterdir()):
+            final.parent.rmdir()
+        raise ValueError(_no_documents(split, files, fmt, summary.skipped))
+    if summary.documents:
+        writer.done()
+        writer.merge()
     else:
-        tmp.rename(final)
+        tmp.mkdir(parents=True, exist_ok=True)
+    _write_index(
+        tmp,
+        dict(
+            options,
+            fingerprint=fingerprint,
+            tokenizer_sha256=tokenizer.sha256,
+            vocab_size=tokenizer.vocab_size,
+            bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id,
+            dtype=np.dtype(dtype).name,
+            documents=summary.documents,
+            tokens=summary.tokens,
+            text_bytes=summary.text_bytes,
+            skipped=dict(sorted(summary.skipped.items())),
+            inputs=[f"{f.parent.name}/{f.name}" for f in files],  # <language>/<file>: Starcoderdata
+            input_bytes=[size for _, size in inputs],
+            documents_per_input=per_input,
+            **({"shard": list(shard)} if shard else {}),
+        ),
+        empty=summary.documents == 0,
+    )
+    _publish(tmp, final)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _no_documents(split: str, files: list[Path], fmt: RecordFormat, skipped: Counter) -> str:
+    """The one-line error for a split without a usable document; names the fields that exist when
+    the text field is in no record."""
+    if (
+        set(skipped) <= {f"missing_{fmt.text_field}", f"missing_{fmt.text_field}_column"}
+        and skipped
+    ):
+        fields = record_fields(files[0])
+        return (
+            f"no record of {files[0]} (and {len(files) - 1} more file(s)) has the text field "
+            f"'{fmt.text_field}'; its records have: {', '.join(fields) or 'no fields'}; "
+            "choose one with --text-field"
+        )
+    return (
+        f"split '{split}' has no usable documents in {len(files)} file(s) under "
+        f"{files[0].parent} (skipped: {dict(skipped) or 'none'}); check the input files"
+    )
+
+
+def shard_files(files: list[Path], index: int, count: int) -> list[Path]:
+    """The `index`-th (0-based) of `count` contiguous runs of `files`, cut by cumulative bytes, so
+    every machine given the same files picks the same parts and the parts in order are `files`."""
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index}/{count} is out of range; use I/N with 0 <= I < N")
+    sizes = [f.stat().st_size for f in files]
+    total = max(1, sum(sizes))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    owner = np.minimum(count - 1, starts * count // total)
+    return [f for f, o in zip(files, owner, strict=True) if o == index]
+
+
+def part_dir(out_dir: str | Path, shard: tuple[int, int]) -> Path:
+    """Where shard (i, n) of a preparation into `out_dir` writes its splits."""
+    return Path(out_dir) / "parts" / f"{shard[0]}-of-{shard[1]}"
+
+
+def prepare_corpus(
+    inputs: list[str | Path],
+    out_dir: str | Path,
+    tokenizer_dir: str | Path,
+    fmt: RecordFormat = PLAIN,
+    validation: list[str | Path] | None = None,
+    val_permille: float = 5,
+    shard: tuple[int, int] | None = None,
+    **options,
+) -> list[SplitSummary]:
+    """`inputs` (files, directories, globs; any format of `readers`) -> `out_dir/{train,validation}`.
+
+    With `validation` inputs those files are the validation split; otherwise `val_permille` of the
+    documents (by content hash, `in_validation`) are held out (0: a train split only). With
+    `shard=(i, n)` only the i-th part of the files is prepared, into `part_dir(out_dir, shard)`.
+    """
+    files = expand_inputs(inputs)
+    if validation:
+        plan = [("train", files, None), ("validation", expand_inputs(validation), None)]
+    elif val_permille > 0:
+        plan = [("train", files, "train"), ("validation", files, "validation")]
+    else:
+        plan = [("train", files, None)]
+    target = Path(out_dir)
+    if shard is not None:
+        target = part_dir(out_dir, shard)
+        plan = [(split, shard_files(fs, *shard), keep) for split, fs, keep in plan]
+    return [
+        prepare_split(
+            split,
+            fs,
+            target,
+            tokenizer_dir,
+            fmt,
+            keep=keep,
+            val_permille=val_permille if keep else 0,
+            shard=shard,
+            **options,
+        )
+        for split, fs, keep in plan
+    ]
+
+
+def split_documents(split_dir: str | Path) -> Iterator[np.ndarray]:
+    """The documents of a local prepared split, in order (from litdata's chunk layout: a uint32
+    item count, count + 1 byte offsets, then the items)."""
+    split_dir = Path(split_dir)
+    index = json.loads((split_dir / "index.json").read_text())
+    dtype = np.dtype(index[META_KEY].get("dtype", "uint16"))
+    for chunk in index["chunks"]:
+        raw = np.fromfile(split_dir / chunk["filename"], dtype=np.uint8)
+        count = int(raw[:4].view(np.uint32)[0])
+        offsets = raw[4 : 4 * (count + 2)].view(np.uint32)
+        for a, b in zip(offsets[:-1], offsets[1:], strict=True):
+            yield raw[a:b].view(dtype)
+
+
+def merge_parts(
+    parts: list[str | Path], out_dir: str | Path, remove_parts: bool = False
+) -> list[SplitSummary]:
+    """One split per split name from the parts of a sharded preparation (see the module
+    docstring). Every part must be there, complete and prepared alike; otherwise one line names
+    the part and nothing is written. The merged splits equal a one-shot preparation byte for
+    byte (chunks and index.json)."""
+    from litdata.streaming.item_loader import TokensLoader
+    from litdata.streaming.writer import BinaryWriter
+
+    metas = _check_parts([Path(p) for p in parts])
+    out_dir = Path(out_dir)
+    done: list[tuple[Path, Path]] = []
+    summaries = []
+    try:
+        for split, by_part in metas.items():
+            start = time.perf_counter()
+            final = out_dir / split
+            _clear_stale(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = final.parent / f".{split}.tmp-{os.getpid()}"
+            first = by_part[0][1]
+            writer = BinaryWriter(
+                str(tmp), chunk_size=first["chunk_tokens"], item_loader=TokensLoader()
+            )
+            summary = SplitSummary(split, merged=len(by_part))
+            merged: dict = {k: v for k, v in first.items() if k not in PER_PART}
+            lists = {"inputs": [], "input_bytes": [], "documents_per_input": []}
+            for path, meta in by_part:
+                if meta["documents"]:
+                    for doc in split_documents(path):
+                        writer[summary.documents] = doc
+                        summary.documents += 1
+                summary.tokens += meta["tokens"]
+                summary.text_bytes += meta.get("text_bytes", 0)
+                summary.skipped.update(meta["skipped"])
+                for key in lists:
+                    lists[key] += meta[key]
+            if summary.documents == 0:
+                raise ValueError(f"the parts hold no document of split '{split}'; nothing merged")
+            writer.done()
+            writer.merge()
+            options = {k: merged[k] for k in split_options(PLAIN, "", 0, None, 0)}
+            inputs = [
+                (name.split("/")[-1], size)
+                for name, size in zip(lists["inputs"], lists["input_bytes"], strict=True)
+            ]
+            _write_index(
+                tmp,
+                dict(
+                    merged,
+                    fingerprint=_fingerprint(inputs, merged["tokenizer_sha256"], options),
+                    documents=summary.documents,
+                    tokens=summary.tokens,
+                    text_bytes=summary.text_bytes,
+                    skipped=dict(sorted(summary.skipped.items())),
+                    **lists,
+                ),
+            )
+            done.append((tmp, final))
+            summary.seconds = time.perf_counter() - start
+            summaries.append(summary)
+    except BaseException:
+        for tmp, _ in done:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for tmp, final in done:  # every split complete: publish them
+        _publish(tmp, final)
+    if remove_parts:
+        for path, _ in (pm for by_part in metas.values() for pm in by_part):
+            shutil.rmtree(path, ignore_errors=True)
+    return summaries
+
+
+def _check_parts(parts: list[Path]) -> dict[str, list[tuple[Path, dict]]]:
+    """{split: [(part's split dir, its metadata)] in shard order}, or a one-line error naming the
+    missing, unfinished or different part."""
+    if not parts:
+        raise ValueError("merge needs the part directories (out/parts/*) to merge")
+    found: dict[int, tuple[Path, dict[str, dict]]] = {}
+    count = None
+    for part in parts:
+        if not part.is_dir():
+            raise FileNotFoundError(f"part '{part}' does not exist; pass the parts' directories")
+        splits = {p.name: read_metadata(p) for p in sorted(part.iterdir()) if p.is_dir()}
+        splits = {name: meta for name, meta in splits.items() if meta}
+        shards = {tuple(m.get("shard") or ()) for m in splits.values()}
+        if len(shards) != 1 or not next(iter(shards)):
+            raise ValueError(
+                f"'{part}' holds no complete part of a sharded preparation (a failed or unfinished "
+                "job, or not made with --shard); rerun its job"
+            )
+        ((index, n),) = shards
+        if count is not None and n != count:
+            raise ValueError(f"part '{part}' is one of {n} parts, the others of {count}")
+        count = n
+        if index in found:
+            raise ValueError(f"parts '{found[index][0]}' and '{part}' are both part {index}/{n}")
+        found[index] = (part, splits)
+    missing = sorted(set(range(count)) - set(found))
+    if missing:
+        raise ValueError(
+            f"part(s) {', '.join(f'{i}/{count}' for i in missing)} missing (failed or not run); "
+            "rerun them with --shard I/N, nothing was merged"
+        )
+    names = sorted({name for _, splits in found.values() for name in splits})
+    reference = None
+    out: dict[str, list[tuple[Path, dict]]] = {name: [] for name in names}
+    for index in range(count):
+        part, splits = found[index]
+        for name in names:
+            if name not in splits:
+                raise ValueError(
+                    f"part {index}/{count} ('{part}') has no complete '{name}' split (a failed or "
+                    "unfinished job); rerun it, nothing was merged"
+                )
+            meta = splits[name]
+            same = {k: v for k, v in meta.items() if k not in PER_PART}
+            if reference is None:
+                reference = (name, same)
+            elif name == reference[0] and same != reference[1]:
+                key = next(
+                    k
+                    for k in sorted(set(same) | set(reference[1]))
+                    if same.get(k) != reference[1].get(k)
+                )
+                raise ValueError(
+                    f"part {index}/{count} ('{part}') was prepared with {key}={same.get(key)!r}, "
+                    f"part 0 with {reference[1].get(key)!r}; prepare all parts alike"
+                )
+            out[name].append((part / name, meta))
+    return out
 
 
 def markov_documents(
@@ -399,35 +581,27 @@ def write_synthetic_split(
     return out_dir
 
 
-def _files(root: Path, pattern: str) -> list[Path]:
+def _root(input_dir: str | Path, corpus: str) -> Path:
+    root = Path(input_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"input directory '{root}' does not exist; pass the corpus root")
-    files = sorted(p for p in root.glob(pattern) if p.is_file())
-    if not files:
-        raise ValueError(f"input directory '{root}' has no files matching '{pattern}'")
-    return files
+        raise FileNotFoundError(f"input directory '{root}' does not exist; pass the {corpus} root")
+    return root
 
 
 def prepare_slimpajama(
     input_dir: str | Path, out_dir: str | Path, tokenizer_dir: str | Path, **options
 ) -> list[SplitSummary]:
-    """SlimPajama `input_dir/{train,validation}/chunk*/*.jsonl.zst` -> `out_dir/{train,validation}`."""
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"input directory '{root}' does not exist; pass the SlimPajama root"
-        )
-    return [
-        prepare_split(
-            split,
-            _files(root / split, "**/*.jsonl*"),
-            out_dir,
-            tokenizer_dir,
-            "slimpajama",
-            **options,
-        )
-        for split in ("train", "validation")
-    ]
+    """SlimPajama `input_dir/{train,validation}/chunk*/*.jsonl.zst` -> `out_dir/{train,validation}`,
+    without its GitHub subset: `prepare_corpus` with the `SLIMPAJAMA` record format."""
+    root = _root(input_dir, "SlimPajama")
+    return prepare_corpus(
+        [root / "train"],
+        out_dir,
+        tokenizer_dir,
+        SLIMPAJAMA,
+        validation=[root / "validation"],
+        **options,
+    )
 
 
 def prepare_starcoder(
@@ -435,45 +609,32 @@ def prepare_starcoder(
     out_dir: str | Path,
     tokenizer_dir: str | Path,
     languages: list[str] | None = None,
-    val_permille: int = 5,
+    val_permille: float = 5,
     **options,
 ) -> list[SplitSummary]:
-    """Starcoderdata `input_dir/<language>/*.parquet` -> `out_dir/{train,validation}`.
-
-    Starcoderdata has no validation set: `val_permille` of the documents (by content hash)
-    are held out.
-    """
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(
-            f"input directory '{root}' does not exist; pass the Starcoderdata root"
-        )
+    """Starcoderdata `input_dir/<language>/*.parquet` (`content` column) -> `out_dir/{train,
+    validation}`, holding out `val_permille` of the documents by content hash."""
+    root = _root(input_dir, "Starcoderdata")
     langs = languages or sorted(p.name for p in root.iterdir() if p.is_dir())
-    files = [f for lang in langs for f in _files(root / lang, "*.parquet")]
-    if not files:
+    if not langs:
         raise ValueError(f"input directory '{root}' has no <language>/*.parquet files")
-    return [
-        prepare_split(
-            split,
-            files,
-            out_dir,
-            tokenizer_dir,
-            "starcoder",
-            keep=split,
-            val_permille=val_permille,
-            **options,
-        )
-        for split in ("train", "validation")
-    ]
+    inputs = [root / lang / "*.parquet" for lang in langs]
+    return prepare_corpus(
+        inputs, out_dir, tokenizer_dir, STARCODER, val_permille=val_permille, **options
+    )
+
+
+PRESETS = {"slimpajama": prepare_slimpajama, "starcoder": prepare_starcoder}
 
 
 def iter_texts(paths: list[Path]) -> Iterator[str]:
-    """Document texts from SlimPajama-style jsonl(.zst), Starcoderdata parquet, or plain .txt files."""
+    """Document texts for tokenizer training: SlimPajama-style JSON lines (its GitHub records left
+    out, as in prep), Starcoderdata parquet (`content`), any other file read whole as text."""
     for path in paths:
         if path.suffix == ".parquet":
-            records = read_starcoder(path)
-        elif path.name.endswith((".jsonl", ".jsonl.zst")):
-            records = read_slimpajama(path)
+            records = read_records(path, STARCODER)
+        elif path.name.endswith(LINE_SUFFIXES):
+            records = read_records(path, SLIMPAJAMA)
         else:
             records = iter([(path.read_text(encoding="utf-8", errors="replace"), None)])
         yield from (text for text, reason in records if reason is None)

@@ -246,7 +246,7 @@ def make_eval_sample(
     Returns the YAML's path."""
     import random
 
-    from tinyrecipe.data.prep import read_slimpajama, read_starcoder
+    from tinyrecipe.data.readers import SLIMPAJAMA, STARCODER, read_records
 
     raw, out = Path(raw), Path(out)
     prose_files = sorted((raw / "slimpajama" / "validation").rglob("*.jsonl*"))
@@ -256,11 +256,11 @@ def make_eval_sample(
             f"'{raw}' holds no sample corpus (slimpajama/validation, starcoderdata); "
             "build it with data_prep/make_sample.py"
         )
-    prose = [t for f in prose_files for t, r in read_slimpajama(f) if r is None]
+    prose = [t for f in prose_files for t, r in read_records(f, SLIMPAJAMA) if r is None]
     code = [
         t
         for f in code_files
-        for t, r in read_starcoder(f)
+        for t, r in read_records(f, STARCODER)
         if r is None and in_validation(t, val_permille)  # the documents prep holds out
     ]
     rng = random.Random(seed)

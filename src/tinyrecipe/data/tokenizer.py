@@ -29,8 +29,9 @@ class TextTokenizer:
             self._hf = Tokenizer.from_file(str(json_path))
             self._spm = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
-            self.bos_id = self._hf.token_to_id(BOS)
-            self.eos_id = self._hf.token_to_id(EOS)
+            bos, eos = special_tokens(directory)
+            self.bos_id = self._hf.token_to_id(bos)
+            self.eos_id = self._hf.token_to_id(eos)
         elif spm_path.is_file():
             try:
                 import sentencepiece
@@ -49,8 +50,12 @@ class TextTokenizer:
                 "train one with data_prep/train_tokenizer.py or copy the Llama-2 tokenizer there"
             )
         if self.bos_id is None or self.eos_id is None or self.bos_id < 0 or self.eos_id < 0:
-            raise ValueError(f"tokenizer {self.path} lacks {BOS} or {EOS}; both are needed")
+            raise ValueError(
+                f"tokenizer {self.path} has no BOS or EOS token; name them in "
+                f"{directory / 'tokenizer_config.json'} (bos_token, eos_token)"
+            )
         self.sha256 = hashlib.sha256(self.path.read_bytes()).hexdigest()
+        _check_model_ids(directory, self.bos_id, self.eos_id)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, without BOS/EOS (the boundary policy adds those)."""
@@ -67,6 +72,42 @@ class TextTokenizer:
         if self._hf is not None:
             return self._hf.decode(ids, skip_special_tokens=True)
         return self._spm.decode(ids)
+
+
+def special_tokens(directory: Path) -> tuple[str, str]:
+    """The BOS and EOS token strings a Hugging Face tokenizer directory names (its
+    `tokenizer_config.json`, else `special_tokens_map.json`), else Llama's `<s>` and `</s>`."""
+    bos, eos = BOS, EOS
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        path = directory / name
+        if not path.is_file():
+            continue
+        config = json.loads(path.read_text())
+        bos, eos = _token(config.get("bos_token"), bos), _token(config.get("eos_token"), eos)
+    return bos, eos
+
+
+def _token(value, default: str) -> str:
+    if isinstance(value, dict):  # {"content": "<s>", ...}
+        value = value.get("content")
+    return value if isinstance(value, str) else default
+
+
+def _check_model_ids(directory: Path, bos_id: int, eos_id: int) -> None:
+    """A model directory's `config.json` must give the tokenizer's BOS/EOS ids: one line if not."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    for what, ours in (("bos_token_id", bos_id), ("eos_token_id", eos_id)):
+        theirs = config.get(what)
+        # several EOS ids (chat models): ours must be one of them
+        ok = ours in theirs if isinstance(theirs, list) else theirs in (None, ours)
+        if not ok:
+            raise ValueError(
+                f"{path} says {what}={theirs} but its tokenizer gives {ours}; fix one of them "
+                "so the data's boundaries are the ids the model was trained with"
+            )
 
 
 def load_tokenizer(directory: str | Path) -> TextTokenizer:

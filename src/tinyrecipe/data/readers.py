@@ -1,0 +1,347 @@
+"""Reading raw corpora: input paths -> files -> records -> document texts, for any common format.
+
+Formats (by file name): `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON record per line), `.json`
+(a list of records), `.parquet`, `.arrow` (Arrow IPC stream or file; a directory written by
+Hugging Face `datasets.save_to_disk` is read through its `state.json`), `.txt` / `.md` (a file is
+a document, or several split on a separator). A `RecordFormat` says which field holds the text (a
+dotted path for nested fields), which records to drop by a field's value and the minimum length.
+
+A reader yields `(text, None)` per document or `(None, reason)` per skipped record, so prep
+counts every skip by reason: non_utf8, malformed_json, missing_<field>, empty, short,
+dropped_<value>, truncated_file, unreadable_file, missing_<field>_column (a table without the
+column, counted once per file).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+Record = tuple[str | None, str | None]
+
+LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+SUFFIXES = (*LINE_SUFFIXES, ".json", ".parquet", ".arrow", ".txt", ".md")
+MISSING = object()
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """How a record becomes a document.
+
+    text_field: the field (dotted path into nested objects) holding the text.
+    drop: (dotted field, value) pairs; a record whose field equals the value is skipped as
+        `dropped_<value>` (SlimPajama's GitHub subset: `meta.redpajama_set_name=RedPajamaGithub`).
+    min_chars: documents shorter than this (after stripping) are skipped as `short`.
+    separator: plain-text files are split on it into documents (None: a file is a document).
+    """
+
+    text_field: str = "text"
+    drop: tuple[tuple[str, str], ...] = ()
+    min_chars: int = 0
+    separator: str | None = None
+
+    def options(self) -> dict:
+        """What the prepared split's metadata records of this format."""
+        return dict(
+            text_field=self.text_field,
+            drop=[list(d) for d in self.drop],
+            min_chars=self.min_chars,
+            separator=self.separator,
+        )
+
+
+SLIMPAJAMA = RecordFormat("text", drop=(("meta.redpajama_set_name", "RedPajamaGithub"),))
+STARCODER = RecordFormat("content")
+
+
+def field_of(record, dotted: str):
+    """record["a"]["b"] for "a.b"; MISSING when any step is absent."""
+    for key in dotted.split("."):
+        if not isinstance(record, dict) or key not in record:
+            return MISSING
+        record = record[key]
+    return record
+
+
+def document(record, fmt: RecordFormat) -> Record:
+    """The text of one parsed record under `fmt`, or the reason it is skipped."""
+    text = field_of(record, fmt.text_field)
+    if not isinstance(text, str):
+        return None, f"missing_{fmt.text_field}"
+    for key, value in fmt.drop:
+        if str(field_of(record, key)) == value:
+            return None, f"dropped_{value}"
+    return _checked(text, fmt)
+
+
+def _checked(text: str, fmt: RecordFormat) -> Record:
+    stripped = len(text.strip())
+    if not stripped:
+        return None, "empty"
+    if stripped < fmt.min_chars:
+        return None, "short"
+    return text, None
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+
+def kind_of(path: Path) -> str | None:
+    """The format of a file by its name: "lines", "json", "parquet", "arrow", "text" or None."""
+    name = path.name.lower()
+    if name.endswith(LINE_SUFFIXES):
+        return "lines"
+    for suffix, kind in (
+        (".json", "json"),
+        (".parquet", "parquet"),
+        (".arrow", "arrow"),
+        (".txt", "text"),
+        (".md", "text"),
+    ):
+        if name.endswith(suffix):
+            return kind
+    return None
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files of the given inputs, in order: a file as it is, a directory's readable files
+    (recursively, sorted; a `datasets.save_to_disk` directory's data files), a glob pattern's
+    matches (sorted; `**` recurses). Each input must yield a file: one line naming it if not."""
+    files: list[Path] = []
+    for spec in map(str, inputs):
+        path = Path(spec)
+        if any(c in spec for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+            found = [p for p in found if kind_of(p)]
+            if not found:
+                raise FileNotFoundError(
+                    f"input pattern '{spec}' matches no readable file ({', '.join(SUFFIXES)})"
+                )
+        elif path.is_dir():
+            found = _dir_files(path)
+        elif path.is_file():
+            if kind_of(path) is None:
+                raise ValueError(
+                    f"input '{spec}' has an unknown format; name it with one of: {', '.join(SUFFIXES)}"
+                )
+            found = [path]
+        else:
+            raise FileNotFoundError(
+                f"input '{spec}' does not exist; pass files, directories or globs"
+            )
+        files += [f for f in found if f not in files]
+    return files
+
+
+def _dir_files(root: Path, top: bool = True) -> list[Path]:
+    """A directory's readable files in sorted path order, skipping hidden ones; a directory
+    written by `datasets.save_to_disk` contributes its data files."""
+    if (root / "dataset_dict.json").is_file():
+        splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
+        raise ValueError(
+            f"input '{root}' is a Hugging Face DatasetDict (splits: {', '.join(splits)}); "
+            f"pass one split's directory, e.g. {root / (splits[0] if splits else 'train')}"
+        )
+    if (root / "state.json").is_file():
+        state = json.loads((root / "state.json").read_text())
+        return [root / f["filename"] for f in state.get("_data_files", [])]
+    found = []
+    for p in sorted(root.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.is_dir():
+            found += _dir_files(p, top=False)
+        elif p.is_file() and kind_of(p):
+            found.append(p)
+    if top and not found:
+        raise ValueError(f"input directory '{root}' holds no readable file ({', '.join(SUFFIXES)})")
+    return found
+
+
+def read_records(path: Path, fmt: RecordFormat) -> Iterator[Record]:
+    """The documents (or skip reasons) of one file, in file order."""
+    kind = kind_of(path)
+    if kind == "lines":
+        yield from _read_lines(path, fmt)
+    elif kind == "json":
+        yield from _read_json(path, fmt)
+    elif kind in ("parquet", "arrow"):
+        yield from _read_table(path, fmt, kind)
+    elif kind == "text":
+        yield from _read_text(path, fmt)
+    else:
+        raise ValueError(f"input '{path}' has an unknown format")
+
+
+class TruncatedFile(Exception):
+    """A compressed file that ends mid-stream."""
+
+
+def _blocks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
+    """Decompressed bytes of a .zst (any number of frames) or .gz file, or a plain file's bytes.
+
+    zstandard's stream reader returns a silent EOF on a cut file; a decompressobj per frame
+    tells a finished frame from a cut one. gzip raises EOFError on a cut stream.
+    """
+    with open(path, "rb") as f:
+        if path.name.endswith(".gz"):
+            try:
+                with gzip.GzipFile(fileobj=f) as gz:
+                    while block := gz.read(size):
+                        yield block
+            except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+                raise TruncatedFile(str(err)) from err
+            return
+        if not path.name.endswith(".zst"):
+            while block := f.read(size):
+                yield block
+            return
+        import zstandard
+
+        dobj, pending = None, False
+        while raw := f.read(size):
+            while raw:
+                if dobj is None:
+                    dobj = zstandard.ZstdDecompressor().decompressobj()
+                try:
+                    out = dobj.decompress(raw)
+                except zstandard.ZstdError as err:
+                    raise TruncatedFile(str(err)) from err
+                pending = True
+                if out:
+                    yield out
+                raw = dobj.unused_data if dobj.eof else b""
+                if dobj.eof:
+                    dobj, pending = None, False
+        if pending:
+            raise TruncatedFile(str(path))
+
+
+def _read_lines(path: Path, fmt: RecordFormat) -> Iterator[Record]:
+    """JSON lines, plain or compressed; the complete lines before a cut are kept."""
+    buffer = b""
+    try:
+        for block in _blocks(path):
+            buffer += block
+            *lines, buffer = buffer.split(b"\n")
+            yield from (_line_record(line, fmt) for line in lines if line.strip())
+    except TruncatedFile:
+        yield None, "truncated_file"
+        return
+    except OSError:
+        yield None, "unreadable_file"
+        return
+    if buffer.strip():
+        yield _line_record(buffer, fmt)
+
+
+def _line_record(line: bytes, fmt: RecordFormat) -> Record:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None, "non_utf8"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None, "malformed_json"
+    return document(obj, fmt)
+
+
+def _read_json(path: Path, fmt: RecordFormat) -> Iterator[Record]:
+    try:
+        records = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        yield None, "non_utf8"
+        return
+    except (OSError, json.JSONDecodeError):
+        yield None, "malformed_json"
+        return
+    if not isinstance(records, list):
+        records = [records]
+    yield from (document(r, fmt) for r in records)
+
+
+def _read_table(path: Path, fmt: RecordFormat, kind: str) -> Iterator[Record]:
+    """Parquet or Arrow IPC record batches; only the columns the format names are read."""
+    try:
+        batches, names = _open_table(path, kind, fmt)
+    except Exception:
+        yield None, "unreadable_file"
+        return
+    top = fmt.text_field.split(".")[0]
+    if top not in names:
+        yield None, f"missing_{fmt.text_field}_column"
+        return
+    plain = "." not in fmt.text_field and not fmt.drop
+    try:
+        for batch in batches:
+            if plain:  # the common case: one top-level string column
+                for text in batch.column(top).to_pylist():
+                    yield (
+                        _checked(text, fmt)
+                        if isinstance(text, str)
+                        else (None, f"missing_{fmt.text_field}")
+                    )
+            else:
+                yield from (document(r, fmt) for r in batch.to_pylist())
+    except Exception:
+        yield None, "truncated_file"
+
+
+def _open_table(path: Path, kind: str, fmt: RecordFormat):
+    import pyarrow as pa
+
+    wanted = {fmt.text_field.split(".")[0]} | {k.split(".")[0] for k, _ in fmt.drop}
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        columns = [n for n in names if n in wanted]
+        return parquet.iter_batches(columns=columns, batch_size=1024), names
+    source = pa.memory_map(str(path))
+    try:
+        reader = pa.ipc.open_stream(source)
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(source)
+        names = reader.schema.names
+        return (reader.get_batch(i) for i in range(reader.num_record_batches)), names
+    return iter(reader), reader.schema.names
+
+
+def _read_text(path: Path, fmt: RecordFormat) -> Iterator[Record]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        yield None, "non_utf8"
+        return
+    except OSError:
+        yield None, "unreadable_file"
+        return
+    parts = text.split(fmt.separator) if fmt.separator else [text]
+    yield from (_checked(part, fmt) for part in parts)
+
+
+def record_fields(path: Path) -> list[str]:
+    """The top-level fields of a file's first record (for the error naming the fields that
+    exist when a text field is in no record)."""
+    kind = kind_of(path)
+    try:
+        if kind == "lines":
+            for block in _blocks(path):
+                obj = json.loads(block.split(b"\n", 1)[0])
+                return sorted(obj) if isinstance(obj, dict) else []
+        if kind == "json":
+            records = json.loads(path.read_text())
+            first = records[0] if isinstance(records, list) and records else records
+            return sorted(first) if isinstance(first, dict) else []
+        if kind in ("parquet", "arrow"):
+            return list(_open_table(path, kind, RecordFormat())[1])
+    except Exception:
+        return []
+    return []
