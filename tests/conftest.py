@@ -127,3 +127,38 @@ def eval_task(corpus, tmp_path_factory):
         "    return {'fingerprint': zlib.crc32(text.encode()) % 1000 / 1000}\n"
     )
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_corpus(corpus):
+    """The corpus's prepared splits in a bucket `corpus` of an S3 server (moto's, on 127.0.0.1),
+    reached through the standard AWS environment variables, which are set for the session."""
+    import logging
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    client = boto3.client("s3")
+    client.create_bucket(Bucket="corpus")
+    for split in ("slim/train", "slim/validation", "star/train"):
+        for f in sorted((corpus["root"] / split).iterdir()):
+            client.upload_file(str(f), "corpus", f"{split}/{f.name}")
+    yield "s3://corpus"
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()

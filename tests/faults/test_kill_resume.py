@@ -140,3 +140,22 @@ def test_kill_right_after_a_mixture_epoch_boundary(corpus, tmp_path):
     resumed = fit(recipe(run), *extra, "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(ref, run)
+
+
+def test_kill_and_resume_on_object_storage(corpus, reference, s3_corpus, tmp_path):
+    """The same run on the corpus in an S3 bucket, with a loader worker and a small cache: killed
+    mid-step, resumed by itself, it ends equal to the local uninterrupted run."""
+    recipe = write_recipe(tmp_path, corpus, max_steps=STEPS, every=EVERY, workers=1)
+    spec = yaml.safe_load(recipe.read_text())
+    root = str(corpus["root"])
+    for source in spec["data"]["sources"]:
+        for split in ("train", "validation"):
+            if split in source:
+                source[split] = source[split].replace(root, s3_corpus)
+    spec["data"]["cache_dir"] = str(tmp_path / "cache")
+    recipe.write_text(yaml.safe_dump(spec))
+    killed = killed_fit(recipe, "train.after_backward:6")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = fit(recipe, "--ckpt_path", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_run(reference, tmp_path)

@@ -64,6 +64,8 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
     of each source that has them (docs/data.md). 1 is the plain two-level shuffle.
     `stages` change the weights during training (`Stage`); `mixing_period` is the number of
     samples over which each source's share is exact (a ramp moves in steps of it).
+    `cache_dir`: where chunks of remote sources (s3://, ...) are cached (default: litdata's,
+    ~/.lightning/chunks); each loader process keeps at most max(8, 2 x K) of them.
     `document_mask`: batches also carry `documents` (B, T), each token's document inside its
     block (from the BOS/EOS boundaries prep recorded), and the model attends within documents.
 
@@ -88,6 +90,7 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
         mixing_period: int = 1024,
         allow_global_batch_change: bool = False,
         document_mask: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not sources:
@@ -131,7 +134,7 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
             vocab_size,
             tokenizer_dir,
         )
-        self.shuffle_window_chunks = shuffle_window_chunks
+        self.shuffle_window_chunks, self.cache_dir = shuffle_window_chunks, cache_dir
         self.batches_consumed = 0
         self._train: list[TokenBlocks] | None = None
         self._val: list[TokenBlocks] = []
@@ -168,11 +171,12 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
                 seed=self.seed + n,
                 prepare=s.prepare,
                 window_chunks=self.shuffle_window_chunks,
+                cache_dir=self.cache_dir,
             )
             for n, s in enumerate(self.sources)
         ]
         self._val = [
-            TokenBlocks(s.validation, self.block_size, prepare=s.prepare)
+            TokenBlocks(s.validation, self.block_size, prepare=s.prepare, cache_dir=self.cache_dir)
             for s in self.sources
             if s.validation
         ]

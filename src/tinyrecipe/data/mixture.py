@@ -48,11 +48,13 @@ class TokenBlocks:
         seed: int = 0,
         prepare: str | None = None,
         window_chunks: int = 1,
+        cache_dir: str | None = None,
     ) -> None:
         if window_chunks < 1:
             raise ValueError(f"data.shuffle_window_chunks={window_chunks} must be at least 1")
         self.path, self.block_size, self.seed = str(path), block_size, seed
         self.window_chunks = window_chunks
+        self.cache_root = cache_dir
         self._dataset = None
         self._chunks: OrderedDict[int, np.memmap] = OrderedDict()
         self._downloader = None
@@ -94,7 +96,10 @@ class TokenBlocks:
             from litdata.utilities.env import _DistributedEnv
 
             dataset = StreamingDataset(
-                self.path, item_loader=TokensLoader(block_size=self.block_size + 1), shuffle=False
+                self.path,
+                item_loader=TokensLoader(block_size=self.block_size + 1),
+                shuffle=False,
+                cache_dir=self.cache_root,
             )
             # Blocks are read by global index and ranks are split by MixedBlockStream, so litdata
             # must see the whole dataset on every rank (it would otherwise shard by rank).
@@ -135,6 +140,7 @@ class TokenBlocks:
                     from litdata.streaming.downloader import get_downloader
 
                     mine.mkdir(parents=True, exist_ok=True)
+                    allow_plain_http(self.path)
                     self._downloader = get_downloader(self.path, str(mine), self._index_chunks)
                 self._downloader.download_chunk_from_index(c)
         self._chunks[c] = np.memmap(
@@ -269,12 +275,72 @@ def is_remote(split: str) -> bool:
     return "://" in str(split) or str(split).startswith("local:")
 
 
+def _s3_client(timeout: float = 10):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"max_attempts": 2})
+    return boto3.client("s3", config=config)
+
+
+def allow_plain_http(split: str) -> None:
+    """litdata fetches S3 chunks with obstore, which refuses an http:// endpoint (a MinIO or other
+    S3-compatible server inside a cluster) unless its client allows it; litdata builds that
+    client from one module-level options dict, so the endpoint's scheme is added there."""
+    if not split.startswith("s3://"):
+        return
+    from litdata.streaming import downloader
+
+    endpoint = _s3_client().meta.endpoint_url or ""
+    if endpoint.startswith("http://"):
+        downloader._OBSTORE_CLIENT_OPTIONS["allow_http"] = "true"
+
+
+def check_remote(split: str) -> None:
+    """An s3:// split whose endpoint cannot be reached, whose bucket does not exist, which holds no
+    index.json or which the credentials may not read is refused in one line (litdata would retry
+    for minutes). The endpoint and credentials are boto3's: AWS_ENDPOINT_URL, AWS_PROFILE, ..."""
+    if not split.startswith("s3://"):
+        return
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    bucket, _, prefix = split[len("s3://") :].partition("/")
+    client = _s3_client()
+    where = f"'{split}' (endpoint {client.meta.endpoint_url})"
+    index = f"{prefix.rstrip('/')}/index.json".lstrip("/")
+    try:
+        client.head_bucket(Bucket=bucket)
+        client.head_object(Bucket=bucket, Key=index)
+    except NoCredentialsError:
+        raise ValueError(
+            f"no credentials to read {where}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "or AWS_PROFILE"
+        ) from None
+    except ClientError as err:
+        code = str(err.response.get("Error", {}).get("Code", ""))
+        op = err.operation_name
+        if code in ("404", "NoSuchBucket") and op == "HeadBucket":
+            raise FileNotFoundError(f"bucket '{bucket}' of {where} does not exist") from None
+        if code in ("404", "NoSuchKey"):
+            raise FileNotFoundError(
+                f"data dir {where} holds no index.json; upload a prepared split there "
+                f"(aws s3 sync DIR {split})"
+            ) from None
+        raise ValueError(f"cannot read {where}: {code} {op}; check the credentials") from None
+    except BotoCoreError as err:
+        raise ConnectionError(
+            f"cannot reach the storage endpoint of {where}: {type(err).__name__}; check "
+            "AWS_ENDPOINT_URL and the network"
+        ) from None
+
+
 def check_split(split: str, prepare: str | None = None) -> None:
     """A local prepared split that is missing, holds no index, has an unreadable index.json or
     lacks a chunk file its index lists is refused here, in the main process, in one line
-    (litdata would wait for the chunk as for a hung download, in every loader worker). Remote
-    URIs are left to litdata."""
-    if is_remote(split):  # litdata reads these itself
+    (litdata would wait for the chunk as for a hung download, in every loader worker). s3://
+    URIs are checked by `check_remote`; other remote URIs are left to litdata."""
+    if is_remote(split):
+        check_remote(str(split))
         return
     path = Path(split)
     how = f"`{prepare}`" if prepare else "tinyrecipe prepare"
