@@ -21,6 +21,7 @@ from .conftest import ROOT, tinyrecipe
 RECIPES = (
     sorted((ROOT / "recipes").glob("*.yaml"))
     + sorted((ROOT / "recipes/finetune").glob("*.yaml"))
+    + sorted((ROOT / "recipes/continue").glob("*.yaml"))
     + [ROOT / "recipes/ladder/base.yaml", ROOT / "recipes/ladder/cpu/base.yaml"]
 )
 ABLATIONS = sorted(p for p in (ROOT / "recipes/ablations").glob("*.yaml") if p.name != "base.yaml")

@@ -105,10 +105,11 @@ def to_peft(ckpt: str | Path, out_dir: str | Path, base_model: str | None = None
 def _write_hf_dir(work: Path, config, hf_state: dict, tokenizer_dir, max_shard_gb: float) -> None:
     bos, eos = 1, 2
     if tokenizer_dir is not None:
-        from tinyrecipe.data.tokenizer import load_tokenizer
+        from tinyrecipe.data.tokenizer import load_tokenizer, special_tokens
 
         tok = load_tokenizer(tokenizer_dir)
         bos, eos = tok.bos_id, tok.eos_id
+        bos_token, eos_token = special_tokens(Path(tokenizer_dir))
         if (Path(tokenizer_dir) / "tokenizer.model").is_file():
             shutil.copy(Path(tokenizer_dir) / "tokenizer.model", work / "tokenizer.model")
         if (Path(tokenizer_dir) / "tokenizer.json").is_file():
@@ -121,8 +122,8 @@ def _write_hf_dir(work: Path, config, hf_state: dict, tokenizer_dir, max_shard_g
                     "tokenizer_class": "LlamaTokenizerFast"
                     if (work / "tokenizer.json").exists()
                     else "LlamaTokenizer",
-                    "bos_token": "<s>",
-                    "eos_token": "</s>",
+                    "bos_token": bos_token,
+                    "eos_token": eos_token,
                     "unk_token": "<unk>",
                     "add_bos_token": True,
                     "add_eos_token": False,
