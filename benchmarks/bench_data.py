@@ -1,5 +1,6 @@
-"""Data-path throughput: prep (zstd JSONL -> litdata chunks) vs raw `Tokenizer.encode_batch` on
-the same text and cores, as a ratio; and the mixed loader's tokens/s, with the plain two-level
+"""Data-path throughput: prep (SlimPajama's zstd JSONL, and the same text as .jsonl, .jsonl.gz,
+.parquet, .arrow and .txt through `tinyrecipe prepare`'s reader -> litdata chunks) vs raw
+`Tokenizer.encode_batch` on the same text and cores, as a ratio per format; and the mixed loader's tokens/s, with the plain two-level
 shuffle (a window of 1 chunk) and a window of 128 chunks, reading local chunks directly and
 through litdata's download cache (`local:` paths, as remote data is read): tokens/s, distinct
 chunks per batch, and the cache's size on disk.
@@ -24,7 +25,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tinyrecipe.data import DataSource, MixedStreamingDataModule  # noqa: E402
 from tinyrecipe.data.mixture import batch_diversity  # noqa: E402
-from tinyrecipe.data.prep import iter_texts, prepare_slimpajama  # noqa: E402
+from tinyrecipe.data.prep import iter_texts, prepare_corpus, prepare_slimpajama  # noqa: E402
+from tinyrecipe.data.readers import RecordFormat  # noqa: E402
 from tinyrecipe.data.sample import make_sample  # noqa: E402
 from tinyrecipe.data.tokenizer import TextTokenizer, train_bpe_tokenizer  # noqa: E402
 
@@ -55,6 +57,37 @@ def measure_loader(path: str, window: int, args) -> dict:
         "documents_per_batch": diversity["documents"],
         "chunks": diversity["chunks_in_source"],
     }
+
+
+FORMATS = ("jsonl", "jsonl.gz", "parquet", "arrow", "txt")
+SEPARATOR = "\n\x1e\n"  # a record separator no document holds
+
+
+def write_format(texts: list[str], kind: str, out: Path, n_files: int) -> list[Path]:
+    """`texts` as `n_files` files of one format, in order."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out.mkdir(parents=True)
+    files = []
+    for i in range(n_files):
+        part = texts[i::n_files]
+        path = out / f"part{i:03d}.{kind}"
+        if kind in ("jsonl", "jsonl.gz"):
+            data = "".join(json.dumps({"text": t}) + "\n" for t in part).encode()
+            path.write_bytes(gzip.compress(data, 6) if kind == "jsonl.gz" else data)
+        elif kind == "parquet":
+            pq.write_table(pa.table({"text": part}), path)
+        elif kind == "arrow":
+            table = pa.table({"text": part})
+            with pa.ipc.new_stream(path, table.schema) as writer:
+                writer.write_table(table)
+        else:
+            path.write_text(SEPARATOR.join(part))
+        files.append(path)
+    return files
 
 
 def main() -> None:
@@ -102,6 +135,24 @@ def main() -> None:
         )
         prep_s = time.perf_counter() - start  # includes pool start-up, reading, zstd, writing
 
+        per_format = {}
+        for kind in FORMATS:
+            files = write_format(texts, kind, root / "formats" / kind, len(originals))
+            fmt = RecordFormat(separator=SEPARATOR if kind == "txt" else None)
+            start = time.perf_counter()
+            (split,) = prepare_corpus(
+                files,
+                root / "formats-prep" / kind,
+                root / "tok",
+                fmt,
+                val_permille=0,
+                num_workers=args.workers,
+                chunk_tokens=args.chunk_tokens,
+            )
+            seconds = time.perf_counter() - start
+            assert split.tokens == n_tokens + 2 * len(texts), (kind, split.tokens)
+            per_format[kind] = {"mb_s": text_mb / seconds, "vs_raw": raw_s / seconds}
+
         loaders = {}
         for window in (1, 128):
             for how, path in (
@@ -118,6 +169,7 @@ def main() -> None:
         "prep_mb_s": text_mb / prep_s,
         "prep_tokens_s": train.tokens / prep_s,
         "prep_vs_raw": raw_s / prep_s,
+        "formats": per_format,
         "loaders": loaders,
     }
     if args.json:
@@ -131,6 +183,8 @@ def main() -> None:
         f"prep (zstd jsonl -> chunks)  {result['prep_mb_s']:8.2f} MB/s  {result['prep_tokens_s']:12,.0f} tokens/s"
     )
     print(f"prep / raw                   {result['prep_vs_raw']:8.2f}")
+    for kind, row in per_format.items():
+        print(f"prep {kind:<23} {row['mb_s']:8.2f} MB/s  {row['vs_raw']:5.2f} x raw")
     for name, row in loaders.items():
         print(
             f"loader, {name:<20} {row['tokens_s']:12,.0f} tokens/s, {row['chunks_per_batch']:5.1f} "
