@@ -262,3 +262,31 @@ def test_a_model_directory_tokenizer_reads_its_own_special_tokens(tmp_path, tok)
     (model / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|begin|>"}))
     with pytest.raises(ValueError, match="has no BOS or EOS token; name them in"):
         load_tokenizer(model)
+
+
+def test_the_presets_are_the_generic_command_with_their_options(corpus, tmp_path):
+    """data_prep/prepare_slimpajama.py (the corpus fixture ran it) writes the same bytes as
+    `tinyrecipe prepare` given SlimPajama's record options by hand."""
+    raw = corpus["root"] / "raw/slimpajama"
+    argv = [
+        "prepare",
+        str(raw / "train"),
+        "--validation",
+        str(raw / "validation"),
+        "--drop",
+        "meta.redpajama_set_name=RedPajamaGithub",
+        "--chunk-tokens",
+        "8192",
+        "--tokenizer",
+        str(corpus["root"] / "tok"),
+        "--out",
+        str(tmp_path),
+    ]
+    assert cli(argv) == 0
+    for split in ("train", "validation"):
+        preset = corpus["root"] / "slim" / split
+        names = sorted(p.name for p in preset.glob("*.bin"))
+        assert names and names == sorted(p.name for p in (tmp_path / split).glob("*.bin"))
+        for name in names:
+            assert (preset / name).read_bytes() == (tmp_path / split / name).read_bytes()
+        assert read_metadata(preset) == read_metadata(tmp_path / split)
