@@ -96,12 +96,12 @@ def _ours(name: str, cfg: ModelConfig, device: str) -> Run:
         def loss_fn(b: torch.Tensor) -> torch.Tensor:
             T = b.size(1) - 1  # four equal documents per row
             documents = (torch.arange(T, device=b.device) * 4 // T).expand(b.size(0), T)
-            return model(b[:, :-1], b[:, 1:], documents=documents)[1]
+            return model(b[:, :-1], b[:, 1:], documents=documents).loss
 
     else:
 
         def loss_fn(b: torch.Tensor) -> torch.Tensor:
-            return model(b[:, :-1], b[:, 1:])[1]
+            return model(b[:, :-1], b[:, 1:]).loss
 
     optimizer = build_adamw(model, 1e-4, kernel=s["kernel"])
     return Run(name, loss_fn, optimizer, s["compile"], lora=lora_params(cfg, s.get("lora")))

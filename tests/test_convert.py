@@ -48,7 +48,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, corpus, tied):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()
     idx = torch.randint(0, config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        assert (hf(idx).logits - model(idx)).abs().max().item() <= 1e-5
+        assert (hf(idx).logits - model(idx).logits).abs().max().item() <= 1e-5
     tok = transformers.AutoTokenizer.from_pretrained(out, local_files_only=True)
     from tinyrecipe.data import load_tokenizer
 
@@ -131,22 +131,22 @@ def test_kv_cache_decoding_equals_recomputing(n_kv_head, monkeypatch):
     assert torch.equal(fast, slow) and fast.shape == (2, 27)
     cache = model.new_kv_cache(2)
     with torch.no_grad():
-        step_logits = [model(fast[:, :7], cache=cache)[:, -1]]
-        step_logits += [model(fast[:, t : t + 1], cache=cache)[:, -1] for t in range(7, 26)]
-        full = model(fast[:, :26])
+        step_logits = [model(fast[:, :7], cache=cache).logits[:, -1]]
+        step_logits += [model(fast[:, t : t + 1], cache=cache).logits[:, -1] for t in range(7, 26)]
+        full = model(fast[:, :26]).logits
     assert torch.allclose(torch.stack(step_logits, 1), full[:, 6:], atol=1e-5)
     static = model.new_kv_cache(2, static=True)  # the whole context, masked: fixed shapes
     with torch.no_grad():
-        step_logits = [model(fast[:, :7], cache=static)[:, -1]]
-        step_logits += [model(fast[:, t : t + 1], cache=static)[:, -1] for t in range(7, 26)]
+        step_logits = [model(fast[:, :7], cache=static).logits[:, -1]]
+        step_logits += [model(fast[:, t : t + 1], cache=static).logits[:, -1] for t in range(7, 26)]
     assert torch.allclose(torch.stack(step_logits, 1), full[:, 6:], atol=1e-5)
     if n_kv_head == 2:  # as on CUDA: the cache's mask with each KV head's query group folded
         grouped = attention.masked_sdpa
         monkeypatch.setattr(attention, "masked_sdpa", partial(grouped, ungroup=True))
         static = model.new_kv_cache(2, static=True)
         with torch.no_grad():
-            folded = [model(fast[:, :7], cache=static)[:, -1]]
-            folded += [model(fast[:, t : t + 1], cache=static)[:, -1] for t in range(7, 26)]
+            folded = [model(fast[:, :7], cache=static).logits[:, -1]]
+            folded += [model(fast[:, t : t + 1], cache=static).logits[:, -1] for t in range(7, 26)]
         assert torch.allclose(torch.stack(folded, 1), full[:, 6:], atol=1e-5)
     if n_kv_head == 2:  # one graph for every step and prompt length (aot_eager: no C++ build)
         options = {"fullgraph": True, "dynamic": False, "backend": "aot_eager"}

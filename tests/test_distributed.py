@@ -224,7 +224,7 @@ def test_a_sharded_checkpoint_exports_to_hugging_face_with_equal_logits(runs, tm
     ours.load_state_dict(state)
     idx = torch.randint(0, MICRO["vocab_size"], (2, 16))
     with torch.no_grad():
-        torch.testing.assert_close(hf(idx).logits, ours(idx), atol=1e-5, rtol=0)
+        torch.testing.assert_close(hf(idx).logits, ours(idx).logits, atol=1e-5, rtol=0)
 
 
 def test_a_sharded_checkpoint_resumed_wrongly_is_one_line(runs, tmp_path):

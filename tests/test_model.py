@@ -21,11 +21,11 @@ def test_forward_returns_logits_and_loss_with_ignore_index():
     torch.manual_seed(0)
     model = Llama(SMALL)
     idx = torch.randint(0, SMALL.vocab_size, (3, 20))
-    logits = model(idx)
+    logits = model(idx).logits
     assert logits.shape == (3, 20, SMALL.vocab_size)
     targets = torch.randint(0, SMALL.vocab_size, (3, 20))
     targets[:, :5] = -100
-    logits2, loss = model(idx, targets)
+    logits2, loss, _ = model(idx, targets)
     assert torch.equal(logits, logits2)
     expected = F.cross_entropy(
         logits[:, 5:].reshape(-1, SMALL.vocab_size), targets[:, 5:].reshape(-1)
@@ -39,7 +39,7 @@ def test_model_is_causal():
     idx = torch.randint(0, SMALL.vocab_size, (1, 16))
     changed = idx.clone()
     changed[0, 10:] = (changed[0, 10:] + 1) % SMALL.vocab_size
-    a, b = model(idx), model(changed)
+    a, b = model(idx).logits, model(changed).logits
     assert torch.allclose(a[:, :10], b[:, :10], atol=1e-6)
     assert not torch.allclose(a[:, 10:], b[:, 10:])
 
@@ -78,7 +78,7 @@ def test_meta_init_then_materialise_equals_eager_init():
     ):
         assert torch.equal(a, b), name
     idx = torch.randint(0, SMALL.vocab_size, (2, 8))
-    assert torch.equal(eager(idx), lazy(idx))
+    assert torch.equal(eager(idx).logits, lazy(idx).logits)
 
 
 def test_tied_embeddings_survive_meta_init():
@@ -192,7 +192,7 @@ def test_training_steps_reduce_loss():
     idx = torch.randint(0, SMALL.vocab_size, (4, 17))
     losses = []
     for _ in range(30):
-        _, loss = model(idx[:, :-1], idx[:, 1:])
+        loss = model(idx[:, :-1], idx[:, 1:]).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -218,22 +218,22 @@ def test_a_packed_blocks_logits_equal_each_document_alone(positions):
         [torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths]
     )
     with torch.no_grad():
-        packed = model(idx, documents=documents)
+        packed = model(idx, documents=documents).logits
         for r, row in enumerate(lengths):
             start = 0
             for n in row:
-                alone = model(idx[r : r + 1, start : start + n])
+                alone = model(idx[r : r + 1, start : start + n]).logits
                 torch.testing.assert_close(
                     packed[r, start : start + n], alone[0], atol=1e-5, rtol=0
                 )
                 start += n
-        plain = model(idx)  # without the mask the later documents see the earlier ones
+        plain = model(idx).logits  # without the mask the later documents see the earlier ones
     assert (plain[0, 7:] - packed[0, 7:]).abs().max() > 1e-2
     assert torch.equal(packed[:, :7], plain[:, :7])  # the first document is unchanged
     assert document_positions(documents)[0].tolist() == [*range(7), *range(12), *range(13)]
     # the loss path takes the mask too (chunked and plain agree)
     targets = torch.roll(idx, -1, 1)
-    _, loss = model(idx, targets, documents=documents)
+    loss = model(idx, targets, documents=documents).loss
     chunked = Llama(dataclasses.replace(SMALL, document_positions=positions, loss_chunk_size=8))
     chunked.load_state_dict(model.state_dict())
     assert chunked(idx, targets, documents=documents)[1].item() == pytest.approx(
@@ -353,10 +353,10 @@ def test_documents_run_on_torchs_varlen_kernel_on_a_gpu_without_flash_attn(monke
 
     model = Llama(SMALL)
     idx = torch.randint(0, SMALL.vocab_size, (2, 16))
-    _, loss = model(idx, idx, documents=documents)
+    loss = model(idx, idx, documents=documents).loss
     assert len(calls) == 1 + SMALL.n_layer  # every block ran the varlen kernel
     monkeypatch.setattr(attention, "_gpu_half", lambda q: False)
-    _, reference = model(idx, idx, documents=documents)
+    reference = model(idx, idx, documents=documents).loss
     assert len(calls) == 1 + SMALL.n_layer
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
 
@@ -404,7 +404,7 @@ def test_float8_swaps_the_block_linears_and_trains_close_to_the_plain_model(monk
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         losses[float8] = []
         for _ in range(4):
-            _, loss = model(idx[:, :-1], idx[:, 1:])
+            loss = model(idx[:, :-1], idx[:, 1:]).loss
             loss.backward()
             opt.step()
             opt.zero_grad()
@@ -453,7 +453,7 @@ def test_checkpointed_blocks_compile_whole_and_keep_their_names(monkeypatch):
         torch.manual_seed(0)
         model = parallelize(Llama(cfg), activation_checkpointing=checkpointing, compile=True)
         frames = counter.frame_count
-        _, loss = model(idx, idx.roll(-1, 1))
+        loss = model(idx, idx.roll(-1, 1)).loss
         loss.backward()
         runs.append((list(model.state_dict()), loss, model.blocks[1].mlp.proj.weight.grad))
         assert counter.frame_count == frames + 1  # one graph, shared by both blocks

@@ -149,12 +149,12 @@ def test_packed_examples_with_document_mask_score_as_if_alone(corpus, tok, posit
     model = Llama(ModelConfig(**shape, block_size=128, document_positions=positions)).eval()
     packed = collate(rows, dm.pad_id)
     with torch.no_grad():
-        logits = model(packed["input_ids"], documents=packed["documents"])
+        logits = model(packed["input_ids"], documents=packed["documents"]).logits
         k = 0
         for r, (_, _, docs) in enumerate(rows):
             for d in sorted(set(docs)):
                 start, n = docs.index(d), docs.count(d)
-                own = model(torch.tensor([alone[k][0]]))[0]
+                own = model(torch.tensor([alone[k][0]])).logits[0]
                 torch.testing.assert_close(logits[r, start : start + n], own, atol=1e-5, rtol=1e-5)
                 k += 1
     with pytest.raises(ValueError, match="data.document_mask needs data.packing: true"):
@@ -283,7 +283,9 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path, c
     plain.load_state_dict(merged)
     idx = torch.randint(0, 1024, (2, 48))
     with torch.no_grad():
-        torch.testing.assert_close(plain(idx), module.model.eval()(idx), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            plain(idx).logits, module.model.eval()(idx).logits, atol=1e-5, rtol=1e-5
+        )
 
     # the fine-tuned checkpoint answers from the command line too, in the SFT template
     from tinyrecipe.cli import main as cli_main
@@ -307,7 +309,7 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path, c
     peft_model = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(hf_dir), adapter)
     with torch.no_grad():
         theirs = peft_model.eval()(idx).logits
-        torch.testing.assert_close(theirs, module.model(idx), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(theirs, module.model(idx).logits, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="holds no LoRA adapters .* convert to-hf"):
         to_peft(hf_dir, tmp_path / "none")
     ckpt = torch.load(path, weights_only=True)

@@ -148,7 +148,7 @@ class TinyRecipeLM(TemplateLM):
             for r, row in enumerate(rows):
                 idx[r, : len(row)] = torch.tensor(row, device=self.device)
             with self.autocast():
-                logits = self.model(idx)
+                logits = self.model(idx).logits
             if b >= len(batches):
                 continue
             for r, i in enumerate(batch):

@@ -104,7 +104,7 @@ def generate(
         step = torch.compile(model, **compile_options(model.embed.weight.device))
     elif use_cache:
         cache = model.new_kv_cache(idx.size(0), total)
-    logits = model(idx, cache=cache)[:, -1]
+    logits = model(idx, cache=cache).logits[:, -1]
     checked = idx.size(1)  # columns before it hold no column of EOS in every row
     while idx.size(1) < total:
         nxt = _next_token(logits.float(), temperature, top_k, top_p, generator)
@@ -115,7 +115,7 @@ def generate(
             if (stop := _eos_column(idx, checked, eos_id)) is not None:
                 return idx[:, : stop + 1]
             checked = idx.size(1)
-        logits = (step(nxt, cache=cache) if use_cache else model(idx))[:, -1]
+        logits = (step(nxt, cache=cache) if use_cache else model(idx)).logits[:, -1]
     if eos_id is not None and (stop := _eos_column(idx, checked, eos_id)) is not None:
         return idx[:, : stop + 1]
     return idx

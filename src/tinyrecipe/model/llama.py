@@ -8,6 +8,7 @@ so HF weights map onto this model by renaming and concatenation alone (`tinyreci
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -177,6 +178,21 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class LMOutput(NamedTuple):
+    """What `Llama.forward` returns.
+
+    logits: (B, T, vocab), or None when the loss is computed chunk by chunk
+        (`config.loss_chunk_size`) and the full logits never exist.
+    loss: with targets, the mean cross-entropy over positions whose target is not IGNORE_INDEX,
+        plus the z-loss when `config.z_loss` is set; None without targets.
+    z_loss: the z-loss part of `loss` (detached); None without targets or with z-loss off.
+    """
+
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+
+
 class Llama(nn.Module):
     """Token embedding, `n_layer` blocks, final RMSNorm, LM head (tied to the embedding or not)."""
 
@@ -239,11 +255,10 @@ class Llama(nn.Module):
         targets: torch.Tensor | None = None,
         cache: list[KVCache] | None = None,
         documents: torch.Tensor | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """idx (B, T) token ids -> logits (B, T, vocab); with targets (B, T), also the mean
-        cross-entropy over positions whose target is not IGNORE_INDEX (-100) (logits are None when
-        `config.loss_chunk_size` > 0: the loss is then computed chunk by chunk). With `cache` (one KVCache per
-        block, from `new_kv_cache`), idx continues the cached sequence (generation). With
+    ) -> LMOutput:
+        """idx (B, T) token ids -> `LMOutput`: the logits, and with targets (B, T) the loss and
+        its z-loss part. With `cache` (one KVCache per block, from `new_kv_cache`), idx continues
+        the cached sequence (generation). With
         `documents` (B, T) document ids (non-decreasing along a row: packed blocks), a token
         attends only to earlier tokens of its own document, and with
         `config.document_positions == "restart"` its RoPE position counts from its document's
@@ -276,12 +291,12 @@ class Llama(nn.Module):
         z_loss = self.config.z_loss
         if targets is not None and self.config.loss_chunk_size:
             chunk = self.config.loss_chunk_size
-            loss, self.z_loss_term = linear_cross_entropy_z(
+            loss, z_part = linear_cross_entropy_z(
                 x, self.lm_head.weight, targets, chunk, z_loss, self.compile_loss
             )
-            return None, loss
+            return LMOutput(None, loss, z_part if z_loss else None)
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
-            return logits
-        loss, self.z_loss_term = cross_entropy_z(logits, targets, z_loss)
-        return logits, loss
+            return LMOutput(logits)
+        loss, z_part = cross_entropy_z(logits, targets, z_loss)
+        return LMOutput(logits, loss, z_part if z_loss else None)

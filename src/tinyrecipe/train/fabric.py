@@ -297,7 +297,7 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
                 fabric.no_backward_sync(model, enabled=not_last),
                 keep_gathered(module.model, enabled=not_last and not reshard_after_backward),
             ):
-                loss, z, n = step_loss(model, batch, per_token, z_from=module.model)
+                loss, z, n = step_loss(model, batch, per_token)
                 if n is not None:
                     tokens = n if tokens is None else tokens + n
                 fabric.backward(loss / accumulate)

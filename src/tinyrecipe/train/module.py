@@ -28,6 +28,7 @@ from tinyrecipe.model.config import (
     overrides_dict,
     resolve_config,
 )
+from tinyrecipe.model.llama import LMOutput
 from tinyrecipe.model.lora import LORA_ALPHA, LORA_TARGETS, check_lora, lora_of, lora_params
 from tinyrecipe.model.parallelize import parallelize
 from tinyrecipe.planning.flops import (
@@ -333,9 +334,8 @@ class CausalLMModule(L.LightningModule):
         inputs: torch.Tensor,
         targets: torch.Tensor | None = None,
         documents: torch.Tensor | None = None,
-    ):
-        """The decoder's forward (logits, or (logits, loss) with targets; `documents`: the
-        document mask, `Llama.forward`)."""
+    ) -> LMOutput:
+        """The decoder's `LMOutput` (`Llama.forward`; `documents`: the document mask)."""
         return self.model(inputs, targets, documents=documents)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

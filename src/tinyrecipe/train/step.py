@@ -28,30 +28,32 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tinyrecipe.model import Llama
+from tinyrecipe.model.llama import Llama, LMOutput
 from tinyrecipe.model.loss import IGNORE_INDEX
 
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-def micro_batch_loss(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token loss of one batch: a dict of `input_ids` and `labels` (B, T), labels
+def forward_batch(model: Llama, batch: dict[str, torch.Tensor]) -> LMOutput:
+    """The model's output on one batch: a dict of `input_ids` and `labels` (B, T), labels
     IGNORE_INDEX where no loss is taken (the one batch type of pretraining, SFT and validation).
-    With `ModelConfig.z_loss` it includes the z-loss; `z_loss_term(model)` is that part. A batch
-    with `documents` (data.document_mask) attends within each document only."""
-    _, loss = model(batch["input_ids"], batch["labels"], documents=batch.get("documents"))
-    return loss
+    A batch with `documents` (data.document_mask) attends within each document only."""
+    return model(batch["input_ids"], batch["labels"], documents=batch.get("documents"))
+
+
+def micro_batch_loss(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token loss of one batch (with the z-loss when `ModelConfig.z_loss` is set)."""
+    return forward_batch(model, batch).loss
 
 
 def step_loss(
-    model, batch: dict[str, torch.Tensor], per_token: bool, z_from: Llama | None = None
+    model, batch: dict[str, torch.Tensor], per_token: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """What one micro-batch adds to its step, for either loop: (the loss to back-propagate, its
     z-loss part, its target tokens). The mean loss; `per_token`: the loss and z-loss summed over
     the target tokens, which `finish_step(tokens=...)` then divides by the step's. `model` may
-    be a wrapper (Fabric's); `z_from` is the decoder itself (default: `model`)."""
-    loss = micro_batch_loss(model, batch)
-    z = z_loss_term(z_from or model)
+    be a wrapper (Fabric's)."""
+    _, loss, z = forward_batch(model, batch)
     if not per_token:
         return loss, z, None
     n = target_tokens(batch)
@@ -69,11 +71,6 @@ def per_token_loss(datamodule) -> bool:
     over the whole step (`finish_step(tokens=...)`). Pretraining's full blocks keep the mean over
     micro-batches (the same value there, and bitwise the reference run's)."""
     return bool(getattr(datamodule, "targets_vary", False))
-
-
-def z_loss_term(model: Llama) -> torch.Tensor | None:
-    """The z-loss part of the model's last training loss (detached), None when z-loss is off."""
-    return getattr(model, "z_loss_term", None) if model.config.z_loss else None
 
 
 class SpikeSkipper:
@@ -293,8 +290,8 @@ class NonFiniteGuard:
 def val_sums(model: Llama, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[loss x target tokens, target tokens] of one batch: summed over batches (and ranks), the
     mean loss of a loader is per target token."""
-    loss = micro_batch_loss(model, batch)
-    if (z := z_loss_term(model)) is not None:
+    _, loss, z = forward_batch(model, batch)
+    if z is not None:
         loss = loss - z  # validation reports the cross-entropy alone
     n = (batch["labels"] != IGNORE_INDEX).sum()
     total = torch.where(n > 0, loss.detach().float() * n, 0.0)  # an all-padding batch: 0, not NaN
