@@ -11,6 +11,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
+from tinyrecipe._lightning import (
+    batches_processed,
+    restate_batch_progress,
+    saved_batches_processed,
+)
+
 
 def micro_batch_samples(
     start_batch: int, batch_size: int, rank: int, world_size: int, stop_batch: int | None = None
@@ -76,7 +82,7 @@ class StreamPosition:
         the loader itself runs a batch ahead (Lightning prefetches one to spot the last)."""
         trainer = getattr(self, "trainer", None)
         if trainer is not None and getattr(trainer, "training", False):
-            return int(trainer.fit_loop.epoch_loop.batch_progress.total.processed)
+            return batches_processed(trainer)
         return self.batches_consumed
 
     def samples_per_batch(self) -> int:
@@ -132,17 +138,12 @@ class StreamPosition:
         count micro-batches of the run that wrote it), so accumulation boundaries and the data
         position agree after a resume with another world size or micro-batch size."""
         state = checkpoint.get(type(self).__qualname__)
-        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
-        if state is None or progress is None:
+        old = saved_batches_processed(checkpoint)
+        if state is None or old is None:
             return
-        old = progress["total"]["processed"]
         new = self.resume_position(state)
-        if old == new:
-            return
-        for counters in (progress["total"], progress["current"]):
-            processed = counters["processed"]  # the others keep their offsets from it
-            for key in ("ready", "started", "processed", "completed"):
-                counters[key] = new + counters[key] - processed
+        if old != new:
+            restate_batch_progress(checkpoint, new)
 
 
 class CountingLoader(DataLoader):

@@ -20,6 +20,12 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
+from tinyrecipe._lightning import (
+    log_at_logging_steps,
+    save_missing_final_checkpoint,
+    should_accumulate,
+    steps_logged_at,
+)
 from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
 from tinyrecipe.train.checkpoint import refuse_new_run_into
@@ -67,8 +73,7 @@ class TokenThroughputMonitor(ThroughputMonitor):
         step[1] += self.batch_size_fn(batch)
         step[2] += self.length_fn(batch)
         step[3] += pl_module.flops_per_batch
-        # Lightning's own monitor asks the fit loop the same question (a private method).
-        if trainer.fit_loop._should_accumulate():
+        if should_accumulate(trainer):
             return
         event = DeviceEvent(trainer.strategy.root_device)
         self._time_queued(trainer)
@@ -91,12 +96,9 @@ class TokenThroughputMonitor(ThroughputMonitor):
             lengths=self._lengths[stage],
             flops=flops,
         )
-        if trainer._logger_connector.should_update_logs:  # as Lightning's _compute, for training
-            throughput = self._throughputs[stage]
-            metrics = {
-                f"train{throughput.separator}{k}": v for k, v in throughput.compute().items()
-            }
-            trainer._logger_connector.log_metrics(metrics)
+        throughput = self._throughputs[stage]
+        metrics = {f"train{throughput.separator}{k}": v for k, v in throughput.compute().items()}
+        log_at_logging_steps(trainer, metrics)
 
     @rank_zero_only
     def on_validation_start(self, trainer, *args) -> None:
@@ -124,14 +126,14 @@ class DeviceEvent:
 
 
 class StepLearningRateMonitor(LearningRateMonitor):
-    """Lightning's LearningRateMonitor, writing once per logged optimizer step. Lightning's asks
-    "is this a logging step?" at every micro-batch, and during accumulation the answer stays yes
-    for all of them: at 16 micro-batches a step it wrote the same lr 16 times."""
+    """Lightning's LearningRateMonitor, writing once per logged optimizer step (Lightning's asks
+    "is this a logging step?" at every micro-batch, and the answer stays yes for every
+    micro-batch of that step)."""
 
     _logged_step = -1
 
     def on_train_batch_start(self, trainer, *args: Any, **kwargs: Any) -> None:
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step the lr applies to
+        step = steps_logged_at(trainer)  # the step the lr applies to
         if step == self._logged_step:
             return
         self._logged_step = step
@@ -183,14 +185,12 @@ class Checkpoints(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step and self._last_global_step_saved != trainer.global_step:
-            monitor = self._monitor_candidates(trainer)
-            self._save_topk_checkpoint(trainer, monitor)
-            self._save_last_checkpoint(trainer, monitor)
+        save_missing_final_checkpoint(self, trainer)
         super().on_train_end(trainer, pl_module)
 
     @staticmethod
     def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        # Overrides ModelCheckpoint's private link step (checked in tests/test_lightning_private):
         # Lightning removes the old link, then makes the new one; `io.link` renames the new one
         # over it, so `last.ckpt` always exists.
         if trainer.is_global_zero:
@@ -248,7 +248,7 @@ class DownstreamEval(Callback):
             self.run(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, *_) -> None:
-        if not self.tasks or trainer.fit_loop._should_accumulate():
+        if not self.tasks or should_accumulate(trainer):
             return
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.run(trainer, pl_module)
@@ -314,7 +314,7 @@ class StepProgressBar(TQDMProgressBar):
         if trainer.max_steps <= 0:
             return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         bar = self.train_progress_bar
-        if trainer.fit_loop._should_accumulate() or bar is None or bar.disable:
+        if should_accumulate(trainer) or bar is None or bar.disable:
             return
         if self._should_update(trainer.global_step, bar.total):
             bar.n = trainer.global_step

@@ -28,6 +28,7 @@ import torch
 from lightning.fabric.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
+from tinyrecipe._lightning import shard_over_every_rank
 from tinyrecipe.data.position import StreamPosition
 from tinyrecipe.faults import failpoint
 from tinyrecipe.interop.checkpoint import checkpoint_config
@@ -96,10 +97,7 @@ def _strategy(spec: Any, module: CausalLMModule, precision: str):
 
     class FSDP2(ModelParallelStrategy):
         def setup_environment(self) -> None:
-            if self._data_parallel_size == "auto":  # every rank shards, as FSDP2Strategy does
-                self._data_parallel_size = (
-                    self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
-                )
+            shard_over_every_rank(self)  # as FSDP2Strategy does
             super().setup_environment()
 
     strategy = FSDP2(parallelize_fn=parallelize_fn, **args)

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
+from tinyrecipe._lightning import check_sigterm_at_logging_steps
 from tinyrecipe.faults import failpoint
 from tinyrecipe.interop.checkpoint import (
     checkpoint_step,
@@ -104,28 +105,6 @@ def set_scheduled_lr(scheduler: LambdaLR) -> None:
     ):
         group["lr"] = base * factor(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
-
-
-def _sigterm_check_at_logging_steps(trainer) -> None:
-    """Lightning (2.6) broadcasts a SIGTERM flag from rank 0 and reads it on the host before
-    every micro-batch: a collective and a device sync each time. Checked instead before the
-    first micro-batch of a step that follows a logging step (whose metrics the host reads
-    anyway), a run stops within `log_every_n_steps` steps of the signal, and no other step
-    waits on the device. Wraps a private method of the epoch loop; a Lightning without it is
-    left as it is."""
-    loop = trainer.fit_loop.epoch_loop
-    check = getattr(loop, "_broadcast_sigterm_tensor", None)
-    if check is None or getattr(check, "_at_logging_steps", False):
-        return
-    every = max(1, int(trainer.log_every_n_steps or 1))
-
-    def at_step_start() -> None:
-        first_micro_batch = loop.batch_progress.current.ready % trainer.accumulate_grad_batches == 0
-        if first_micro_batch and trainer.global_step > 0 and trainer.global_step % every == 0:
-            check()
-
-    at_step_start._at_logging_steps = True
-    loop._broadcast_sigterm_tensor = at_step_start
 
 
 class CausalLMModule(L.LightningModule):
@@ -294,7 +273,7 @@ class CausalLMModule(L.LightningModule):
                 "trainer.gradient_clip_algorithm: value clips the summed per-token gradients of "
                 "SFT data before their normalisation; use norm (the default)"
             )
-        _sigterm_check_at_logging_steps(self.trainer)
+        check_sigterm_at_logging_steps(self.trainer)
 
     def on_train_start(self) -> None:
         """A resumed run's first step takes this recipe's schedule, not the learning rate stored
@@ -353,14 +332,12 @@ class CausalLMModule(L.LightningModule):
     def on_after_backward(self) -> None:
         failpoint("train.after_backward")
 
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
-        """The end of every optimizer step (Lightning calls it even without clipping): the
-        shared `finish_step` (norm, loss, clipping by norm, non-finite skip), then the logs."""
-        max_norm = gradient_clip_val
-        if gradient_clip_val and gradient_clip_algorithm == "value":
-            self.clip_gradients(optimizer, gradient_clip_val, "value")
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """The end of every optimizer step: the shared `finish_step` (norm, loss, clipping by
+        `trainer.gradient_clip_val`, non-finite skip), then the logs."""
+        max_norm = self.trainer.gradient_clip_val
+        if max_norm and self.trainer.gradient_clip_algorithm == "value":
+            self.clip_gradients(optimizer, max_norm, "value")
             max_norm = None
         # Lightning divides every micro-batch's loss by accumulate_grad_batches, also in an
         # epoch's shorter last step: per token, the gradients are rescaled from that
@@ -397,6 +374,11 @@ class CausalLMModule(L.LightningModule):
         # a device fill, not a tensor built from a Python float (a host-to-device copy per step)
         wide = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no fp64
         self.log("train/tokens_seen", torch.full((), tokens, device=self.device, dtype=wide))
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Nothing: `on_before_optimizer_step` clips by the norm the step reduces once."""
 
     def on_train_end(self) -> None:
         self.guard.flush()

@@ -41,6 +41,11 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
+from tinyrecipe._lightning import (
+    data_parallel_size,
+    shard_over_every_rank,
+    validate_without_inference_mode,
+)
 from tinyrecipe.faults import failpoint
 from tinyrecipe.io import publish, remove, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered
@@ -93,15 +98,12 @@ class FSDP2Strategy(ModelParallelStrategy):
         )
 
     def setup_environment(self) -> None:
-        if self._data_parallel_size == "auto":  # every rank shards (Lightning: one per node)
-            self._data_parallel_size = (
-                self.num_nodes * self.num_processes // int(self._tensor_parallel_size)
-            )
+        shard_over_every_rank(self)
         super().setup_environment()
-        if self.shard_group_size is not None and int(self._tensor_parallel_size) != 1:
+        if self.shard_group_size is not None and self.device_mesh["tensor_parallel"].size() != 1:
             raise ValueError("trainer.strategy.shard_group_size needs tensor_parallel_size 1")
         self._fsdp_mesh = hsdp_mesh(
-            self.root_device.type, int(self._data_parallel_size), self.shard_group_size
+            self.root_device.type, data_parallel_size(self), self.shard_group_size
         )
 
     @property
@@ -110,13 +112,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         return self._fsdp_mesh if self._fsdp_mesh is not None else self.device_mesh["data_parallel"]
 
     def setup(self, trainer) -> None:
-        # The evaluation loops' own flag (Trainer(inference_mode=...) sets it at construction).
-        for loop in (
-            trainer.fit_loop.epoch_loop.val_loop,
-            trainer.validate_loop,
-            trainer.test_loop,
-        ):
-            loop.inference_mode = False
+        validate_without_inference_mode(trainer)
         super().setup(trainer)
 
     # -- accumulation --------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Every Lightning private that `tinyrecipe._lightning` uses, checked against the installed
+Lightning: a version that renames or reshapes one fails here, in one place."""
+
+import inspect
+
+import lightning as L
+import pytest
+from lightning.fabric.strategies import ModelParallelStrategy as FabricModelParallel
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loops import _TrainingEpochLoop
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+from tinyrecipe import _lightning
+from tinyrecipe.train.callbacks import Checkpoints
+
+
+@pytest.fixture(scope="module")
+def trainer():
+    return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, max_steps=1)
+
+
+def test_the_loops_privates(trainer):
+    loop = trainer.fit_loop.epoch_loop
+    assert isinstance(loop, _TrainingEpochLoop)
+    assert callable(trainer.fit_loop._should_accumulate)
+    assert isinstance(loop._batches_that_stepped, int)
+    assert _lightning.steps_logged_at(trainer) == 0
+    assert callable(loop._broadcast_sigterm_tensor)
+    assert inspect.signature(loop._broadcast_sigterm_tensor).parameters == {}
+    _lightning.check_sigterm_at_logging_steps(trainer)
+    assert loop._broadcast_sigterm_tensor._at_logging_steps
+    assert _lightning.batches_processed(trainer) == 0
+    loops = (loop.val_loop, trainer.validate_loop, trainer.test_loop)
+    assert all(isinstance(evaluation.inference_mode, bool) for evaluation in loops)
+    _lightning.validate_without_inference_mode(trainer)
+    assert not any(evaluation.inference_mode for evaluation in loops)
+    connector = trainer._logger_connector
+    assert isinstance(connector.should_update_logs, bool) and callable(connector.log_metrics)
+
+
+def test_the_saved_batch_progress_schema(trainer):
+    state = trainer.fit_loop.state_dict()
+    progress = state["epoch_loop.batch_progress"]
+    for counters in (progress["total"], progress["current"]):
+        assert set(counters) == {"ready", "started", "processed", "completed"}
+    checkpoint = {"loops": {"fit_loop": state}}
+    progress["total"].update(ready=5, started=5, processed=4, completed=4)
+    _lightning.restate_batch_progress(checkpoint, 10)
+    assert progress["total"] == {"ready": 11, "started": 11, "processed": 10, "completed": 10}
+    assert _lightning.saved_batches_processed(checkpoint) == 10
+
+
+@pytest.mark.parametrize("cls", [ModelParallelStrategy, FabricModelParallel])
+def test_model_parallel_strategies_resolve_auto_from_their_attribute(cls):
+    extra = {"parallelize_fn": lambda module, mesh: module} if cls is FabricModelParallel else {}
+    strategy = cls(data_parallel_size="auto", tensor_parallel_size=1, **extra)
+    assert strategy._data_parallel_size == "auto" and strategy._tensor_parallel_size == 1
+    assert "_data_parallel_size" in inspect.getsource(cls.setup_environment)
+
+
+def test_model_checkpoint_privates():
+    callback = Checkpoints(every_n_train_steps=1)
+    assert callback._last_global_step_saved == 0
+    for name in ("_monitor_candidates", "_save_topk_checkpoint", "_save_last_checkpoint"):
+        assert callable(getattr(ModelCheckpoint, name)), name
+    params = list(inspect.signature(ModelCheckpoint._link_checkpoint).parameters)
+    assert params == ["trainer", "filepath", "linkpath"]
+    assert "_link_checkpoint" in inspect.getsource(ModelCheckpoint._save_last_checkpoint)
