@@ -15,10 +15,10 @@ Runs (each tinyrecipe switch is a recipe option; see README "Performance"):
     ours            the readable eager reference: plain loss, fused AdamW
     ours-foreach    ... with the foreach AdamW kernel instead of fused
     ours-chunked    ... with model.config.loss_chunk_size (no full fp32 logits)
-    ours-compile    ... with model.compile (torch.compile per block)
+    ours-compile    ... with model.speed.compile (torch.compile per block)
     ours-fast       chunked loss + per-block compile + fused AdamW
-    ours-ckpt       ... with model.activation_checkpointing (memory, not speed)
-    ours-lora       ours-chunked fine-tuning rank-16 LoRA adapters only (model.lora_rank: 16)
+    ours-ckpt       ... with model.speed.activation_checkpointing (memory, not speed)
+    ours-lora       ours-chunked fine-tuning rank-16 LoRA adapters only (model.lora.rank: 16)
     hf, hf-compile  transformers LlamaForCausalLM (SDPA), eager and torch.compile'd
     litgpt, litgpt-compile   litgpt's GPT from the same config (when litgpt is installed)
 """
@@ -63,7 +63,7 @@ OURS = {  # name -> switches (chunked loss, compile, AdamW kernel, activation ch
     "ours-ckpt": dict(chunked=False, compile=False, kernel="fused", ckpt=True),
     # packed blocks of 4 documents each, masked apart (data.document_mask): SDPA with a mask
     "ours-docmask": dict(chunked=True, compile=False, kernel="fused", ckpt=False, docmask=True),
-    # the decoder frozen, adapters of rank 16 on every block's linear layers (model.lora_rank)
+    # the decoder frozen, adapters of rank 16 on every block's linear layers (model.lora.rank)
     "ours-lora": dict(chunked=True, compile=False, kernel="fused", ckpt=False, lora=16),
 }
 PEERS = ("hf", "hf-compile", "litgpt", "litgpt-compile")

@@ -149,12 +149,12 @@ VARIANTS = {  # name -> (compile, micro-batch multiplier, extra recipe arguments
     # the same 2M-token step in 8 micro-batches of 16: half the per-micro-batch work (FSDP2's
     # gathers and casts, the fp32 gradient accumulation, launch gaps) for twice the activations
     "compiled-mb16": (True, 2, []),
-    # the blocks' linear layers in float8 (model.float8; needs torchao on the machine; reported
+    # the blocks' linear layers in float8 (model.speed.float8; needs torchao on the machine; reported
     # as not run without it); MFU still against the bf16 peak
-    "compiled-float8": (True, 1, ["--model.float8", "true"]),
+    "compiled-float8": (True, 1, ["--model.speed.float8", "true"]),
     # activation checkpointing under per-block compile (one graph per checkpointed block): what
     # `plan --emit` and a tight card turn on; its price in tokens/s and its memory
-    "compiled-ckpt": (True, 1, ["--model.activation_checkpointing", "true"]),
+    "compiled-ckpt": (True, 1, ["--model.speed.activation_checkpointing", "true"]),
 }
 
 
@@ -199,11 +199,11 @@ def recipe_args(
         str(steps if compiled else 10**9),
         "--model.preset",
         s["preset"],
-        "--model.compile",
+        "--model.speed.compile",
         str(compiled).lower(),
         "--model.config.loss_chunk_size",
         str(s["chunk"]),
-        "--model.warmup_steps",
+        "--model.schedule.warmup_steps",
         "2",
         "--data.sources",
         json.dumps(sources),
@@ -246,8 +246,8 @@ def run_recipe(
     from tinyrecipe.cli.fit import TinyRecipeCLI
     from tinyrecipe.planning.flops import device_peak, train_flops_per_token
     from tinyrecipe.planning.memory import estimate_memory
+    from tinyrecipe.train.build import describe
     from tinyrecipe.train.callbacks import Checkpoints, DeviceEvent
-    from tinyrecipe.train.module import describe
 
     listed = json.loads((out / "data.json").read_text())["sources"]  # prepare_run's
     sources = json.loads(Path(listed).read_text())
@@ -341,7 +341,7 @@ def run_recipe(
     logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     ckpt = root / "checkpoints" / "last.ckpt"
     row = {
-        "describe": describe(module, s["precision"], trainer.strategy.root_device),
+        "describe": describe(module.settings, s["precision"], trainer.strategy.root_device),
         "devices": devices,
         "rank": trainer.global_rank,
         "steps_timed": len(timed),
@@ -860,7 +860,9 @@ def main(argv: list[str] | None = None) -> int:
         runs = args.runs.split(",") if args.runs else list(s["runs"])
         report["env"]["devices"] = devices
         for i, name in enumerate(runs):
-            if VARIANTS[name][2][:2] == ["--model.float8", "true"] and not _imports("torchao"):
+            if VARIANTS[name][2][:2] == ["--model.speed.float8", "true"] and not _imports(
+                "torchao"
+            ):
                 report[f"recipe {name}"] = {"error": "not run: torchao is not installed"}
                 continue
             prepare_run(out, s, name, devices)

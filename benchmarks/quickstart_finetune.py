@@ -3,8 +3,8 @@ documented commands: after `make quickstart`,
 
     python data_prep/make_sft_sample.py --out data/sft/stdlib.jsonl
     tinyrecipe fit --config recipes/finetune/quickstart-sft.yaml                     # full
-    tinyrecipe fit --config recipes/finetune/quickstart-sft.yaml --model.lora_rank 8 \\
-        --model.lr 3e-3 --model.min_lr 3e-4                                          # LoRA
+    tinyrecipe fit --config recipes/finetune/quickstart-sft.yaml --model.lora.rank 8 \\
+        --model.optimizer.lr 3e-3 --model.schedule.min_lr 3e-4                    # LoRA
 
 each run in its own directory under --out (the only argument added). Prints the validation
 loss on the responses before and after each, with the wall time, and writes them as JSON
@@ -26,7 +26,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = ["fit", "--config", "recipes/finetune/quickstart-sft.yaml"]
-LORA = [*FULL, "--model.lora_rank", "8", "--model.lr", "3e-3", "--model.min_lr", "3e-4"]
+LORA = [
+    *FULL,
+    "--model.lora.rank",
+    "8",
+    "--model.optimizer.lr",
+    "3e-3",
+    "--model.schedule.min_lr",
+    "3e-4",
+]
 
 
 def run(args: list[str], root: Path) -> dict:
@@ -77,7 +85,7 @@ def main() -> None:
     path = ROOT / args.json
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=1) + "\n")
-    print(f"wrote {path.relative_to(ROOT)}")
+    print(f"wrote {path}")
 
 
 def _cpu_name() -> str:

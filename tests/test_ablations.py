@@ -83,7 +83,7 @@ def fake_run(path, losses: list[float], lr: float, tokens_per_step: int = 1000):
     writer.close()
     recipe = {
         "trainer": {"default_root_dir": str(path), "max_steps": 40},
-        "model": {"preset": "tiny", "config": {"n_layer": 2}, "lr": lr},
+        "model": {"preset": "tiny", "config": {"n_layer": 2}, "optimizer": {"lr": lr}},
         "data": {"class_path": "x", "init_args": {"block_size": 64, "seed": 1}},
     }
     (path / "tensorboard/config.yaml").write_text(json.dumps(recipe))
@@ -108,7 +108,11 @@ def test_compare_tables_plots_and_marks_what_the_seeds_cannot_tell_apart(tmp_pat
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
     assert list(rows) == ["base", "close", "far"]  # the baseline first, wherever it was given
     assert "changes vs base" in text.splitlines()[0]
-    assert "(n.s.)" in rows["close"] and "(*)" in rows["far"] and "model.lr=0.002" in rows["far"]
+    assert (
+        "(n.s.)" in rows["close"]
+        and "(*)" in rows["far"]
+        and "model.optimizer.lr=0.002" in rows["far"]
+    )
     assert "3.0500 ± 0.0500" in rows["base"] and "| 2 |" in rows["base"]
     assert all(f.is_file() and f.stat().st_size > 1000 for f in files)
     assert "![val_loss_vs_tokens](val_loss_vs_tokens.png)" in files[0].read_text()
@@ -120,7 +124,7 @@ def test_compare_tables_plots_and_marks_what_the_seeds_cannot_tell_apart(tmp_pat
         "base-seed2"
     ] * 2
     other, _ = report(runs, tmp_path / "other", baseline="far")
-    assert other.splitlines()[2].startswith("| far |") and "model.lr=0.001" in other
+    assert other.splitlines()[2].startswith("| far |") and "model.optimizer.lr=0.001" in other
 
 
 def test_a_log_axis_shorter_than_a_decade_keeps_tick_labels():

@@ -83,7 +83,7 @@ def test_gpu_check_variants_reach_the_recipe(tmp_path, monkeypatch):
     assert strategy["compiled"]["reshard_after_forward"] is False  # the recipe's own
     assert strategy["compiled-zero3"]["reshard_after_forward"] is True
     assert strategy["compiled-zero3"]["reshard_after_backward"] is True
-    assert [r["model"]["float8"] for r in recipes.values()] == [False, False, True, False]
+    assert [r["model"]["speed"]["float8"] for r in recipes.values()] == [False, False, True, False]
     assert recipes["compiled-mb16"]["data"]["init_args"]["batch_size"] == 2 * s["micro"]
 
 
@@ -95,7 +95,7 @@ def test_the_docs_fine_tuning_figures_are_the_scripts():
     full, lora = figures["full"], figures["lora"]
     assert full["command"] == "tinyrecipe fit --config recipes/finetune/quickstart-sft.yaml"
     assert lora["command"] == full["command"] + (
-        " --model.lora_rank 8 --model.lr 3e-3 --model.min_lr 3e-4"
+        " --model.lora.rank 8 --model.optimizer.lr 3e-3 --model.schedule.min_lr 3e-4"
     )
     quickstart = " ".join((ROOT / "docs/quickstart.md").read_text().split())
     interop = " ".join((ROOT / "docs/interop.md").read_text().split())

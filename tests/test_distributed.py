@@ -35,9 +35,9 @@ COMMON = [
     # z-loss rides in the step's one all-reduce; the spike judgement needs no collective
     "--model.config.z_loss",
     "1e-3",
-    "--model.spike_sigma",
+    "--model.guard.spike_sigma",
     "6",
-    "--model.spike_window",
+    "--model.guard.spike_window",
     "2",
 ]
 # the TinyLlama recipe's strategy: the weights gathered once per optimizer step
@@ -299,16 +299,16 @@ def test_kill_during_a_sharded_save_resumes_bitwise(runs, corpus, eval_task, tmp
 FABRIC_STARTUP = """
 import json, resource, sys
 import lightning as L
-from tinyrecipe.train.fabric import _strategy
-from tinyrecipe.train.module import CausalLMModule
+from tinyrecipe.train.fabric import Decoder, _strategy
+from tinyrecipe.train.settings import ModelSettings
 
-module = CausalLMModule(preset="llama-160m", meta_init=True)
-fabric = L.Fabric(accelerator="cpu", devices=2, strategy=_strategy("fsdp2", module, "32-true"))
+settings = ModelSettings("llama-160m", speed={"meta_init": True})
+fabric = L.Fabric(accelerator="cpu", devices=2, strategy=_strategy("fsdp2", settings, "32-true"))
 fabric.launch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-fabric.setup(module)
+holder = fabric.setup(Decoder())
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-shard = sum(p.to_local().numel() * 4 for p in module.model.parameters())
+shard = sum(p.to_local().numel() * 4 for p in holder.model.parameters())
 open(sys.argv[1] + str(fabric.global_rank), "w").write(json.dumps([before * 1024, after * 1024, shard]))
 """
 

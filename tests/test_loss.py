@@ -180,7 +180,7 @@ def test_the_model_reports_its_z_loss_on_both_loss_paths():
 
 
 def test_compiled_chunk_kernel_equals_the_eager_one_in_bf16():
-    """`compiled=True` (the recipe's `model.compile`) runs each chunk's bf16 softmax work as
+    """`compiled=True` (the recipe's `model.speed.compile`) runs each chunk's bf16 softmax work as
     inductor's fused kernels: the same loss, z part and gradients as the eager kernel (to bf16
     rounding), ignored targets and z-loss included; fp32 keeps the eager in-place path."""
     from tinyrecipe.model.loss import linear_cross_entropy_z

@@ -96,7 +96,7 @@ def test_memory_command_reads_recipes_and_overlays(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "micro-batch 8 x 2048, bf16-mixed, FSDP over 8" in out and "total" in out
     overlay = tmp_path / "ckpt.yaml"
-    overlay.write_text("model:\n  activation_checkpointing: true\n")
+    overlay.write_text("model:\n  speed: {activation_checkpointing: true}\n")
     assert cli(["memory", "--config", str(recipe), "--config", str(overlay)]) == 0
     assert "activation checkpointing" in capsys.readouterr().out
     assert cli(["memory", "--config", str(ROOT / "recipes/finetune/tinyllama-1.1b-lora.yaml")]) == 0

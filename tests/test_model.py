@@ -385,7 +385,7 @@ def test_masked_sdpa_undoes_kv_groups_where_cuda_has_no_grouped_masked_kernel():
 
 
 def test_float8_swaps_the_block_linears_and_trains_close_to_the_plain_model(monkeypatch):
-    """model.float8: torchao's Float8Linear in every block (not the embedding or head), built on
+    """model.speed.float8: torchao's Float8Linear in every block (not the embedding or head), built on
     meta and materialised like any model, parameter names unchanged; a few AdamW steps on CPU
     (float8 matmuls run there) stay within 2% of the plain model's losses. Where it cannot run,
     one line: torchao missing, or a GPU without float8 matmuls."""
@@ -422,7 +422,7 @@ def test_float8_swaps_the_block_linears_and_trains_close_to_the_plain_model(monk
 
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100")
-    with pytest.raises(ValueError, match="NVIDIA A100 has 8.0: set model.float8: false"):
+    with pytest.raises(ValueError, match="NVIDIA A100 has 8.0: set model.speed.float8: false"):
         check_float8("cuda")
     monkeypatch.setitem(sys.modules, "torchao.float8", None)  # as a torchao made for another torch
     with pytest.raises(ImportError, match="does not import with torch .*the torchao release made"):
@@ -431,7 +431,7 @@ def test_float8_swaps_the_block_linears_and_trains_close_to_the_plain_model(monk
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda n, *a: None if n == "torchao" else find_spec(n, *a)
     )
-    with pytest.raises(ImportError, match="model.float8 needs torchao: pip install"):
+    with pytest.raises(ImportError, match="model.speed.float8 needs torchao: pip install"):
         parallelize(Llama(SMALL), float8=True)
 
 

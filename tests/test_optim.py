@@ -47,7 +47,7 @@ def test_param_groups():
     assert isinstance(opt, torch.optim.AdamW)
     assert build_adamw(model, lr=1e-3, kernel="foreach").defaults["foreach"]
     assert build_adamw(model, lr=1e-3, kernel="for-loop").defaults["foreach"] is False
-    with pytest.raises(ValueError, match="model.optimizer_kernel"):
+    with pytest.raises(ValueError, match="model.optimizer.kernel"):
         build_adamw(model, lr=1e-3, kernel="apex")
 
 
@@ -87,12 +87,15 @@ def test_cosine_and_constant_schedules_and_their_one_line_errors():
     constant = build_schedule("constant", 1.0, 0.1, 2, None)
     assert [constant.lr(s) for s in (0, 1, 5, 10**7)] == [0.5, 1.0, 1.0, 1.0]
     for kwargs, message in (
-        (dict(kind="wsd"), "exactly one of model.decay_steps"),
-        (dict(kind="wsd", decay_steps=4, decay_fraction=0.2), "exactly one of model.decay_steps"),
+        (dict(kind="wsd"), "exactly one of model.schedule.decay_steps"),
+        (
+            dict(kind="wsd", decay_steps=4, decay_fraction=0.2),
+            "exactly one of model.schedule.decay_steps",
+        ),
         (dict(kind="wsd", decay_steps=4, decay_from=8), "must end by trainer.max_steps 10"),
-        (dict(kind="wsd", decay_steps=4, decay_shape="exp"), "model.decay_shape 'exp'"),
-        (dict(kind="cosine", decay_steps=4), "belong to model.schedule: wsd"),
-        (dict(kind="step"), "model.schedule 'step' is unknown"),
+        (dict(kind="wsd", decay_steps=4, decay_shape="exp"), "model.schedule.decay_shape 'exp'"),
+        (dict(kind="cosine", decay_steps=4), "belong to model.schedule.name: wsd"),
+        (dict(kind="step"), "model.schedule.name 'step' is unknown"),
     ):
         kind = kwargs.pop("kind")
         with pytest.raises(ValueError, match=message):
@@ -156,5 +159,5 @@ def test_a_loss_spike_is_skipped_on_every_rank_and_the_window_resumes_exactly():
     assert train(resumed, opt3, spikes3, range(15, 30)) == flags[15:]
     for (name, a), b in zip(model.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match="model.spike_sigma"):
+    with pytest.raises(ValueError, match="model.guard.spike_sigma"):
         SpikeSkipper(sigma=0.0)

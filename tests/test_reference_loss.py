@@ -61,7 +61,12 @@ def reference_recipe(tmp_path, **changes) -> str:
             "default_root_dir": str(tmp_path / "run"),
         },
         "checkpoint": {"every_n_train_steps": 1000},
-        "model": {"preset": "tiny", "config": SHAPE, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5},
+        "model": {
+            "preset": "tiny",
+            "config": SHAPE,
+            "optimizer": {"lr": 3e-3},
+            "schedule": {"min_lr": 3e-4, "warmup_steps": 5},
+        },
         "data": {
             "sources": [
                 {"name": "a", "train": str(data / "a"), "weight": 0.7},

@@ -191,11 +191,11 @@ def test_emit_writes_a_recipe_fit_accepts(tmp_path, capsys):
     # a 6B model: the estimate is fitted to 80 GiB per GPU, in the recipe's own directory
     assert summary["recipe"]["fits"] and summary["recipe"]["memory_per_device_gib"] <= 80
     assert recipe["trainer"]["default_root_dir"] == "out/planned"
-    assert recipe["model"]["activation_checkpointing"] or recipe["data"]["batch_size"] < 8
+    assert model["speed"]["activation_checkpointing"] or recipe["data"]["batch_size"] < 8
     assert tokens_per_step == 2_097_152
     steps = recipe["trainer"]["max_steps"]
     assert steps * tokens_per_step >= summary["train_tokens"] > (steps - 1) * tokens_per_step
-    assert recipe["model"]["lr"] == 4e-4  # everything else comes from the base recipe
+    assert model["optimizer"]["lr"] == 4e-4  # everything else comes from the base recipe
     assert (
         cli_main(
             [

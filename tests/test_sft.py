@@ -226,7 +226,9 @@ def test_notebook_api_fine_tunes_a_hf_model_until_it_answers(corpus, tmp_path):
         {"prompt": "What does len do?", "response": "It counts items."},
         {"prompt": "What does abs do?", "response": "It drops the sign."},
     ]
-    module = load_pretrained(hf_dir, lr=1e-2, min_lr=1e-3, warmup_steps=2)
+    module = load_pretrained(
+        hf_dir, optimizer={"lr": 1e-2}, schedule={"min_lr": 1e-3, "warmup_steps": 2}
+    )
     data = sft_data(records * 8, tok_dir, block_size=64, batch_size=4, val_fraction=0.0)
     trainer = quiet_trainer(max_steps=60)
     trainer.fit(module, data)
@@ -247,7 +249,10 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path, c
     hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)
     records = [{"prompt": "What does len do?", "response": "It counts items."}]
     module = load_pretrained(
-        hf_dir, lr=3e-2, min_lr=3e-3, warmup_steps=2, lora_rank=8, lora_alpha=16
+        hf_dir,
+        optimizer={"lr": 3e-2},
+        schedule={"min_lr": 3e-3, "warmup_steps": 2},
+        lora={"rank": 8, "alpha": 16},
     )
     data = sft_data(  # packed whole, each copy attending only to itself
         records * 16,
@@ -318,13 +323,15 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path, c
     ):
         load_pretrained(hf_dir).on_load_checkpoint(ckpt)
     with pytest.raises(ValueError, match="trained with LoRA rank 8, .* the recipe says rank 4"):
-        load_pretrained(hf_dir, lora_rank=4, lora_alpha=16).on_load_checkpoint(ckpt)
-    with pytest.raises(ValueError, match="model.lora_targets .* must be a non-empty list of"):
-        load_pretrained(hf_dir, lora_rank=8, lora_targets=["attn.q"])
-    with pytest.raises(ValueError, match="model.float8 and model.lora_rank cannot be combined"):
-        load_pretrained(hf_dir, lora_rank=8, float8=True)
-    with pytest.raises(ValueError, match="model.lora_rank=0 must be a positive integer"):
-        load_pretrained(hf_dir, lora_rank=0)
+        load_pretrained(hf_dir, lora={"rank": 4, "alpha": 16}).on_load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="model.lora.targets .* must be a non-empty list of"):
+        load_pretrained(hf_dir, lora={"rank": 8, "targets": ["attn.q"]})
+    with pytest.raises(
+        ValueError, match="model.speed.float8 and model.lora.rank cannot be combined"
+    ):
+        load_pretrained(hf_dir, lora={"rank": 8}, speed={"float8": True})
+    with pytest.raises(ValueError, match="model.lora.rank=0 must be a positive integer"):
+        load_pretrained(hf_dir, lora={"rank": 0})
 
 
 def test_sft_resumes_mid_epoch_exactly(corpus, tmp_path):
@@ -339,7 +346,9 @@ def test_sft_resumes_mid_epoch_exactly(corpus, tmp_path):
     ]  # 6 micro-batches of 4 an epoch
 
     def run(steps, ckpt_path=None):
-        module = load_pretrained(hf_dir, lr=1e-2, warmup_steps=2, max_steps=8)
+        module = load_pretrained(
+            hf_dir, optimizer={"lr": 1e-2}, schedule={"warmup_steps": 2, "max_steps": 8}
+        )
         data = sft_data(
             records, corpus["root"] / "tok", block_size=64, batch_size=4, val_fraction=0
         )
@@ -368,7 +377,9 @@ def test_fabric_loop_fine_tunes_like_the_trainer_across_epochs(corpus, tmp_path)
         {"prompt": f"What does f{i}() do?", "response": "It counts " + "items " * i}
         for i in range(8)
     ]  # 2 micro-batches of 4 an epoch
-    model = dict(lr=1e-2, min_lr=1e-3, warmup_steps=2, max_steps=6)
+    model = dict(
+        optimizer={"lr": 1e-2}, schedule={"min_lr": 1e-3, "warmup_steps": 2, "max_steps": 6}
+    )
     data = dict(records=records, tokenizer_dir=str(corpus["root"] / "tok"), block_size=64)
     data |= dict(batch_size=4, val_fraction=0.0)
 
@@ -386,7 +397,7 @@ def test_fabric_loop_fine_tunes_like_the_trainer_across_epochs(corpus, tmp_path)
     recipe = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_steps": 6, "default_root_dir": root},
-        "model": {**dict(module.hparams), **model},
+        "model": dict(module.hparams),
         "data": {"class_path": "tinyrecipe.data.sft.SFTDataModule", "init_args": data},
     }
     losses = train(recipe)

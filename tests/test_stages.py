@@ -86,7 +86,7 @@ def test_three_stages_resume_bitwise_across_a_boundary_and_a_kill_in_a_ramp(
 
     # stage 3: twice the batch, the learning rate decays from step 40 to min_lr over 10 steps
     branch_point = str(tmp_path / "checkpoints/step=40.ckpt")  # decay_from read from it
-    cooled = stages(tmp_path, 3, "--ckpt_path", "last", "--model.decay_from", branch_point)
+    cooled = stages(tmp_path, 3, "--ckpt_path", "last", "--model.schedule.decay_from", branch_point)
     assert cooled.returncode == 0, cooled.stderr[-3000:]
     logged = scalars(tmp_path / "tensorboard")
     lr = dict(logged["lr-AdamW"])

@@ -109,13 +109,14 @@ def test_tinyllama_recipe_is_the_papers():
     # the weights gathered once per optimizer step (docs/training.md)
     assert not strategy["init_args"]["reshard_after_forward"]
     assert not strategy["init_args"]["reshard_after_backward"]
-    assert model["compile"] and model["meta_init"]
+    assert model["speed"]["compile"] and model["speed"]["meta_init"]
     assert trainer["val_check_interval"] == 5000 * 16
     assert config["checkpoint"]["every_n_train_steps"] == 5000
     assert config["seed_everything"] == 3407
-    assert (model["lr"], model["min_lr"], model["warmup_steps"]) == (4e-4, 4e-5, 2000)
-    assert tuple(model["betas"]) == (0.9, 0.95) and model["weight_decay"] == 0.1
-    assert model["decay_norms_and_embeddings"] and model["config"]["loss_chunk_size"] == 4096
+    optimizer, schedule = model["optimizer"], model["schedule"]
+    assert (optimizer["lr"], schedule["min_lr"], schedule["warmup_steps"]) == (4e-4, 4e-5, 2000)
+    assert tuple(optimizer["betas"]) == (0.9, 0.95) and optimizer["weight_decay"] == 0.1
+    assert optimizer["decay_norms_and_embeddings"] and model["config"]["loss_chunk_size"] == 4096
     weights = {s["name"]: s["weight"] for s in data["sources"]}
     assert weights == {"slimpajama": 0.7, "starcoderdata": 0.3}
     assert "vocab_size" not in data  # linked from the model's config, never set twice
@@ -136,7 +137,10 @@ def test_tinyllama_v11_stages_stack_into_the_cards_schedule():
     files = [v11 / "stage1-basic.yaml", v11 / "stage2-math-code.yaml", v11 / "stage3-cooldown.yaml"]
     one, two, three = (print_config(*files[:n]) for n in (1, 2, 3))
     tokens = 896 * 2048
-    assert one["model"]["schedule"] == "constant" and one["trainer"]["max_steps"] * tokens >= 1.5e12
+    assert (
+        one["model"]["schedule"]["name"] == "constant"
+        and one["trainer"]["max_steps"] * tokens >= 1.5e12
+    )
     (stage,) = two["data"]["stages"]
     assert stage["start_tokens"] == one["trainer"]["max_steps"] * tokens  # where stage 1 ends
     assert stage["ramp_tokens"] == 6e9 and sum(stage["weights"].values()) == pytest.approx(1.0)
@@ -149,9 +153,10 @@ def test_tinyllama_v11_stages_stack_into_the_cards_schedule():
         trainer["strategy"]["init_args"][f"reshard_after_{k}"] for k in ("forward", "backward")
     )
     assert three["global_batch_size"] == 4 * 896 and three["data"]["allow_global_batch_change"]
-    assert model["schedule"] == "wsd" and model["decay_from"] == two["trainer"]["max_steps"]
-    assert trainer["max_steps"] == model["decay_from"] + model["decay_steps"]
-    end = two["trainer"]["max_steps"] * tokens + model["decay_steps"] * 4 * tokens
+    schedule = model["schedule"]
+    assert schedule["name"] == "wsd" and schedule["decay_from"] == two["trainer"]["max_steps"]
+    assert trainer["max_steps"] == schedule["decay_from"] + schedule["decay_steps"]
+    end = two["trainer"]["max_steps"] * tokens + schedule["decay_steps"] * 4 * tokens
     assert end == pytest.approx(2e12, rel=1e-6)
     mini = [ROOT / f"recipes/tinyllama-v1.1/miniature/stage{n}.yaml" for n in (1, 2, 3)]
     assert print_config(*mini)["data"]["stages"][0]["start_tokens"] == 14 * 8 * 64
@@ -232,7 +237,12 @@ def write_recipe(
         },
         "checkpoint": {"every_n_train_steps": every, "save_top_k": -1},
         "throughput": {"window_size": 2},
-        "model": {"preset": "tiny", "config": MICRO, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2},
+        "model": {
+            "preset": "tiny",
+            "config": MICRO,
+            "optimizer": {"lr": 3e-3},
+            "schedule": {"min_lr": 3e-4, "warmup_steps": 2},
+        },
         "data": {
             "sources": [
                 {
@@ -334,7 +344,7 @@ def test_a_float8_fit_checkpoints_and_generates(corpus, tmp_path, capsys):
     and its checkpoint (names unchanged) generates like any other."""
     recipe = write_recipe(tmp_path, corpus, max_steps=2, every=2)
     small = ["--data.val_max_blocks", "2", "--trainer.num_sanity_val_steps", "0"]
-    result = fit(recipe, "--model.float8", "true", *small)
+    result = fit(recipe, "--model.speed.float8", "true", *small)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "linear=float8" in result.stdout + result.stderr
     args = ["--ckpt", str(tmp_path / "checkpoints/last.ckpt"), "--tokenizer"]
@@ -354,13 +364,13 @@ def test_speed_switches_train_like_the_reference(corpus, tmp_path):
         fast,
         "--trainer.callbacks",
         "[]",
-        "--model.compile",
+        "--model.speed.compile",
         "true",
         "--model.config",
         switches,
-        "--model.optimizer_kernel",
+        "--model.optimizer.kernel",
         "foreach",
-        "--model.activation_checkpointing",
+        "--model.speed.activation_checkpointing",
         "true",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -410,7 +420,7 @@ def test_a_run_directory_refuses_a_new_run_and_another_model_shape(corpus, tmp_p
     other_shape = json.dumps({**MICRO, "n_layer": 3})
     said = refused("--ckpt_path", "last", "--model.config", other_shape)
     assert "checkpoint holds another model (n_layer 2 vs 3" in said
-    said = refused("--ckpt_path", "last", "--model.lora_rank", "4")
+    said = refused("--ckpt_path", "last", "--model.lora.rank", "4")
     assert "checkpoint was trained with LoRA off, the recipe says rank 4" in said
     missing = tmp_path / "checkpoints/step=9.ckpt"
     assert f"checkpoint '{missing}' (--ckpt_path) does not exist" in refused(
@@ -502,3 +512,4 @@ def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
     monitor.on_validation_start(trainer)
     assert list(times) == [20.0, 30.0] and monitor._lengths[stage] == 3 * 2 * 32  # window 2
     assert logged[-1]["train/device/items_per_sec"] == pytest.approx(64 / 10)  # 2 x 32 in 10
+

@@ -164,7 +164,9 @@ def _nan_run(tmp_path, corpus, policy: str):
     from tinyrecipe.data import DataSource, MixedStreamingDataModule
     from tinyrecipe.train.module import CausalLMModule
 
-    module = CausalLMModule(preset="tiny", config=MICRO, nonfinite_loss=policy, warmup_steps=1)
+    module = CausalLMModule(
+        preset="tiny", config=MICRO, guard={"nonfinite": policy}, schedule={"warmup_steps": 1}
+    )
     module.configure_model()
     forward, calls = module.model.forward, {"n": 0}
 
@@ -173,7 +175,7 @@ def _nan_run(tmp_path, corpus, policy: str):
         if targets is not None and module.training:
             calls["n"] += 1
             if calls["n"] == 3:
-                return out[0], out[1] * float("nan")
+                return out._replace(loss=out.loss * float("nan"))
         return out
 
     module.model.forward = poisoned
@@ -369,7 +371,7 @@ def test_an_ablations_missing_data_says_how_to_make_it(tmp_path):
     ids=["fit-model", "fit-trainer", "sweep"],
 )
 def test_abbreviated_options_are_refused(argv, capsys, monkeypatch):
-    """`--model.warmup 2` is not `--model.warmup_steps 2`: options are spelt out, on the command
+    """`--model.warmup 2` is not `--model.schedule.warmup_steps 2`: options are spelt out, on the command
     line as in a recipe file."""
     from tinyrecipe.cli import main as cli_main
 

@@ -46,6 +46,7 @@ from tinyrecipe.train.callbacks import (
 )
 from tinyrecipe.train.checkpoint import check_fit_start, resolve_auto_resume
 from tinyrecipe.train.module import CausalLMModule
+from tinyrecipe.train.settings import moved_key
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
 # A bad recipe raises (the `tinyrecipe` wrapper prints one line) instead of a usage dump; an
@@ -312,13 +313,14 @@ def _show_tinyrecipe_info() -> None:
 
 
 def check_recipe_files(argv: list[str]) -> None:
-    """A `--config` file that is not valid YAML: one line naming the file and the line (the
-    parser's own message names neither)."""
+    """A `--config` file that is not valid YAML, or a recipe key of the former flat `model:`
+    layout (`model.lr`, in a file or as `--model.lr`): one line naming the file and line, or the
+    key and its place now (the parser's own messages name neither)."""
     for flag, path in zip(argv, argv[1:], strict=False):
         if flag not in ("--config", "-c") or not Path(path).is_file():
             continue
         try:
-            yaml.safe_load(Path(path).read_text())
+            recipe = yaml.safe_load(Path(path).read_text())
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f", line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -326,6 +328,16 @@ def check_recipe_files(argv: list[str]) -> None:
             raise ValueError(
                 f"recipe '{path}'{where} is not valid YAML ({problem}); fix it there"
             ) from None
+        model = recipe.get("model") if isinstance(recipe, dict) else None
+        for key, value in (model or {}).items() if isinstance(model, dict) else ():
+            if (new := moved_key(key, value)) is not None:
+                raise ValueError(f"recipe '{path}': model.{key} is now model.{new}; move it there")
+    for i, arg in enumerate(argv):
+        key, _, value = arg.partition("=")
+        if key.startswith("--model.") and key.count(".") == 1:
+            value = value or (argv[i + 1] if i + 1 < len(argv) else None)
+            if (new := moved_key(key[len("--model.") :], value)) is not None:
+                raise ValueError(f"option {key} is now --model.{new}")
 
 
 def main(argv: list[str]) -> int:

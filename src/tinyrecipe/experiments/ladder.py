@@ -83,7 +83,7 @@ def write_ladder(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     accumulate = int(recipe["trainer"].get("accumulate_grad_batches") or 1)
-    warmup = int(recipe["model"].get("warmup_steps") or 0)
+    warmup = int((recipe["model"].get("schedule") or {}).get("warmup_steps") or 0)
     paths = []
     for rung in rungs:
         fields = size_fields(rung.size)
@@ -94,7 +94,10 @@ def write_ladder(
                 "val_check_interval": every * accumulate,  # micro-batches
             },
             "checkpoint": {"every_n_train_steps": every},  # an interrupted rung resumes
-            "model": {**fields, "warmup_steps": min(warmup, max(1, rung.max_steps // 10))},
+            "model": {
+                **fields,
+                "schedule": {"warmup_steps": min(warmup, max(1, rung.max_steps // 10))},
+            },
         }
         head = (
             f"# {rung.name}: {rung.n_params:,} parameters x {rung.tokens_per_param:g} tokens each "

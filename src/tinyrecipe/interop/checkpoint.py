@@ -120,11 +120,11 @@ def checkpoint_step(path: str | Path) -> int:
     """The optimizer step a training checkpoint (Lightning or Fabric loop) was written at."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint '{path}' (model.decay_from) does not exist")
+        raise FileNotFoundError(f"checkpoint '{path}' (model.schedule.decay_from) does not exist")
     meta = checkpoint_meta(path) or {}
     if "global_step" not in meta:
         raise ValueError(
-            f"checkpoint '{path}' records no training step; give model.decay_from as a step"
+            f"checkpoint '{path}' records no training step; give model.schedule.decay_from as a step"
         )
     return int(meta["global_step"])
 

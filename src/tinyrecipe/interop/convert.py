@@ -75,7 +75,7 @@ def to_peft(ckpt: str | Path, out_dir: str | Path, base_model: str | None = None
     lora = checkpoint_lora(ckpt)
     if lora is None:
         raise ValueError(
-            f"checkpoint '{ckpt}' holds no LoRA adapters (trained without model.lora_rank); "
+            f"checkpoint '{ckpt}' holds no LoRA adapters (trained without model.lora.rank); "
             "export the whole model with tinyrecipe convert to-hf"
         )
     rank, alpha = lora

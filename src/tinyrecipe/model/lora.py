@@ -25,13 +25,18 @@ import torch.nn.functional as F
 # Linear layers of a block, by their path inside it; the head is left out (the chunked loss
 # reads its weight directly).
 LORA_TARGETS = ("attn.qkv", "attn.proj", "mlp.gate_up", "mlp.proj")
-LORA_ALPHA = 16.0  # model.lora_alpha's default
+LORA_ALPHA = 16.0  # model.lora.alpha's default
 
 
 def lora_of(hparams) -> tuple[int, float] | None:
-    """(lora_rank, lora_alpha) of a module's or a checkpoint's hyper-parameters; None: no LoRA."""
-    rank = hparams.get("lora_rank")
-    return (int(rank), float(hparams.get("lora_alpha", LORA_ALPHA))) if rank else None
+    """(rank, alpha) of a module's or a checkpoint's hyper-parameters (their `lora` group, or the
+    flat `lora_rank`/`lora_alpha` of checkpoints written before it); None: no LoRA."""
+    group = hparams.get("lora")
+    if isinstance(group, dict):
+        rank, alpha = group.get("rank"), group.get("alpha", LORA_ALPHA)
+    else:
+        rank, alpha = hparams.get("lora_rank"), hparams.get("lora_alpha", LORA_ALPHA)
+    return (int(rank), float(alpha)) if rank else None
 
 
 class LoRALinear(nn.Linear):
@@ -82,17 +87,17 @@ def check_lora(rank: int | None, alpha: float, targets, float8: bool = False) ->
         return
     if float8:
         raise ValueError(
-            "model.float8 and model.lora_rank cannot be combined (float8 would replace the "
-            "adapted layers); set model.float8: false for LoRA"
+            "model.speed.float8 and model.lora.rank cannot be combined (float8 would replace the "
+            "adapted layers); set model.speed.float8: false for LoRA"
         )
     if int(rank) != rank or rank < 1:
-        raise ValueError(f"model.lora_rank={rank} must be a positive integer (e.g. 8 or 16)")
+        raise ValueError(f"model.lora.rank={rank} must be a positive integer (e.g. 8 or 16)")
     if alpha <= 0:
-        raise ValueError(f"model.lora_alpha={alpha} must be positive (e.g. 2 x lora_rank)")
+        raise ValueError(f"model.lora.alpha={alpha} must be positive (e.g. 2 x lora_rank)")
     unknown = [t for t in targets if t not in LORA_TARGETS]
     if unknown or not targets:
         raise ValueError(
-            f"model.lora_targets {list(targets)} must be a non-empty list of "
+            f"model.lora.targets {list(targets)} must be a non-empty list of "
             f"{', '.join(LORA_TARGETS)}"
         )
 

@@ -25,7 +25,7 @@ log_softmax copy); the softmax stays unnormalised, exp(logit - row max), and in 
 gradient matmuls, so the vocab-sized buffer sees one exp and no divide; on CPU in fp32 the
 logits run on oneDNN's linear kernel; no host sync (`.item()`). In bf16/fp16 (the GPU path) the
 chunk's softmax work is a handful of memory-bound passes over (chunk × vocab) values; with
-`compiled=True` (`model.compile: true`) inductor fuses them into a few kernels that read
+`compiled=True` (`model.speed.compile: true`) inductor fuses them into a few kernels that read
 the low-precision logits and write the low-precision gradient, never an fp32 copy (the same
 function, `_chunk_softmax`, eager or compiled).
 """

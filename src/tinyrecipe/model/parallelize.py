@@ -39,9 +39,9 @@ def check_float8(device: torch.device | str | None) -> None:
     capability = torch.cuda.get_device_capability(device)
     if capability < (8, 9):
         raise ValueError(
-            f"model.float8 needs float8 matmuls (compute capability 8.9+: H100, H200, L40S, ...); "
+            f"model.speed.float8 needs float8 matmuls (compute capability 8.9+: H100, H200, L40S, ...); "
             f"{torch.cuda.get_device_name(device)} has {'.'.join(map(str, capability))}: set "
-            "model.float8: false"
+            "model.speed.float8: false"
         )
 
 
@@ -58,10 +58,10 @@ def apply_float8(model: Llama) -> None:
     except ImportError as err:
         if importlib.util.find_spec("torchao") is None:
             raise ImportError(
-                "model.float8 needs torchao: pip install 'tinyrecipe[gpu]' (or pip install torchao)"
+                "model.speed.float8 needs torchao: pip install 'tinyrecipe[gpu]' (or pip install torchao)"
             ) from None
         raise ImportError(  # each torchao release is made for one or two torch releases
-            f"model.float8: torchao {version('torchao')} does not import with torch "
+            f"model.speed.float8: torchao {version('torchao')} does not import with torch "
             f"{torch.__version__} ({err}); install the torchao release made for this torch "
             "(torchao's compatibility table; e.g. torchao 0.17 runs on torch 2.9 to 2.13)"
         ) from None

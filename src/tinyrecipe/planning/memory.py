@@ -16,13 +16,13 @@ log-softmax (V) per token; backward adds two more (tokens x V) fp32 buffers. Wit
 `loss_chunk_size` only one chunk of logits exists at a time (fp32: one buffer, reused; bf16:
 the matmul's output, its fp32 copy and the bf16 gradient, or with compiled kernels only the
 two bf16 tensors), plus the fp32 head gradient and the hidden states' gradient.
-Compiled blocks (`model.compile`) keep 2d + f values fewer per token per layer: inductor
+Compiled blocks (`model.speed.compile`) keep 2d + f values fewer per token per layer: inductor
 recomputes the norms' and SwiGLU's elementwise outputs in backward instead of saving them
 (saved-tensor hooks on compiled and eager blocks, parameters left out, fitted over four
 shapes: 6d + 2kv + 3f against 8d + 2kv + 4f, + H fp32 each). On an H200 the compiled
 TinyLlama recipe peaked at 39.9 GiB, this estimate 40.7 (docs/performance.md).
 Activation checkpointing keeps each block's input and recomputes one block at a time.
-LoRA (`model.lora_rank`) adds its adapters to the parameters, and only they have gradients and
+LoRA (`model.lora.rank`) adds its adapters to the parameters, and only they have gradients and
 AdamW states; activations are counted as for full training (each adapted layer's input is kept
 for its adapter's gradient).
 FSDP (sharded=True, any world size) divides parameters, gradients and optimizer states by the
@@ -206,7 +206,8 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
     model, data, trainer = (recipe.get(k) or {} for k in ("model", "data", "trainer"))
     data = data.get("init_args", data)  # a class_path + init_args form
     config = resolve_config(model.get("preset", DEFAULT_PRESET), model.get("config"))
-    lora = lora_params(config, model.get("lora_rank"), model.get("lora_targets") or LORA_TARGETS)
+    lora_group, speed = model.get("lora") or {}, model.get("speed") or {}
+    lora = lora_params(config, lora_group.get("rank"), lora_group.get("targets") or LORA_TARGETS)
     strategy = trainer.get("strategy", "auto")
     strategy_name = strategy.get("class_path", "") if isinstance(strategy, dict) else str(strategy)
     strategy_args = (strategy.get("init_args") or {}) if isinstance(strategy, dict) else {}
@@ -223,9 +224,9 @@ def recipe_memory(recipe: dict) -> tuple[MemoryEstimate, dict]:
         "precision": str(trainer.get("precision", "32-true")),
         "world_size": world,
         "sharded": any(s in strategy_name.lower() for s in ("fsdp", "modelparallel")),
-        "activation_checkpointing": bool(model.get("activation_checkpointing", False)),
+        "activation_checkpointing": bool(speed.get("activation_checkpointing", False)),
         "accumulation": _accumulation(recipe, trainer, data, world),
-        "compiled": bool(model.get("compile", False)),
+        "compiled": bool(speed.get("compile", False)),
         "shard_group": strategy_args.get("shard_group_size"),
         "gathered": strategy_args.get("reshard_after_forward") is False
         or strategy_args.get("reshard_after_backward") is False,

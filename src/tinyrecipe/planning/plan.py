@@ -88,7 +88,8 @@ def fit_memory(recipe: dict, limit_gib: float) -> tuple[float, bool]:
     for checkpointing, batch in [(False, micro)] + [
         (True, micro >> k) for k in range(micro.bit_length())
     ]:
-        model["activation_checkpointing"], data["batch_size"] = checkpointing, batch
+        model.setdefault("speed", {})["activation_checkpointing"] = checkpointing
+        data["batch_size"] = batch
         gib = recipe_memory(recipe)[0].total / 2**30
         tried.append(gib)
         if gib <= limit_gib:
@@ -151,7 +152,9 @@ def emit_recipe(
         "memory_per_device_gib": memory.total / 2**30,
         "fits": fits,
         "micro_batch": data["batch_size"],
-        "activation_checkpointing": bool(model.get("activation_checkpointing")),
+        "activation_checkpointing": bool(
+            (model.get("speed") or {}).get("activation_checkpointing")
+        ),
         "path": str(out),
         "n_params": shape.num_params(),
         "max_steps": trainer["max_steps"],

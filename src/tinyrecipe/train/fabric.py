@@ -2,24 +2,25 @@
 own trainer is such a loop), for researchers who want to own it or run it from a notebook.
 
 Everything but the loop is shared with the Trainer path: the recipe (read by `tinyrecipe fabric`
-with the same parser as `fit`), `CausalLMModule` (`build_model`: the decoder, checkpointing,
-compile, FSDP2 sharding from the meta device; `build_optimizer`: AdamW and the schedule), the
-step (`tinyrecipe.train.step`: loss, one all-reduce for norm and loss, clipping, the non-finite
-skip), the DataModules, the evaluation sums, the FLOPs formula and MFU peak, and the checkpoint
-layout (`state_dict` with `model.` keys + `hyper_parameters`, so `generate`, `convert`, `eval`
-and `init_from` read its checkpoints). On the same seed and data its losses equal the Trainer's
-(tested, fp32 CPU).
+with the same parser as `fit`), the builder (`train.build`: the decoder, checkpointing, compile,
+FSDP2 sharding from the meta device, AdamW and the schedule), the step (`train.step`: loss, one
+all-reduce for norm and loss, clipping, the non-finite skip), the DataModules, the evaluation
+sums, the FLOPs formula and MFU peak, and the checkpoint layout (`state_dict` with `model.` keys
++ `hyper_parameters`, so `generate`, `convert`, `eval` and `init_from` read its checkpoints). On
+the same seed and data its losses equal the Trainer's (tested, fp32 CPU).
 
     tinyrecipe fabric --config recipes/quickstart.yaml --trainer.max_steps 50
     tinyrecipe fabric --config recipes/quickstart.yaml --resume out/quickstart/fabric/last.ckpt
 
-From Python: `losses = tinyrecipe.train.fabric.train(recipe_dict)`.
+From Python: `losses = tinyrecipe.train.fabric.train(recipe_dict)`. The loop is `set_up`, then
+`train_step` and `after_step` per optimizer step.
 """
 
 from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +35,22 @@ from tinyrecipe.faults import failpoint
 from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.io import link, publish, remove, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered, reshard
-from tinyrecipe.planning.flops import device_peak
-from tinyrecipe.train.callbacks import DownstreamEval
-from tinyrecipe.train.checkpoint import refuse_sharded
-from tinyrecipe.train.module import (
-    CausalLMModule,
+from tinyrecipe.planning.flops import device_peak, train_flops_per_token
+from tinyrecipe.train.build import (
+    adapter_params,
+    build_guards,
+    build_model,
+    build_optimizer,
     describe,
     refuse_fsdp1,
-    set_scheduled_lr,
     shape_diff,
 )
+from tinyrecipe.train.callbacks import DownstreamEval
+from tinyrecipe.train.checkpoint import refuse_sharded
+from tinyrecipe.train.optim import set_scheduled_lr
+from tinyrecipe.train.settings import ModelSettings
 from tinyrecipe.train.step import (
+    StepStats,
     finish_step,
     per_token_loss,
     step_loss,
@@ -66,7 +72,68 @@ def _is_fsdp2(spec: Any) -> bool:
     return name.rpartition(".")[2] in FSDP2_NAMES
 
 
-def _strategy(spec: Any, module: CausalLMModule, precision: str):
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop reads of a recipe besides `model:` and `data:`, read once."""
+
+    root: Path
+    precision: str
+    strategy: Any
+    accelerator: str
+    devices: Any
+    num_nodes: int
+    seed: int
+    max_steps: int
+    accumulate: int
+    clip: float | None
+    val_every: int  # optimizer steps (the recipe's val_check_interval counts micro-batches)
+    sanity_val: bool
+    log_every: int
+    save_every: int
+    keep: int  # step checkpoints kept; 0: all
+    downstream: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_recipe(cls, recipe: dict) -> LoopSettings:
+        t = recipe.get("trainer") or {}
+        checkpoint = recipe.get("checkpoint") or {}
+        accumulate = int(t.get("accumulate_grad_batches") or 1)
+        top_k = checkpoint.get("save_top_k")
+        # Lightning's default 2; -1 all (0 here); `last` needs at least one
+        keep = 2 if top_k is None else (0 if int(top_k) < 0 else max(int(top_k), 1))
+        return cls(
+            root=Path(t.get("default_root_dir") or "out"),
+            precision=str(t.get("precision") or "32-true"),
+            strategy=t.get("strategy") or "auto",
+            accelerator=t.get("accelerator") or "auto",
+            devices=t.get("devices") or "auto",
+            num_nodes=t.get("num_nodes") or 1,
+            seed=recipe.get("seed_everything") or 0,
+            max_steps=int(t.get("max_steps") or -1),
+            accumulate=accumulate,
+            clip=t.get("gradient_clip_val"),
+            val_every=int(t.get("val_check_interval") or 0) // accumulate,
+            sanity_val=t.get("num_sanity_val_steps") == -1,
+            log_every=int(t.get("log_every_n_steps") or 50),
+            save_every=int(checkpoint.get("every_n_train_steps") or 0),
+            keep=keep,
+            downstream=dict(recipe.get("downstream_eval") or {}),
+        )
+
+
+class Decoder(torch.nn.Module):
+    """Holds the decoder as `.model`, so this loop's checkpoints carry the `model.` key prefix of
+    the Trainer's (every reader loads either)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model: torch.nn.Module | None = None
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
+def _strategy(spec: Any, settings: ModelSettings, precision: str):
     """The recipe's (Trainer) strategy as a Fabric strategy; FSDP2 shards in `build_model`."""
     if not _is_fsdp2(spec):
         if isinstance(spec, dict):
@@ -83,17 +150,18 @@ def _strategy(spec: Any, module: CausalLMModule, precision: str):
     reshard_after_backward = args.pop("reshard_after_backward", True)
     shard_group_size = args.pop("shard_group_size", None)
 
-    def parallelize_fn(m: CausalLMModule, mesh) -> CausalLMModule:
+    def parallelize_fn(holder: Decoder, mesh) -> Decoder:
         cuda = mesh.device_type == "cuda"
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
         dp = mesh["data_parallel"]
-        m.model = m.build_model(
+        holder.model = build_model(
+            settings,
             mesh=hsdp_mesh(mesh.device_type, dp.size(), shard_group_size) or dp,
             bf16="bf16" in precision,
             device=device,
             reshard_after_forward=reshard_after_forward,
         )
-        return m
+        return holder
 
     class FSDP2(ModelParallelStrategy):
         def setup_environment(self) -> None:
@@ -133,8 +201,7 @@ def _load(fabric: L.Fabric, path: str, state: dict, config) -> dict:
     """fabric.load, after refusing in one line a missing path, a sharded checkpoint for a
     one-file strategy and another model shape; then each stateful object (schedule, data
     position, spike window) restored from its saved dict: Lightning's ModelParallelStrategy
-    (FSDP2) puts the dict in its place instead (lightning 2.6), so an FSDP2 resume restarted
-    the schedule and the data."""
+    (FSDP2) puts the dict in its place instead (lightning 2.6)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"checkpoint '{path}' (resume) does not exist")
     if not isinstance(fabric.strategy, ModelParallelStrategy):
@@ -167,15 +234,242 @@ def evaluate(fabric: L.Fabric, model, loaders: list, sources: list[tuple[str, fl
     return val_metrics([(n, w, *t) for (n, w), t in zip(sources, totals, strict=True)])
 
 
-def _downstream(fabric: L.Fabric, module: CausalLMModule, spec: dict, step: int) -> None:
+@dataclass
+class Run:
+    """A set-up run: what `train_step` and `after_step` work on."""
+
+    fabric: L.Fabric
+    loop: LoopSettings
+    settings: ModelSettings
+    model: Any  # the Decoder as Fabric set it up
+    decoder: torch.nn.Module
+    optimizer: Any
+    scheduler: Any
+    data: Any
+    batches: Any
+    train_loader: Any
+    val_loaders: list
+    sources: list
+    state: dict
+    guard: Any
+    spikes: Any
+    per_token: bool
+    peak: float | None
+    step: int = 0
+    start_step: int = 0
+    start_time: float = 0.0
+    tokens_before: int | None = None
+    tokens_per_step: int = 0
+    seq_len: int = 0
+    spike_count: torch.Tensor | None = None
+    window: list = field(default_factory=list)  # the logging window's step losses, on the device
+    losses: list = field(default_factory=list)
+    every_eval: int = 0
+
+
+def set_up(recipe: dict, resume: str | None = None) -> Run:
+    """Fabric, the model, optimizer and schedule, the data and loaders, resumed from `resume`."""
+    loop = LoopSettings.from_recipe(recipe)
+    settings = ModelSettings.from_dict(dict(recipe.get("model") or {}))
+    refuse_fsdp1(loop.strategy)
+    data_spec = dict(recipe.get("data") or {})
+    data_class = _import(data_spec.pop("class_path", DEFAULT_DATA))
+    if not issubclass(data_class, StreamPosition):  # a rank-aware stream with a position
+        raise ValueError(
+            f"tinyrecipe fabric trains on a DataModule that streams with a position "
+            f"(tinyrecipe.data.position.StreamPosition); {data_class.__name__} does not"
+        )
+    data_args = dict(data_spec.pop("init_args", {}), **data_spec)
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    strategy = _strategy(loop.strategy, settings, loop.precision)
+    fabric = L.Fabric(
+        accelerator=loop.accelerator,
+        devices=loop.devices,
+        num_nodes=loop.num_nodes,
+        strategy=strategy,
+        precision=loop.precision,
+        loggers=TensorBoardLogger(root_dir=loop.root, name="fabric", version=0),
+    )
+    fabric.launch()
+    fabric.seed_everything(loop.seed)
+    config = settings.model_config
+    data = data_class(**data_args, vocab_size=config.vocab_size)
+    holder = Decoder()
+    if not _is_fsdp2(loop.strategy):
+        holder.model = build_model(settings, device=fabric.device)
+    model = fabric.setup(holder)
+    optimizer, scheduler = build_optimizer(holder.model, settings, loop.max_steps)
+    optimizer = fabric.setup_optimizers(optimizer)
+    fabric.print(describe(settings, loop.precision, fabric.device))
+
+    data.setup("fit")
+    if hasattr(data, "set_rank_world"):
+        data.set_rank_world(fabric.global_rank, fabric.world_size, loop.accumulate, fabric.device)
+    guard, spikes = build_guards(settings)
+    state = {
+        "state_dict": model,
+        "optimizer": optimizer,
+        "lr_scheduler": scheduler,
+        "datamodule": data,
+        "hyper_parameters": settings.as_dict(),
+        "global_step": 0,
+    }
+    if spikes is not None:
+        state["spike_skipper"] = spikes
+    step = 0
+    if resume:
+        remainder = _load(fabric, resume, state, config)
+        step = state["global_step"] = int(remainder.get("global_step", state["global_step"]))
+        set_scheduled_lr(scheduler)  # this recipe's schedule from the resumed step on
+    train_loader = fabric.setup_dataloaders(data.train_dataloader(), use_distributed_sampler=False)
+    val = data.val_dataloader() or []
+    val_loaders = [
+        fabric.setup_dataloaders(v) for v in ([val] if isinstance(val, DataLoader) else val)
+    ]
+    position = data.state_dict().get("samples_consumed") if hasattr(data, "state_dict") else None
+    run = Run(
+        fabric=fabric,
+        loop=loop,
+        settings=settings,
+        model=model,
+        decoder=holder.model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=data,
+        batches=iter(train_loader),
+        train_loader=train_loader,
+        val_loaders=val_loaders,
+        sources=data.val_sources() if hasattr(data, "val_sources") else [],
+        state=state,
+        guard=guard,
+        spikes=spikes,
+        per_token=per_token_loss(data),
+        peak=device_peak(fabric.device, loop.precision)[0],
+        step=step,
+        start_step=step,
+        tokens_before=position * data.block_size if position is not None else None,
+        spike_count=torch.zeros((), device=fabric.device),
+    )
+    fabric.print(
+        f"tinyrecipe fabric: {fabric.world_size} process(es), {loop.precision}, {loop.root}"
+    )
+    if run.val_loaders and loop.sanity_val and step == 0:
+        fabric.log_dict(evaluate(fabric, model, run.val_loaders, run.sources), step=0)
+    downstream = loop.downstream
+    if downstream.get("tasks"):
+        run.every_eval = DownstreamEval(**downstream).every_n_steps  # its defaults and checks
+        downstream["tokenizer_dir"] = downstream.get("tokenizer_dir") or getattr(
+            data, "tokenizer_dir", None
+        )
+        if downstream.pop("at_start", False) and step == 0:
+            _downstream(run, 0)
+    run.start_time = time.perf_counter()
+    return run
+
+
+def _next_batch(run: Run) -> dict:
+    batch = next(run.batches, None)
+    if batch is None:  # an epoch of SFT rows ended: the next one starts
+        run.batches = iter(run.train_loader)
+        batch = next(run.batches)
+    return batch
+
+
+def train_step(run: Run) -> StepStats:
+    """One optimizer step: the micro-batches (gradients synchronised and resharded on the last
+    only), `finish_step`, AdamW and the schedule."""
+    fabric, loop = run.fabric, run.loop
+    reshard_after_backward = getattr(fabric.strategy, "reshard_after_backward", True)
+    loss_sum = z_sum = tokens = None
+    for micro in range(loop.accumulate):
+        batch = _next_batch(run)
+        not_last = micro < loop.accumulate - 1
+        with (
+            fabric.no_backward_sync(run.model, enabled=not_last),
+            keep_gathered(run.decoder, enabled=not_last and not reshard_after_backward),
+        ):
+            loss, z, n = step_loss(run.model, batch, run.per_token)
+            if n is not None:
+                tokens = n if tokens is None else tokens + n
+            fabric.backward(loss / loop.accumulate)
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        if z is not None:
+            z_sum = z if z_sum is None else z_sum + z
+        run.tokens_per_step = batch["labels"].numel() * loop.accumulate * fabric.world_size
+        run.seq_len = batch["labels"].size(1)
+    stats = finish_step(
+        list(run.decoder.parameters()),
+        loss_sum,
+        loop.accumulate,
+        max_norm=loop.clip,
+        optimizer=run.optimizer.optimizer,
+        z_sum=z_sum,
+        spikes=run.spikes,
+        tokens=tokens,
+    )
+    if stats.spike is not None:
+        run.spike_count = run.spike_count + stats.spike
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scheduler.step()
+    run.guard.record(stats, run.step)
+    run.step += 1
+    return stats
+
+
+def after_step(run: Run, stats: StepStats) -> None:
+    """Logs at logging steps (one host read of the window's losses), validation, downstream
+    evaluation and checkpoints when they are due."""
+    fabric, loop, step = run.fabric, run.loop, run.step
+    run.window.append(stats.loss)
+    last = step == loop.max_steps
+    if step % loop.log_every == 0 or last:
+        run.losses += torch.stack(run.window).tolist()  # one read per logging window
+        run.window.clear()
+        done = step - run.start_step
+        tokens_per_sec = run.tokens_per_step * done / (time.perf_counter() - run.start_time)
+        per_token = train_flops_per_token(
+            run.settings.model_config, run.seq_len, adapter_params(run.settings)
+        )
+        before = run.tokens_before
+        if before is None:
+            before = run.start_step * run.tokens_per_step
+        metrics = {
+            "train/loss": run.losses[-1],
+            "train/grad_norm": stats.grad_norm.item(),
+            "lr": run.scheduler.get_last_lr()[0],
+            "train/tokens_seen": float(before + done * run.tokens_per_step),
+            "train/tokens_per_sec": tokens_per_sec,
+            "train/skipped_steps": float(run.guard.skipped),
+        }
+        if run.spikes is not None:
+            metrics["train/spike_skips"] = run.spike_count.item()
+        if stats.z_loss is not None:
+            metrics["train/z_loss"] = stats.z_loss.item()
+        if run.peak:
+            metrics["train/mfu"] = tokens_per_sec * per_token / fabric.world_size / run.peak
+        fabric.log_dict(metrics, step=step)
+        fabric.print(f"step {step}: loss {metrics['train/loss']:.4f}")
+    if run.val_loaders and loop.val_every and (step % loop.val_every == 0 or last):
+        fabric.log_dict(evaluate(fabric, run.model, run.val_loaders, run.sources), step=step)
+    if loop.downstream.get("tasks") and ((run.every_eval and step % run.every_eval == 0) or last):
+        _downstream(run, step)  # the final weights are always scored, as in `fit`
+    if loop.save_every and step % loop.save_every == 0 and not last:
+        run.state["global_step"] = step
+        _save(fabric, loop.root / "fabric", step, run.state, loop.keep)
+
+
+def _downstream(run: Run, step: int) -> None:
     """The recipe's downstream_eval (the Trainer's DownstreamEval) in this loop."""
     from tinyrecipe.interop.evaluate import downstream_metrics
 
+    spec, fabric = run.loop.downstream, run.fabric
     options = {
         k: v for k, v in spec.items() if k not in ("tasks", "tokenizer_dir", "every_n_steps")
     }
     metrics = downstream_metrics(
-        module.model,
+        run.decoder,
         spec["tokenizer_dir"],
         spec["tasks"],
         autocast=fabric.autocast,
@@ -190,171 +484,11 @@ def _downstream(fabric: L.Fabric, module: CausalLMModule, spec: dict, step: int)
 def train(recipe: dict, resume: str | None = None) -> list[float]:
     """Train `recipe` (a parsed recipe dict); returns the training loss of every optimizer step
     (the mean over its micro-batches and ranks, as the Trainer logs it)."""
-    t, m = recipe.get("trainer") or {}, dict(recipe.get("model") or {})
-    refuse_fsdp1(t.get("strategy"))
-    data_spec = dict(recipe.get("data") or {})
-    data_class = _import(data_spec.pop("class_path", DEFAULT_DATA))
-    if not issubclass(data_class, StreamPosition):  # a rank-aware stream with a position
-        raise ValueError(
-            f"tinyrecipe fabric trains on a DataModule that streams with a position "
-            f"(tinyrecipe.data.position.StreamPosition); {data_class.__name__} does not"
-        )
-    data_args = dict(data_spec.pop("init_args", {}), **data_spec)
-    root = Path(t.get("default_root_dir") or "out")
-    precision = str(t.get("precision") or "32-true")
-    spec = t.get("strategy") or "auto"
-
-    module = CausalLMModule(**m)
-    from lightning.fabric.loggers import TensorBoardLogger
-
-    strategy = _strategy(spec, module, precision)
-    fabric = L.Fabric(
-        accelerator=t.get("accelerator") or "auto",
-        devices=t.get("devices") or "auto",
-        num_nodes=t.get("num_nodes") or 1,
-        strategy=strategy,
-        precision=precision,
-        loggers=TensorBoardLogger(root_dir=root, name="fabric", version=0),
-    )
-    fabric.launch()
-    fabric.seed_everything(recipe.get("seed_everything") or 0)
-    data = data_class(**data_args, vocab_size=module.config.vocab_size)
-    if not _is_fsdp2(spec):
-        module.model = module.build_model(device=fabric.device)
-    model = fabric.setup(module)
-    max_steps = int(t.get("max_steps") or -1)
-    optimizer, scheduler = module.build_optimizer(max_steps)
-    optimizer = fabric.setup_optimizers(optimizer)
-    fabric.print(describe(module, precision, fabric.device))
-
-    data.setup("fit")
-    accumulate = int(t.get("accumulate_grad_batches") or 1)
-    reshard_after_backward = getattr(strategy, "reshard_after_backward", True)
-    if hasattr(data, "set_rank_world"):
-        data.set_rank_world(fabric.global_rank, fabric.world_size, accumulate, fabric.device)
-    state = {
-        "state_dict": model,
-        "optimizer": optimizer,
-        "lr_scheduler": scheduler,
-        "datamodule": data,
-        "hyper_parameters": dict(module.hparams),
-        "global_step": 0,
-    }
-    if module.spikes is not None:
-        state["spike_skipper"] = module.spikes
-    step = 0
-    if resume:
-        remainder = _load(fabric, resume, state, module.config)
-        step = state["global_step"] = int(remainder.get("global_step", state["global_step"]))
-        set_scheduled_lr(scheduler)  # this recipe's schedule from the resumed step on
-    train_loader = fabric.setup_dataloaders(data.train_dataloader(), use_distributed_sampler=False)
-    val = data.val_dataloader() or []
-    val_loaders = [
-        fabric.setup_dataloaders(v) for v in ([val] if isinstance(val, DataLoader) else val)
-    ]
-    sources = data.val_sources() if hasattr(data, "val_sources") else []
-
-    clip = t.get("gradient_clip_val")
-    every = int(t.get("val_check_interval") or 0) // accumulate  # micro-batches -> steps
-    log_every = int(t.get("log_every_n_steps") or 50)
-    save_every = int((recipe.get("checkpoint") or {}).get("every_n_train_steps") or 0)
-    top_k = (recipe.get("checkpoint") or {}).get("save_top_k")
-    # step checkpoints kept: Lightning's default 2; -1 all (0 in _save); `last` needs at least one
-    keep = 2 if top_k is None else (0 if int(top_k) < 0 else max(int(top_k), 1))
-    peak, _ = device_peak(fabric.device, precision)
-    params = [p for p in module.model.parameters()]
-    fabric.print(f"tinyrecipe fabric: {fabric.world_size} process(es), {precision}, {root}")
-    if val_loaders and t.get("num_sanity_val_steps") == -1 and step == 0:
-        fabric.log_dict(evaluate(fabric, model, val_loaders, sources), step=0)
-    downstream = dict(recipe.get("downstream_eval") or {})
-    if downstream.get("tasks"):
-        every_eval = DownstreamEval(**downstream).every_n_steps  # its defaults and checks
-        downstream["tokenizer_dir"] = downstream.get("tokenizer_dir") or getattr(
-            data, "tokenizer_dir", None
-        )
-        if downstream.pop("at_start", False) and step == 0:
-            _downstream(fabric, module, downstream, 0)
-
-    losses: list[float] = []
-    window: list[torch.Tensor] = []  # this logging window's step losses, still on the device
-    per_token = per_token_loss(data)
-    spikes = torch.zeros((), device=fabric.device)
-    batches = iter(train_loader)
-    start, start_step, tokens_per_step = time.perf_counter(), step, 0
-    position = data.state_dict().get("samples_consumed") if hasattr(data, "state_dict") else None
-    tokens_before = position * data.block_size if position is not None else None
-    while step < max_steps:
-        loss_sum = z_sum = tokens = None
-        for micro in range(accumulate):
-            batch = next(batches, None)
-            if batch is None:  # an epoch of SFT rows ended: the next one starts
-                batches = iter(train_loader)
-                batch = next(batches)
-            not_last = micro < accumulate - 1
-            with (
-                fabric.no_backward_sync(model, enabled=not_last),
-                keep_gathered(module.model, enabled=not_last and not reshard_after_backward),
-            ):
-                loss, z, n = step_loss(model, batch, per_token)
-                if n is not None:
-                    tokens = n if tokens is None else tokens + n
-                fabric.backward(loss / accumulate)
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-            if z is not None:
-                z_sum = z if z_sum is None else z_sum + z
-            tokens_per_step = batch["labels"].numel() * accumulate * fabric.world_size
-        stats = finish_step(
-            params,
-            loss_sum,
-            accumulate,
-            max_norm=clip,
-            optimizer=optimizer.optimizer,
-            z_sum=z_sum,
-            spikes=module.spikes,
-            tokens=tokens,
-        )
-        spikes = spikes + stats.spike if stats.spike is not None else spikes
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        module.guard.record(stats, step)
-        step += 1
-        window.append(stats.loss)
-        if step % log_every == 0 or step == max_steps:
-            losses += torch.stack(window).tolist()  # one read per logging window
-            window.clear()
-            tokens_per_sec = tokens_per_step * (step - start_step) / (time.perf_counter() - start)
-            flops_per_sec = tokens_per_sec * module.train_flops_per_token(batch["labels"].size(1))
-            metrics = {
-                "train/loss": losses[-1],
-                "train/grad_norm": stats.grad_norm.item(),
-                "lr": scheduler.get_last_lr()[0],
-                "train/tokens_seen": float(
-                    (start_step * tokens_per_step if tokens_before is None else tokens_before)
-                    + (step - start_step) * tokens_per_step
-                ),
-                "train/tokens_per_sec": tokens_per_sec,
-                "train/skipped_steps": float(module.guard.skipped),
-            }
-            if module.spikes is not None:
-                metrics["train/spike_skips"] = spikes.item()
-            if stats.z_loss is not None:
-                metrics["train/z_loss"] = stats.z_loss.item()
-            if peak:
-                metrics["train/mfu"] = flops_per_sec / fabric.world_size / peak
-            fabric.log_dict(metrics, step=step)
-            fabric.print(f"step {step}: loss {metrics['train/loss']:.4f}")
-        if val_loaders and every and (step % every == 0 or step == max_steps):
-            fabric.log_dict(evaluate(fabric, model, val_loaders, sources), step=step)
-        if downstream.get("tasks") and (
-            (every_eval and step % every_eval == 0) or step == max_steps
-        ):  # the final weights are always scored, as in `fit`
-            _downstream(fabric, module, downstream, step)
-        if save_every and step % save_every == 0 and step < max_steps:
-            state["global_step"] = step
-            _save(fabric, root / "fabric", step, state, keep)
-    module.guard.flush()
-    state["global_step"] = step
-    _save(fabric, root / "fabric", step, state, keep)
-    fabric.print(f"checkpoint: {root / 'fabric' / 'last.ckpt'}")
-    return losses
+    run = set_up(recipe, resume)
+    while run.step < run.loop.max_steps:
+        after_step(run, train_step(run))
+    run.guard.flush()
+    run.state["global_step"] = run.step
+    _save(run.fabric, run.loop.root / "fabric", run.step, run.state, run.loop.keep)
+    run.fabric.print(f"checkpoint: {run.loop.root / 'fabric' / 'last.ckpt'}")
+    return run.losses

@@ -3,7 +3,9 @@
     import lightning as L
     from tinyrecipe.train.finetune import answer, load_pretrained, sft_data
 
-    module = load_pretrained("out/quickstart/checkpoints/last.ckpt", lr=3e-4, warmup_steps=10)
+    module = load_pretrained(
+        "out/quickstart/checkpoints/last.ckpt", optimizer={"lr": 3e-4}, schedule={"warmup_steps": 10}
+    )
     data = sft_data(records, tokenizer_dir="data/quickstart/tokenizer", block_size=256)
     L.Trainer(max_steps=100, accelerator="cpu").fit(module, data)
     print(answer(module, "data/quickstart/tokenizer", "What does len() return?"))
@@ -15,7 +17,7 @@ the same is `recipes/finetune/*.yaml` (`tinyrecipe fit --config ...`).
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +26,31 @@ import torch
 from tinyrecipe.data.sft import SFTDataModule, format_prompt
 from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.train.module import CausalLMModule
+from tinyrecipe.train.settings import GROUPS, OptimizerSettings, ScheduleSettings, moved_key
 
-# Fine-tuning defaults: a lower peak LR than pretraining and a short warmup.
+# Fine-tuning defaults: a lower peak LR than pretraining, no weight decay, a short warmup.
 FINETUNE_DEFAULTS: dict[str, Any] = dict(
-    lr=2e-5, min_lr=2e-6, warmup_steps=20, weight_decay=0.0, decay_norms_and_embeddings=False
+    optimizer=OptimizerSettings(lr=2e-5, weight_decay=0.0, decay_norms_and_embeddings=False),
+    schedule=ScheduleSettings(min_lr=2e-6, warmup_steps=20),
 )
 
 
 def load_pretrained(path: str | Path, **module_kwargs: Any) -> CausalLMModule:
     """A `CausalLMModule` whose decoder starts from the weights at `path` (shape read from it).
-    `module_kwargs` override `FINETUNE_DEFAULTS` and any CausalLMModule argument."""
+    `module_kwargs` are CausalLMModule's arguments; a settings group given as a dict
+    (`optimizer={"lr": 3e-4}`, `lora={"rank": 16}`) changes those fields of
+    `FINETUNE_DEFAULTS`' (or the group's defaults)."""
     config = asdict(checkpoint_config(path))
     config.update(module_kwargs.pop("config", None) or {})
-    kwargs = {**FINETUNE_DEFAULTS, **module_kwargs}
+    kwargs = dict(FINETUNE_DEFAULTS)
+    for key, value in module_kwargs.items():
+        if (new := moved_key(key, value)) is not None:
+            raise ValueError(
+                f"load_pretrained({key}=...) is now {new.replace('.', '={', 1)}: ...}}"
+            )
+        if key in GROUPS and isinstance(value, dict):
+            value = replace(kwargs.get(key) or GROUPS[key](), **value)
+        kwargs[key] = value
     return CausalLMModule(preset="tinyllama-1.1b", config=config, init_from=str(path), **kwargs)
 
 

@@ -5,7 +5,6 @@ the recipe."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -15,32 +14,36 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from tinyrecipe._lightning import check_sigterm_at_logging_steps
 from tinyrecipe.faults import failpoint
-from tinyrecipe.interop.checkpoint import (
-    checkpoint_step,
-    config_from_hparams,
-    load_tinyrecipe_checkpoint,
-)
-from tinyrecipe.model import Llama, ModelConfig
-from tinyrecipe.model.attention import select_backend
-from tinyrecipe.model.config import (
-    DEFAULT_PRESET,
-    SHAPE_FIELDS,
-    ModelOverrides,
-    overrides_dict,
-    resolve_config,
-)
+from tinyrecipe.interop.checkpoint import config_from_hparams
+from tinyrecipe.model import Llama
+from tinyrecipe.model.config import DEFAULT_PRESET, ModelOverrides, overrides_dict
 from tinyrecipe.model.llama import LMOutput
-from tinyrecipe.model.lora import LORA_ALPHA, LORA_TARGETS, check_lora, lora_of, lora_params
-from tinyrecipe.model.parallelize import parallelize
-from tinyrecipe.planning.flops import (
-    compute_dtype,
-    forward_flops_per_token,
-    train_flops_per_token,
+from tinyrecipe.model.lora import LORA_TARGETS, lora_of
+from tinyrecipe.planning.flops import forward_flops_per_token, train_flops_per_token
+from tinyrecipe.train.build import (
+    FSDP1_REFUSED,
+    adapter_params,
+    build_guards,
+    build_model,
+    build_optimizer,
+    describe,
+    shape_diff,
 )
-from tinyrecipe.train.optim import build_adamw, build_schedule
+from tinyrecipe.train.optim import set_scheduled_lr
+from tinyrecipe.train.settings import (
+    GUARD,
+    NO_LORA,
+    OPTIMIZER,
+    SCHEDULE,
+    SPEED,
+    LoRASettings,
+    ModelSettings,
+    OptimizerSettings,
+    ScheduleSettings,
+    SpeedSettings,
+    StepGuard,
+)
 from tinyrecipe.train.step import (
-    NonFiniteGuard,
-    SpikeSkipper,
     finish_step,
     per_token_loss,
     step_loss,
@@ -48,63 +51,14 @@ from tinyrecipe.train.step import (
     val_sums,
 )
 
-FSDP1_REFUSED = (
-    "trainer.strategy FSDPStrategy (FSDP1) is not supported; use 'fsdp2' "
-    "(tinyrecipe.train.strategy.FSDP2Strategy)"
-)
-
-
-def refuse_fsdp1(spec) -> None:
-    """FSDP1 (`fsdp`, `FSDPStrategy`) in a recipe's strategy, refused in one line: its flat
-    sharded gradients would be normed as if replicated, and it reduces on every micro-batch."""
-    name = spec.get("class_path", "") if isinstance(spec, dict) else str(spec or "")
-    if name == "fsdp" or name.rpartition(".")[2] == "FSDPStrategy":
-        raise ValueError(FSDP1_REFUSED)
-
-
-def shape_diff(theirs: ModelConfig, ours: ModelConfig) -> str:
-    """'n_layer 2 vs 3, ...' over the shape fields that differ; '' when the weights fit."""
-    return ", ".join(
-        f"{k} {getattr(theirs, k)} vs {getattr(ours, k)}"
-        for k in SHAPE_FIELDS
-        if getattr(theirs, k) != getattr(ours, k)
-    )
-
-
-def describe(module: CausalLMModule, precision: str, device: torch.device) -> str:
-    """The one line a run prints about which speed paths it takes."""
-    probe = torch.empty(0, device=device, dtype=compute_dtype(precision))
-    hp, cfg = module.hparams, module.config
-    lora = ""
-    if module.adapter_params:
-        lora = f" ({module.adapter_params / 1e6:.2f}M trainable: lora r={hp.lora_rank})"
-    return (
-        f"tinyrecipe: {cfg.num_params() / 1e6:.1f}M params{lora}, "
-        f"attention={select_backend(probe, cfg.attention)}, "
-        f"compile={'per-block' if hp.compile else 'off'}, "
-        f"activation_checkpointing={hp.activation_checkpointing}, "
-        f"linear={'float8' if hp.float8 else 'plain'}, "
-        f"loss={f'chunked({cfg.loss_chunk_size})' if cfg.loss_chunk_size else 'plain'}"
-        f"{'+compiled' if cfg.loss_chunk_size and hp.compile and probe.dtype != torch.float32 else ''}, "
-        f"adamw={hp.optimizer_kernel}, precision={precision}"
-    )
-
 
 def lora_setting(hparams) -> str | None:
-    """'rank 8, alpha 16, targets ...' of a module's (or a checkpoint's) LoRA keys; None: off."""
+    """'rank 8, alpha 16, targets ...' of a module's (or a checkpoint's) LoRASettings settings; None: off."""
     if (lora := lora_of(hparams)) is None:
         return None
-    targets = ", ".join(hparams.get("lora_targets") or LORA_TARGETS)
-    return f"rank {lora[0]}, alpha {lora[1]:g}, targets {targets}"
-
-
-def set_scheduled_lr(scheduler: LambdaLR) -> None:
-    """Set each parameter group's learning rate to the schedule's at the scheduler's step."""
-    for group, base, factor in zip(
-        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-    ):
-        group["lr"] = base * factor(scheduler.last_epoch)
-    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+    group = hparams.get("lora")
+    targets = group.get("targets") if isinstance(group, dict) else hparams.get("lora_targets")
+    return f"rank {lora[0]}, alpha {lora[1]:g}, targets {', '.join(targets or LORA_TARGETS)}"
 
 
 class CausalLMModule(L.LightningModule):
@@ -113,39 +67,11 @@ class CausalLMModule(L.LightningModule):
     Args:
         preset: a `ModelConfig` preset name ("tiny", "tinyllama-1.1b", ...).
         config: `ModelConfig` fields replacing the preset's (e.g. {"vocab_size": 8192}).
-        lr, min_lr, warmup_steps, max_steps: the learning-rate schedule, in optimizer steps
-            (max_steps None: the Trainer's max_steps).
-        schedule: "cosine" (warmup, then cosine to min_lr at max_steps), "wsd"
-            (warmup-stable-decay) or "constant" (`tinyrecipe.train.optim.Schedule`).
-        decay_steps, decay_fraction, decay_shape, decay_from: the wsd decay: its length in
-            steps or as a fraction of max_steps, its shape ("linear", "cosine", "1-sqrt"), and
-            where it starts (default: so that it ends at max_steps): a step, or a checkpoint
-            whose step it is (a cooldown branch resumed from that checkpoint).
-        betas, eps, weight_decay: AdamW.
-        decay_norms_and_embeddings: True decays every parameter (TinyLlama); False exempts
-            norms and embeddings.
-        meta_init: build on the meta device and materialise already sharded (large models).
-        activation_checkpointing: recompute each block's activations in backward.
-        compile: `torch.compile` each decoder block (torchtitan's way: short compile, one graph
-            reused by every layer). Speed switches are all off or "auto" by default; the
-            chunked loss is `config: {loss_chunk_size: N}`.
-        float8: the decoder blocks' linear layers compute in float8 (torchao's dynamic
-            tensorwise scaling, torchtitan's `float8` converter): faster matmuls on GPUs with
-            float8 (compute capability 8.9+); master weights, names and checkpoints unchanged.
-        lora_rank, lora_alpha, lora_targets: LoRA fine-tuning (`tinyrecipe.model.lora`): the
-            decoder frozen, a rank-`lora_rank` update scaled by `lora_alpha / lora_rank` trained
-            on each block's `lora_targets` (default all four linear layers: attn.qkv,
-            attn.proj, mlp.gate_up, mlp.proj). None: every parameter trains. Checkpoints keep
-            the adapters beside the weights; every reader merges them.
-        optimizer_kernel: AdamW's kernel: "auto" (fused), "fused", "foreach" or "for-loop".
-        nonfinite_loss: a step whose loss or gradient is NaN/inf is skipped (no update); then
-            "stop" ends the run with the step in the message (weights and the last checkpoint
-            are intact), "skip" warns and goes on (train/skipped_steps counts them).
-        spike_sigma, spike_window: skip the optimizer step when the loss or the gradient norm
-            exceeds the mean + spike_sigma x std of the last spike_window accepted steps
-            (None: off); train/spike_skips counts them.
-        init_from: a tinyrecipe checkpoint (e.g. from `tinyrecipe convert from-hf`) whose
-            weights the model starts from; its shape must match preset + config.
+        init_from: a tinyrecipe checkpoint (e.g. from `tinyrecipe convert from-hf`) or a Hugging
+            Face directory whose weights the model starts from; its shape must match.
+        optimizer, schedule, guard, speed, lora: the grouped training settings
+            (`tinyrecipe.train.settings`: AdamW, the learning-rate schedule, the bad-step
+            policy, speed switches, LoRA fine-tuning).
 
     Logged per optimizer step, without a host sync or a collective beyond the step's one
     all-reduce (`tinyrecipe.train.step.finish_step`): train/loss (mean over the step's
@@ -157,43 +83,22 @@ class CausalLMModule(L.LightningModule):
         self,
         preset: str = DEFAULT_PRESET,
         config: ModelOverrides | None = None,
-        lr: float = 4e-4,
-        min_lr: float = 4e-5,
-        warmup_steps: int = 2000,
-        max_steps: int | None = None,
-        schedule: str = "cosine",
-        decay_steps: int | None = None,
-        decay_fraction: float | None = None,
-        decay_shape: str | None = None,
-        decay_from: int | str | None = None,
-        betas: tuple[float, float] = (0.9, 0.95),
-        eps: float = 1e-8,
-        weight_decay: float = 0.1,
-        decay_norms_and_embeddings: bool = True,
-        meta_init: bool = False,
-        activation_checkpointing: bool = False,
         init_from: str | None = None,
-        compile: bool = False,
-        float8: bool = False,
-        lora_rank: int | None = None,
-        lora_alpha: float = LORA_ALPHA,
-        lora_targets: list[str] | None = None,
-        optimizer_kernel: str = "auto",
-        nonfinite_loss: str = "stop",
-        spike_sigma: float | None = None,
-        spike_window: int = 128,
+        optimizer: OptimizerSettings = OPTIMIZER,
+        schedule: ScheduleSettings = SCHEDULE,
+        guard: StepGuard = GUARD,
+        speed: SpeedSettings = SPEED,
+        lora: LoRASettings = NO_LORA,
     ) -> None:
         super().__init__()
-        self.lora_targets = tuple(lora_targets or LORA_TARGETS)
-        check_lora(lora_rank, lora_alpha, self.lora_targets, float8)
-        self.guard = NonFiniteGuard(nonfinite_loss)
-        self.spikes = SpikeSkipper(spike_sigma, spike_window) if spike_sigma else None
-        self.save_hyperparameters(ignore=["config"])
-        # A plain dict in the checkpoint (weights_only loading reads no dataclasses): the fields
-        # the recipe changed.
-        self.hparams["config"] = overrides_dict(config)
-        self.config = resolve_config(preset, config)
-        self.adapter_params = lora_params(self.config, lora_rank, self.lora_targets)  # 0: no LoRA
+        self.settings = ModelSettings(
+            preset, overrides_dict(config) or {}, init_from, optimizer, schedule, guard, speed, lora
+        )
+        # plain values in the checkpoint (weights_only loading reads no dataclasses)
+        self.save_hyperparameters(self.settings.as_dict())
+        self.config = self.settings.model_config
+        self.guard, self.spikes = build_guards(self.settings)
+        self.adapter_params = adapter_params(self.settings)  # 0: no LoRASettings
         self.model: Llama | None = None
         self._val_sums: dict[int, torch.Tensor] = {}
         self._flops_per_batch = 0.0
@@ -211,41 +116,12 @@ class CausalLMModule(L.LightningModule):
     def build_model(
         self, mesh=None, bf16: bool = False, device=None, reshard_after_forward: bool = True
     ) -> Llama:
-        """The decoder of this module's config, with init_from's weights, activation
-        checkpointing, compile and FSDP2 over `mesh` as the hyper-parameters say (the Trainer
-        path and the Fabric loop both build it here)."""
+        """`train.build.build_model` of this module's settings (FSDP1 refused)."""
         from lightning.pytorch.strategies import FSDPStrategy
 
         if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
             raise ValueError(FSDP1_REFUSED)
-        hp = self.hparams
-        if hp.init_from and hp.meta_init:
-            raise ValueError(
-                "model.init_from needs model.meta_init: false (weights load before sharding)"
-            )
-        with torch.device("meta") if hp.meta_init else nullcontext():
-            model = Llama(self.config)
-        if hp.init_from:
-            config, state = load_tinyrecipe_checkpoint(hp.init_from)
-            if detail := shape_diff(config, self.config):
-                raise ValueError(
-                    f"model.init_from '{hp.init_from}' holds a different model ({detail}, "
-                    "checkpoint vs recipe); set model.preset/model.config to its shape"
-                )
-            model.load_state_dict(state)
-        return parallelize(
-            model,
-            lora_rank=hp.get("lora_rank"),
-            lora_alpha=hp.get("lora_alpha", LORA_ALPHA),
-            lora_targets=self.lora_targets,
-            float8=hp.float8,
-            activation_checkpointing=hp.activation_checkpointing,
-            compile=hp.compile,
-            mesh=mesh,
-            bf16=bf16,
-            reshard_after_forward=reshard_after_forward,
-            device=device,
-        )
+        return build_model(self.settings, mesh, bf16, device, reshard_after_forward)
 
     def configure_model(self) -> None:
         """Build (and, under FSDP2, shard) the decoder. Called by Lightning on every strategy."""
@@ -266,7 +142,7 @@ class CausalLMModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Say which speed paths run (never a silent slow path)."""
         precision = str(self.trainer.precision)
-        rank_zero_info(describe(self, precision, self.trainer.strategy.root_device))
+        rank_zero_info(describe(self.settings, precision, self.trainer.strategy.root_device))
         self._per_token = per_token_loss(getattr(self.trainer, "datamodule", None))
         if self._per_token and self.trainer.gradient_clip_algorithm == "value":
             raise ValueError(
@@ -466,37 +342,8 @@ class CausalLMModule(L.LightningModule):
     def build_optimizer(
         self, max_steps: int | None = None
     ) -> tuple[torch.optim.Optimizer, LambdaLR]:
-        """AdamW over the decoder and its warmup + cosine schedule (stepped per optimizer step):
-        what `configure_optimizers` gives the Trainer and `tinyrecipe.train.fabric` uses itself."""
-        hp = self.hparams
-        optimizer = build_adamw(
-            self.model,
-            hp.lr,
-            hp.betas,
-            hp.eps,
-            hp.weight_decay,
-            hp.decay_norms_and_embeddings,
-            hp.optimizer_kernel,
-        )
-        decay_from = hp.get("decay_from")
-        if isinstance(decay_from, str):  # a checkpoint: the cooldown branches at its step
-            decay_from = checkpoint_step(decay_from)
-        schedule = build_schedule(
-            hp.get("schedule", "cosine"),
-            hp.lr,
-            hp.min_lr,
-            hp.warmup_steps,
-            hp.max_steps or max_steps,
-            hp.get("decay_steps"),
-            hp.get("decay_fraction"),
-            hp.get("decay_shape"),
-            decay_from,
-        )
-
-        def factor(step: int) -> float:
-            return schedule.lr(step) / hp.lr
-
-        return optimizer, LambdaLR(optimizer, factor)
+        """`train.build.build_optimizer` over the decoder (stepped per optimizer step)."""
+        return build_optimizer(self.model, self.settings, max_steps)
 
     def configure_optimizers(self) -> dict:
         optimizer, scheduler = self.build_optimizer(self.trainer.max_steps)

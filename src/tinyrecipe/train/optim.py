@@ -59,39 +59,41 @@ def build_schedule(
     decay_shape: str | None = None,
     decay_from: int | None = None,
 ) -> Schedule:
-    """The `Schedule` a recipe's model keys describe (`model.schedule`, `model.decay_*`), each
+    """The `Schedule` a recipe's model keys describe (`model.schedule`), each
     inconsistency refused in one line that names the key."""
     if kind not in SCHEDULES:
-        raise ValueError(f"model.schedule {kind!r} is unknown; use one of {', '.join(SCHEDULES)}")
+        raise ValueError(
+            f"model.schedule.name {kind!r} is unknown; use one of {', '.join(SCHEDULES)}"
+        )
     shape = decay_shape or ("cosine" if kind == "cosine" else "linear")
     if shape not in DECAY_SHAPES:
         raise ValueError(
-            f"model.decay_shape {shape!r} is unknown; use one of {', '.join(DECAY_SHAPES)}"
+            f"model.schedule.decay_shape {shape!r} is unknown; use one of {', '.join(DECAY_SHAPES)}"
         )
     if kind == "constant":
         return Schedule(max_lr, min_lr, warmup_steps, None, 0, shape)
     if max_steps is None or max_steps < 0:
         raise ValueError(
-            f"set trainer.max_steps (or model.max_steps): the {kind} schedule needs its length"
+            f"set trainer.max_steps (or model.schedule.max_steps): the {kind} schedule needs its length"
         )
     if kind == "cosine":
         if decay_steps or decay_fraction or decay_from is not None:
             raise ValueError(
-                "model.decay_steps/decay_fraction/decay_from belong to model.schedule: wsd; the "
+                "model.schedule.decay_steps/decay_fraction/decay_from belong to model.schedule.name: wsd; the "
                 "cosine schedule decays from the end of warmup to trainer.max_steps"
             )
         return Schedule(max_lr, min_lr, warmup_steps, warmup_steps, max_steps - warmup_steps, shape)
     if (decay_steps is None) == (decay_fraction is None):
         raise ValueError(
-            "model.schedule wsd needs exactly one of model.decay_steps (optimizer steps) or "
-            "model.decay_fraction (of trainer.max_steps)"
+            "model.schedule.name wsd needs exactly one of model.schedule.decay_steps (optimizer steps) or "
+            "model.schedule.decay_fraction (of trainer.max_steps)"
         )
     length = decay_steps if decay_steps is not None else round(decay_fraction * max_steps)
     start = max_steps - length if decay_from is None else decay_from
     if length < 0 or start < 0 or start + length > max_steps:
         raise ValueError(
             f"the wsd decay (steps {start} to {start + length}) must end by trainer.max_steps "
-            f"{max_steps}; set trainer.max_steps to model.decay_from + the decay length"
+            f"{max_steps}; set trainer.max_steps to model.schedule.decay_from + the decay length"
         )
     return Schedule(max_lr, min_lr, warmup_steps, start, length, shape)
 
@@ -147,8 +149,18 @@ def build_adamw(
     }.get(kernel)
     if kwargs is None:
         raise ValueError(
-            f"unknown AdamW kernel {kernel!r} (model.optimizer_kernel); "
+            f"unknown AdamW kernel {kernel!r} (model.optimizer.kernel); "
             "use 'auto', 'fused', 'foreach' or 'for-loop'"
         )
     groups = adamw_param_groups(model, weight_decay, decay_norms_and_embeddings)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
+
+
+def set_scheduled_lr(scheduler) -> None:
+    """Set each parameter group's learning rate to the schedule's at the scheduler's step (a
+    resumed run takes this recipe's schedule, not the lr stored with the optimizer)."""
+    for group, base, factor in zip(
+        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+    ):
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

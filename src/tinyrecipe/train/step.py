@@ -82,7 +82,7 @@ class SpikeSkipper:
     def __init__(self, sigma: float, window: int = 128) -> None:
         if sigma <= 0 or window < 2:
             raise ValueError(
-                f"model.spike_sigma={sigma} must be > 0 and model.spike_window={window} >= 2"
+                f"model.guard.spike_sigma={sigma} must be > 0 and model.guard.spike_window={window} >= 2"
             )
         self.sigma, self.window = float(sigma), int(window)
         self.values: torch.Tensor | None = None  # (window, 2): loss, grad norm
@@ -243,7 +243,7 @@ class NonFiniteGuard:
     def __init__(self, policy: str = "stop") -> None:
         if policy not in NONFINITE_POLICIES:
             raise ValueError(
-                f"model.nonfinite_loss={policy!r} is unknown; use one of {', '.join(NONFINITE_POLICIES)}"
+                f"model.guard.nonfinite={policy!r} is unknown; use one of {', '.join(NONFINITE_POLICIES)}"
             )
         self.policy = policy
         self.skipped = 0
@@ -276,13 +276,13 @@ class NonFiniteGuard:
         if self.policy == "stop":
             raise FloatingPointError(
                 f"training loss is {loss} at step {step} (the update was skipped; weights and "
-                "checkpoints are intact); lower model.lr or check the data, then resume from the "
-                "last checkpoint (or set model.nonfinite_loss: skip to skip such steps)"
+                "checkpoints are intact); lower model.optimizer.lr or check the data, then resume from the "
+                "last checkpoint (or set model.guard.nonfinite: skip to skip such steps)"
             )
         self.skipped += 1
         warnings.warn(
             f"training loss is {loss} at step {step}; that optimizer step was skipped "
-            f"(model.nonfinite_loss: skip; {self.skipped} so far)",
+            f"(model.guard.nonfinite: skip; {self.skipped} so far)",
             stacklevel=2,
         )
 
