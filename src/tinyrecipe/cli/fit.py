@@ -189,6 +189,16 @@ class TinyRecipeCLI(LightningCLI):
         check_accelerator(config.trainer.accelerator)  # before the model and data are built
         super().instantiate_classes()
 
+    def instantiate_trainer(self, **kwargs):
+        """The Trainer with the CLI's callbacks, less those a recipe's settings rule out: without
+        a logger (`trainer.logger: false`) the learning-rate monitor, which needs one."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.logger is None:
+            trainer.callbacks[:] = [
+                c for c in trainer.callbacks if not isinstance(c, StepLearningRateMonitor)
+            ]
+        return trainer
+
     def _resolve_auto(self) -> dict:
         """`ckpt_path: auto` made the run directory's newest readable checkpoint, or None."""
         kwargs = self.config_init[self.subcommand] if self.subcommand else self.config_init
