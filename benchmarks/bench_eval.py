@@ -22,11 +22,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
 
+from tinyrecipe.checkpoint import save_tinyrecipe_checkpoint  # noqa: E402
 from tinyrecipe.data.sample import make_eval_sample, make_sample  # noqa: E402
 from tinyrecipe.data.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
-from tinyrecipe.interop.checkpoint import save_tinyrecipe_checkpoint  # noqa: E402
+from tinyrecipe.evaluation import TinyRecipeLM, task_manager  # noqa: E402
 from tinyrecipe.interop.convert import to_hf  # noqa: E402
-from tinyrecipe.interop.evaluate import TinyRecipeLM, task_manager  # noqa: E402
 from tinyrecipe.model import Llama  # noqa: E402
 from tinyrecipe.model.config import resolve_config  # noqa: E402
 

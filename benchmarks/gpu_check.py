@@ -635,7 +635,7 @@ def check_precision(s: dict) -> dict:
 
 
 def check_generate(s: dict) -> dict:
-    from tinyrecipe.interop.generate import generate
+    from tinyrecipe.generation import generate
     from tinyrecipe.model import Llama
     from tinyrecipe.model.config import resolve_config
 

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from tinyrecipe.checkpoint import load_tinyrecipe_checkpoint
 from tinyrecipe.cli import main as cli
 from tinyrecipe.data.tokenizer import train_bpe_tokenizer
-from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint
 from tinyrecipe.model import Llama, ModelConfig
 from tinyrecipe.model.hf import to_hf_config
 

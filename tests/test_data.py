@@ -462,7 +462,7 @@ def test_missing_tokenizer_is_one_clear_error(tmp_path):
 
 def test_generated_text_keeps_the_space_after_the_prompt(corpus):
     """The Llama-style decoder strips a text's leading space; the continuation must not lose it."""
-    from tinyrecipe.interop.generate import continuation
+    from tinyrecipe.generation import continuation
 
     tok = load_tokenizer(corpus["root"] / "tok")
     prompt_ids, full = tok.encode("def"), tok.encode("def write(value)")

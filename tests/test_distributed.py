@@ -12,8 +12,8 @@ import torch
 
 from tests.conftest import EVAL_LIMIT, ROOT
 from tests.test_training import MICRO, scalars, write_recipe
+from tinyrecipe.checkpoint import load_tinyrecipe_checkpoint
 from tinyrecipe.cli import main as cli_main
-from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint
 
 ACCUMULATE, STEPS = 4, 3
 FSDP_MODULES = MICRO["n_layer"] + 1  # each decoder block and the root
@@ -232,8 +232,8 @@ def test_a_sharded_checkpoint_resumed_wrongly_is_one_line(runs, tmp_path):
     recipe of another shape: refused before anything loads, naming what to do."""
     from types import SimpleNamespace
 
+    from tinyrecipe.checkpoint import AtomicCheckpointIO
     from tinyrecipe.model.config import ModelConfig
-    from tinyrecipe.train.checkpoint import AtomicCheckpointIO
     from tinyrecipe.train.fabric import _load
 
     ckpt = runs["fsdp2"] / "checkpoints/last.ckpt"

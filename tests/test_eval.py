@@ -13,11 +13,11 @@ import torch
 from tests.conftest import EVAL_LIMIT as LIMIT
 from tests.conftest import ROOT
 from tests.test_training import MICRO, scalars, write_recipe
+from tinyrecipe.checkpoint import save_tinyrecipe_checkpoint
 from tinyrecipe.cli import main as cli_main
 from tinyrecipe.data.tokenizer import load_tokenizer
-from tinyrecipe.interop.checkpoint import save_tinyrecipe_checkpoint
+from tinyrecipe.evaluation import TinyRecipeLM, evaluate, task_manager
 from tinyrecipe.interop.convert import to_hf
-from tinyrecipe.interop.evaluate import TinyRecipeLM, evaluate, task_manager
 from tinyrecipe.model import Llama, ModelConfig
 from tinyrecipe.train.callbacks import DownstreamEval
 
@@ -52,7 +52,7 @@ def test_sample_task_is_four_way_multiple_choice_on_held_out_text(eval_task):
 def test_a_task_manager_is_reused_until_a_file_under_it_changes(tmp_path, monkeypatch):
     import lm_eval.tasks
 
-    from tinyrecipe.interop import evaluate as module
+    from tinyrecipe import evaluation as module
 
     built = []
     monkeypatch.setattr(
@@ -100,7 +100,7 @@ def test_same_loglikelihoods_and_scores_as_hflm(exported, corpus, eval_task, bos
         == scores[1]["results"]["stdlib_mc"]["acc_norm"]
     )
     if bos:  # the JSON's standard errors (docs/evaluation.md) and the table's every metric
-        from tinyrecipe.interop.evaluate import table
+        from tinyrecipe.evaluation import table
 
         mc = scores[0]["results"]["stdlib_mc"]
         p = mc["acc"]
@@ -135,7 +135,7 @@ def test_generation_ends_at_eos_however_far_it_ran(exported, corpus, monkeypatch
     together): the text still ends where the model said EOS, as in one process."""
     from lm_eval.api.instance import Instance
 
-    from tinyrecipe.interop import evaluate as module
+    from tinyrecipe import evaluation as module
 
     model, _ = exported
     tok = load_tokenizer(corpus["root"] / "tok")

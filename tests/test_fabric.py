@@ -6,7 +6,7 @@ import pytest
 
 from tests.conftest import tinyrecipe
 from tests.test_training import fit, scalars, write_recipe
-from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint
+from tinyrecipe.checkpoint import load_tinyrecipe_checkpoint
 
 
 def fabric(recipe, *extra: str) -> subprocess.CompletedProcess:

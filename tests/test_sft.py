@@ -240,7 +240,7 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path, c
     """LoRA through the notebook API: the base weights stay bitwise, the adapters learn the
     answer, and a checkpoint reads back (convert, eval, generate, init_from) as the plain decoder
     with the adapters merged, equal to the adapted model."""
-    from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint, save_tinyrecipe_checkpoint
+    from tinyrecipe.checkpoint import load_tinyrecipe_checkpoint, save_tinyrecipe_checkpoint
     from tinyrecipe.model import Llama
     from tinyrecipe.model.lora import merged_state_dict
     from tinyrecipe.train.finetune import answer, load_pretrained, sft_data

@@ -219,7 +219,7 @@ def unreadable_last_checkpoint(tmp_path, corpus):
 
 
 def checkpoint_cut_short(tmp_path, corpus):
-    from tinyrecipe.interop.checkpoint import save_tinyrecipe_checkpoint
+    from tinyrecipe.checkpoint import save_tinyrecipe_checkpoint
     from tinyrecipe.model import Llama, ModelConfig
 
     config = ModelConfig(**MICRO)
@@ -341,7 +341,7 @@ def test_untrusted_files_are_never_unpickled_or_executed():
             call = text[match.start() : end]
             assert "weights_only=True" in call, (path.name, call)
         assert not re.search(r"(?<![.\w])(eval|exec)\(|import pickle|pickle\.load", text), path.name
-    assert Path(ROOT / "src/tinyrecipe/train/checkpoint.py").is_file()
+    assert Path(ROOT / "src/tinyrecipe/checkpoint/resume.py").is_file()
 
 
 def test_an_ablations_missing_data_says_how_to_make_it(tmp_path):

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from tinyrecipe.train.checkpoint import AtomicCheckpointIO
+from tinyrecipe.checkpoint import AtomicCheckpointIO
 
 pytestmark = pytest.mark.faults
 
@@ -39,7 +39,7 @@ def test_a_write_cut_at_any_offset_leaves_the_previous_checkpoint(tmp_path, monk
     last = tmp_path / "last.ckpt"
     io.save_checkpoint(state(1), last)
     size = last.stat().st_size
-    import tinyrecipe.train.checkpoint as ckpt_module
+    import tinyrecipe.checkpoint.resume as ckpt_module
 
     for offset in sorted(random.Random(0).sample(range(1, size), 12)):
         monkeypatch.setattr(
@@ -57,7 +57,7 @@ def test_a_write_cut_at_any_offset_leaves_the_previous_checkpoint(tmp_path, monk
 
 
 def test_disk_full_is_one_clear_error_and_the_old_checkpoint_stays(tmp_path, monkeypatch):
-    import tinyrecipe.train.checkpoint as ckpt_module
+    import tinyrecipe.checkpoint.resume as ckpt_module
 
     io = AtomicCheckpointIO()
     last = tmp_path / "last.ckpt"
@@ -113,7 +113,7 @@ def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, d
     one short line."""
     import os
 
-    from tinyrecipe.train.checkpoint import load_with_fallback
+    from tinyrecipe.checkpoint import load_with_fallback
 
     for step in (3, 6, 9):
         _sharded(tmp_path / f"step={step}.ckpt", float(step))
@@ -138,7 +138,7 @@ def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, d
 def test_auto_resume_picks_last_else_the_newest_readable_else_nothing(tmp_path):
     import os
 
-    from tinyrecipe.train.checkpoint import resolve_auto_resume
+    from tinyrecipe.checkpoint import resolve_auto_resume
 
     assert resolve_auto_resume(tmp_path / "none") is None and resolve_auto_resume(tmp_path) is None
     io = AtomicCheckpointIO()

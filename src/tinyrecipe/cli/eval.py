@@ -1,5 +1,5 @@
 """`tinyrecipe eval`: lm-evaluation-harness tasks on any checkpoint tinyrecipe reads
-(`tinyrecipe.interop.evaluate`).
+(`tinyrecipe.evaluation`).
 
     tinyrecipe eval --ckpt out/quickstart/checkpoints/last.ckpt --tokenizer data/quickstart/tokenizer \\
         --include-path data/quickstart/eval --tasks stdlib_mc
@@ -14,7 +14,7 @@ import json
 
 from tinyrecipe.cli.generate import add_model_arguments, load_model
 from tinyrecipe.data.tokenizer import load_tokenizer
-from tinyrecipe.interop.evaluate import TinyRecipeLM, evaluate, table
+from tinyrecipe.evaluation import TinyRecipeLM, evaluate, table
 from tinyrecipe.io import atomic_write
 
 

@@ -37,6 +37,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 import tinyrecipe.train.strategy  # noqa: F401  (registers trainer.strategy: fsdp2)
+from tinyrecipe.checkpoint import check_fit_start, resolve_auto_resume
 from tinyrecipe.model.config import resolve_config
 from tinyrecipe.train.callbacks import (
     Checkpoints,
@@ -44,7 +45,6 @@ from tinyrecipe.train.callbacks import (
     StepLearningRateMonitor,
     TokenThroughputMonitor,
 )
-from tinyrecipe.train.checkpoint import check_fit_start, resolve_auto_resume
 from tinyrecipe.train.module import CausalLMModule
 from tinyrecipe.train.settings import moved_key
 
@@ -168,9 +168,7 @@ class TinyRecipeCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "", "name": "tensorboard", "version": ""},
                 },
-                "trainer.plugins": [
-                    {"class_path": "tinyrecipe.train.checkpoint.AtomicCheckpointIO"}
-                ],
+                "trainer.plugins": [{"class_path": "tinyrecipe.checkpoint.AtomicCheckpointIO"}],
             }
         )
         # The data must match the model's vocabulary: one source of truth, the model's config.

@@ -1,4 +1,4 @@
-"""`tinyrecipe generate`: text from any checkpoint tinyrecipe reads (`tinyrecipe.interop.generate`).
+"""`tinyrecipe generate`: text from any checkpoint tinyrecipe reads (`tinyrecipe.generation`).
 
     tinyrecipe generate --ckpt out/quickstart/checkpoints/last.ckpt \
         --tokenizer data/quickstart/tokenizer --prompt "def" --prompt "The" --max-new-tokens 60
@@ -14,7 +14,7 @@ import torch
 
 from tinyrecipe.data.sft import format_prompt
 from tinyrecipe.data.tokenizer import load_tokenizer
-from tinyrecipe.interop.generate import continuation, generate, load_checkpoint_model
+from tinyrecipe.generation import continuation, generate, load_checkpoint_model
 from tinyrecipe.model import Llama
 
 

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from tinyrecipe.interop.generate import generate
+from tinyrecipe.generation import generate
 from tinyrecipe.model import Llama, ModelConfig
 from tinyrecipe.train.optim import build_adamw
 from tinyrecipe.train.step import finish_step, micro_batch_loss

@@ -1,1 +1,1 @@
-"""Checkpoints in and out: loading any checkpoint form, Hugging Face conversion, generation."""
+"""Hugging Face interop: conversion of checkpoints and LoRA adapters (to-hf, from-hf, to-peft)."""

@@ -20,7 +20,7 @@ import os
 import shutil
 from pathlib import Path
 
-from tinyrecipe.interop.checkpoint import (
+from tinyrecipe.checkpoint import (
     checkpoint_lora,
     load_tinyrecipe_checkpoint,
     save_tinyrecipe_checkpoint,

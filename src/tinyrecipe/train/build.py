@@ -11,10 +11,9 @@ from contextlib import nullcontext
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from tinyrecipe.interop.checkpoint import checkpoint_step, load_tinyrecipe_checkpoint
-from tinyrecipe.model import Llama, ModelConfig
+from tinyrecipe.checkpoint import checkpoint_step, load_tinyrecipe_checkpoint, shape_diff
+from tinyrecipe.model import Llama
 from tinyrecipe.model.attention import select_backend
-from tinyrecipe.model.config import SHAPE_FIELDS
 from tinyrecipe.model.lora import lora_params
 from tinyrecipe.model.parallelize import parallelize
 from tinyrecipe.planning.flops import compute_dtype
@@ -34,15 +33,6 @@ def refuse_fsdp1(spec) -> None:
     name = spec.get("class_path", "") if isinstance(spec, dict) else str(spec or "")
     if name == "fsdp" or name.rpartition(".")[2] == "FSDPStrategy":
         raise ValueError(FSDP1_REFUSED)
-
-
-def shape_diff(theirs: ModelConfig, ours: ModelConfig) -> str:
-    """'n_layer 2 vs 3, ...' over the shape fields that differ; '' when the weights fit."""
-    return ", ".join(
-        f"{k} {getattr(theirs, k)} vs {getattr(ours, k)}"
-        for k in SHAPE_FIELDS
-        if getattr(theirs, k) != getattr(ours, k)
-    )
 
 
 def build_model(

@@ -26,9 +26,9 @@ from tinyrecipe._lightning import (
     should_accumulate,
     steps_logged_at,
 )
+from tinyrecipe.checkpoint import refuse_new_run_into
 from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
-from tinyrecipe.train.checkpoint import refuse_new_run_into
 
 
 class TokenThroughputMonitor(ThroughputMonitor):
@@ -238,7 +238,7 @@ class DownstreamEval(Callback):
         # Load the tasks now: a task whose data cannot be had fails in one line at the start,
         # not hours into the run at the first evaluation.
         if self.tasks:
-            from tinyrecipe.interop.evaluate import load_tasks, task_manager, task_names
+            from tinyrecipe.evaluation import load_tasks, task_manager, task_names
 
             names = task_names(self.tasks)
             load_tasks(names, task_manager(self.include_path, names))
@@ -258,7 +258,7 @@ class DownstreamEval(Callback):
             self.run(trainer, pl_module)  # the final weights are always scored
 
     def run(self, trainer, pl_module) -> dict[str, float] | None:
-        from tinyrecipe.interop.evaluate import downstream_metrics
+        from tinyrecipe.evaluation import downstream_metrics
 
         tokenizer_dir = self.tokenizer_dir or getattr(trainer.datamodule, "tokenizer_dir", None)
         start = time.perf_counter()

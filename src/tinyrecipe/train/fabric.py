@@ -30,9 +30,9 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from tinyrecipe._lightning import shard_over_every_rank
+from tinyrecipe.checkpoint import checkpoint_config, refuse_sharded, shape_diff
 from tinyrecipe.data.position import StreamPosition
 from tinyrecipe.faults import failpoint
-from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.io import link, publish, remove, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered, reshard
 from tinyrecipe.planning.flops import device_peak, train_flops_per_token
@@ -43,10 +43,8 @@ from tinyrecipe.train.build import (
     build_optimizer,
     describe,
     refuse_fsdp1,
-    shape_diff,
 )
 from tinyrecipe.train.callbacks import DownstreamEval
-from tinyrecipe.train.checkpoint import refuse_sharded
 from tinyrecipe.train.optim import set_scheduled_lr
 from tinyrecipe.train.settings import ModelSettings
 from tinyrecipe.train.step import (
@@ -462,7 +460,7 @@ def after_step(run: Run, stats: StepStats) -> None:
 
 def _downstream(run: Run, step: int) -> None:
     """The recipe's downstream_eval (the Trainer's DownstreamEval) in this loop."""
-    from tinyrecipe.interop.evaluate import downstream_metrics
+    from tinyrecipe.evaluation import downstream_metrics
 
     spec, fabric = run.loop.downstream, run.fabric
     options = {

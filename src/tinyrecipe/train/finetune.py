@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from tinyrecipe.checkpoint import checkpoint_config
 from tinyrecipe.data.sft import SFTDataModule, format_prompt
-from tinyrecipe.interop.checkpoint import checkpoint_config
 from tinyrecipe.train.module import CausalLMModule
 from tinyrecipe.train.settings import GROUPS, OptimizerSettings, ScheduleSettings, moved_key
 
@@ -79,7 +79,7 @@ def answer(
 ) -> str:
     """The model's reply to `prompt` in the SFT template (greedy by default), up to `</s>`."""
     from tinyrecipe.data.tokenizer import load_tokenizer
-    from tinyrecipe.interop.generate import generate
+    from tinyrecipe.generation import generate
 
     if module.model is None:
         module.configure_model()

@@ -13,12 +13,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
 from tinyrecipe._lightning import check_sigterm_at_logging_steps
+from tinyrecipe.checkpoint import check_resume
 from tinyrecipe.faults import failpoint
-from tinyrecipe.interop.checkpoint import config_from_hparams
 from tinyrecipe.model import Llama
 from tinyrecipe.model.config import DEFAULT_PRESET, ModelOverrides, overrides_dict
 from tinyrecipe.model.llama import LMOutput
-from tinyrecipe.model.lora import LORA_TARGETS, lora_of
 from tinyrecipe.planning.flops import forward_flops_per_token, train_flops_per_token
 from tinyrecipe.train.build import (
     FSDP1_REFUSED,
@@ -27,7 +26,6 @@ from tinyrecipe.train.build import (
     build_model,
     build_optimizer,
     describe,
-    shape_diff,
 )
 from tinyrecipe.train.optim import set_scheduled_lr
 from tinyrecipe.train.settings import (
@@ -50,15 +48,6 @@ from tinyrecipe.train.step import (
     val_metrics,
     val_sums,
 )
-
-
-def lora_setting(hparams) -> str | None:
-    """'rank 8, alpha 16, targets ...' of a module's (or a checkpoint's) LoRASettings settings; None: off."""
-    if (lora := lora_of(hparams)) is None:
-        return None
-    group = hparams.get("lora")
-    targets = group.get("targets") if isinstance(group, dict) else hparams.get("lora_targets")
-    return f"rank {lora[0]}, alpha {lora[1]:g}, targets {', '.join(targets or LORA_TARGETS)}"
 
 
 class CausalLMModule(L.LightningModule):
@@ -307,19 +296,8 @@ class CausalLMModule(L.LightningModule):
 
     def check_resume(self, hparams: dict[str, Any]) -> None:
         """Refuse, in one line, to resume a checkpoint (its hyper-parameters) of another model
-        shape or LoRA setting."""
-        theirs = config_from_hparams(hparams)
-        if detail := shape_diff(theirs, self.config):
-            raise ValueError(
-                f"checkpoint holds another model ({detail}, checkpoint vs recipe); resume with the "
-                "recipe that wrote it or start without --ckpt_path"
-            )
-        if (lora := lora_setting(hparams)) != lora_setting(self.hparams):
-            raise ValueError(
-                f"checkpoint was trained with LoRA {lora or 'off'}, the recipe says "
-                f"{lora_setting(self.hparams) or 'off'}; resume with the same model.lora_* keys, "
-                "or start a new run from it with model.init_from (adapters merged)"
-            )
+        shape or LoRA setting (`checkpoint.check_resume`)."""
+        check_resume(hparams, self.hparams, self.config)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, in one line, a checkpoint of another model shape (before load_state_dict

@@ -9,7 +9,7 @@ for data-parallel FSDP2 training, with what a long multi-GPU run needs and Light
 * **Atomic sharded checkpoints.** Every rank writes its shards into `.<name>.tmp-sharded`; rank 0
   renames the directory into place once all ranks have finished. A killed save leaves the
   previous checkpoint as it was, and loading an unreadable checkpoint falls back to the newest
-  readable one beside it (`tinyrecipe.train.checkpoint.load_with_fallback`), as for files.
+  readable one beside it (`tinyrecipe.checkpoint.load_with_fallback`), as for files.
 * **Validation without `torch.inference_mode`**, in which FSDP2's unsharding has failed on some
   torch versions: the Trainer's evaluation loops run under `no_grad` instead.
 * `reshard_after_forward` (default True, ZeRO-3): free each block's gathered weights after its
@@ -46,10 +46,10 @@ from tinyrecipe._lightning import (
     shard_over_every_rank,
     validate_without_inference_mode,
 )
+from tinyrecipe.checkpoint import load_with_fallback
 from tinyrecipe.faults import failpoint
 from tinyrecipe.io import publish, remove, remove_stale, temp_sibling
 from tinyrecipe.model.parallelize import hsdp_mesh, keep_gathered
-from tinyrecipe.train.checkpoint import load_with_fallback
 
 SHARDED_TAG = "sharded"  # the temporary directory name all ranks agree on
 

@@ -211,7 +211,7 @@ def check_fit_start(trainer, module, ckpt_path: str | None) -> None:
     checkpoints, a `--ckpt_path` that does not exist, a checkpoint of another model shape or LoRA
     setting, an `init_from` that does not exist. A checkpoint that cannot be read here is left to
     the fall-back of `load_with_fallback`."""
-    from tinyrecipe.interop.checkpoint import checkpoint_meta
+    from tinyrecipe.checkpoint import checkpoint_meta
 
     callback = trainer.checkpoint_callback
     dirpath = Path(callback.dirpath) if callback is not None and callback.dirpath else None

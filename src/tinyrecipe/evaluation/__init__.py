@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 
 from tinyrecipe.data.tokenizer import TextTokenizer
-from tinyrecipe.interop.generate import generate
+from tinyrecipe.generation import generate
 from tinyrecipe.model import Llama
 
 TASKS_DIR = Path(__file__).with_name("tasks")  # tinyllama-commonsense and friends

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from tinyrecipe.interop.checkpoint import load_tinyrecipe_checkpoint
+from tinyrecipe.checkpoint import load_tinyrecipe_checkpoint
 from tinyrecipe.model import Llama
 
 
