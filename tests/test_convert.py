@@ -119,8 +119,8 @@ def test_init_from_starts_training_from_converted_weights(tmp_path):
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1])
 def test_kv_cache_decoding_equals_recomputing(n_kv_head, monkeypatch):
-    from tinyrecipe.generation import generate
     from tinyrecipe import generation as module
+    from tinyrecipe.generation import generate
 
     config = ModelConfig(**{**CONFIG.to_dict(), "n_kv_head": n_kv_head})
     torch.manual_seed(0)
@@ -194,8 +194,8 @@ def test_greedy_generation_equals_transformers(tmp_path):
 def test_generation_stops_at_the_first_all_eos_column_however_often_it_looks(monkeypatch):
     """EOS is looked for every EOS_CHECK_EVERY tokens (no host read per token); the result is
     the full generation cut just after the first position where every row drew EOS."""
-    from tinyrecipe.generation import EOS_CHECK_EVERY, generate
     from tinyrecipe import generation as module
+    from tinyrecipe.generation import EOS_CHECK_EVERY, generate
 
     looks, look = [], module._eos_column
     monkeypatch.setattr(module, "_eos_column", lambda *a: looks.append(1) or look(*a))

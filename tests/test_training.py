@@ -514,11 +514,11 @@ def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
     assert logged[-1]["train/device/items_per_sec"] == pytest.approx(64 / 10)  # 2 x 32 in 10
 
 
-def test_a_recipe_without_a_logger_runs_without_the_callbacks_that_need_one(corpus, tmp_path):
-    """`trainer.logger: false`: the CLI's learning-rate monitor (which needs a logger) gives way."""
+def test_the_clis_callbacks_give_way_to_a_recipe_without_logger_or_checkpoints(corpus, tmp_path):
+    """`trainer.logger: false` and `trainer.enable_checkpointing: false`: the CLI's learning-rate
+    monitor (which needs a logger) and checkpoint callback give way; nothing is written."""
     recipe = write_recipe(tmp_path, corpus, max_steps=1, every=1)
     argv = ["fit", "--config", str(recipe), "--trainer.logger", "false"]
-    assert cli_main([*argv, "--trainer.num_sanity_val_steps", "0"]) == 0
-    assert (tmp_path / "checkpoints/last.ckpt").is_file() and not (
-        tmp_path / "tensorboard"
-    ).exists()
+    argv += ["--trainer.enable_checkpointing", "false", "--trainer.num_sanity_val_steps", "0"]
+    assert cli_main(argv) == 0
+    assert not list(tmp_path.rglob("*.ckpt")) and not (tmp_path / "tensorboard").exists()

@@ -225,13 +225,20 @@ class TinyRecipeCLI(LightningCLI):
 
 def resolve_recipe(cfg) -> None:
     """The settings derived from others, in place on a parsed recipe: the output directory's
-    logger path, and the accumulation of global_batch_size."""
+    logger path, no checkpoint saved under `trainer.enable_checkpointing: false`, and the
+    accumulation of global_batch_size."""
     trainer = cfg.trainer
     root = trainer.default_root_dir or "out"
     trainer.default_root_dir = root
     logger = trainer.logger
     if hasattr(logger, "init_args") and getattr(logger.init_args, "save_dir", None) == "":
         logger.init_args.save_dir = root
+    if trainer.enable_checkpointing is False and cfg.get("checkpoint") is not None:
+        # the CLI's checkpoint callback stays (a Trainer without checkpointing refuses one),
+        # saving nothing
+        trainer.enable_checkpointing = True
+        cfg.checkpoint.save_top_k, cfg.checkpoint.save_last = 0, False
+        cfg.checkpoint.every_n_train_steps = 0
     if cfg.get("checkpoint") is not None and not cfg.checkpoint.dirpath:
         # set before the Trainer starts: `--ckpt_path last` is looked up in it at once
         cfg.checkpoint.dirpath = str(Path(root) / "checkpoints")
