@@ -467,9 +467,6 @@ def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
     it at the end of the next step; validation's start times the step still queued."""
     from types import SimpleNamespace
 
-    from lightning.fabric.utilities.throughput import Throughput
-    from lightning.pytorch.trainer.states import RunningStage
-
     from tinyrecipe.train import callbacks
 
     finished = iter([10.0, 20.0, 30.0])  # when the device completes each step's event
@@ -483,35 +480,33 @@ def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
 
     monkeypatch.setattr(callbacks, "DeviceEvent", Event)
     monitor = callbacks.TokenThroughputMonitor(window_size=2)
-    stage = RunningStage.TRAINING
-    monitor._throughputs[stage] = Throughput(window_size=2)
-    monitor._t0s[stage], monitor._batches[stage] = 0.0, 0
-    monitor._samples[stage] = monitor._lengths[stage] = 0
     logged = []
     micro = iter([True, False] * 3)  # 2 micro-batches a step
     trainer = SimpleNamespace(
         fit_loop=SimpleNamespace(_should_accumulate=lambda: next(micro)),
-        state=SimpleNamespace(stage=stage),
         strategy=SimpleNamespace(root_device=torch.device("cpu")),
+        precision="32-true",
+        world_size=1,
         _logger_connector=SimpleNamespace(
             should_update_logs=True, log_metrics=lambda m, step=None: logged.append(m)
         ),
         sanity_checking=False,
     )
     module = SimpleNamespace(flops_per_batch=100.0)
+    monitor.setup(trainer, module, "fit")
+    monitor.on_train_start(trainer, module)
+    monitor._t0 = 0.0  # the clock's start, as the events count it
     batch = {"input_ids": torch.zeros(4, 8)}
-    times = monitor._throughputs[stage]._time
     for _ in range(2):
         monitor.on_train_batch_end(trainer, module, None, batch, 0)
-    assert list(times) == []  # step 1 queued, not yet waited for
+    assert logged == []  # step 1 queued, not yet waited for
     for _ in range(4):
         monitor.on_train_batch_end(trainer, module, None, batch, 0)
-    assert list(times) == [10.0, 20.0]  # each at its own completion, one step late
-    monkeypatch.setattr(callbacks.ThroughputMonitor, "on_validation_start", lambda *a: None)
-    trainer.state.stage = RunningStage.VALIDATING
-    monitor.on_validation_start(trainer)
-    assert list(times) == [20.0, 30.0] and monitor._lengths[stage] == 3 * 2 * 32  # window 2
+    assert len(logged) == 2  # steps 1 and 2, each at its own completion, one step late
     assert logged[-1]["train/device/items_per_sec"] == pytest.approx(64 / 10)  # 2 x 32 in 10
+    monitor.on_validation_start(trainer)  # times step 3, still queued
+    assert len(logged) == 3 and logged[-1]["train/device/items_per_sec"] == pytest.approx(6.4)
+    assert logged[-1]["train/device/batches_per_sec"] == pytest.approx(2 / 10)
 
 
 def test_the_clis_callbacks_give_way_to_a_recipe_without_logger_or_checkpoints(corpus, tmp_path):

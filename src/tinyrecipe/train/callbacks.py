@@ -14,10 +14,8 @@ from lightning.pytorch.callbacks import (
     Callback,
     LearningRateMonitor,
     ModelCheckpoint,
-    ThroughputMonitor,
     TQDMProgressBar,
 )
-from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from tinyrecipe._lightning import (
@@ -31,47 +29,51 @@ from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
 
 
-class TokenThroughputMonitor(ThroughputMonitor):
-    """Lightning's ThroughputMonitor counting tokens, with MFU against a peak per device:
-    `peak_flops` when given; else a GPU's datasheet bf16 figure from our table; else (a CPU, which
-    has none) the matmul FLOP/s measured at setup in the run's precision, with its threads.
-    Logs train/device/{batches,samples,items,flops}_per_sec and train/device/mfu
-    (items = tokens; batches = micro-batches), over the last `window_size` optimizer steps.
+class TokenThroughputMonitor(Callback):
+    """Tokens/s and MFU per optimizer step on Lightning's `Throughput` utility, with MFU against
+    a peak per device: `peak_flops` when given; else a GPU's datasheet bf16 figure from our
+    table; else (a CPU, which has none) the matmul FLOP/s measured at setup in the run's
+    precision, with its threads. Logs train/device/{batches,samples,items,flops}_per_sec and
+    train/device/mfu (items = tokens; batches = micro-batches), over the last `window_size`
+    optimizer steps.
 
-    Lightning's monitor synchronises the device after every micro-batch to time it, which idles the
-    GPU while the host prepares the next one. This one adds up a step's micro-batches on the host
-    and records an event when the step (optimizer included) is queued; at the end of the next
-    step it waits for that event, while the GPU still has the newer step's work, and times the
-    step it marks. The figures lag one step; the device never waits for the host."""
+    It never synchronises the device to time a step: it adds up a step's micro-batches on the
+    host and records an event when the step (optimizer included) is queued; at the end of the
+    next step it waits for that event, while the device still has the newer step's work, and
+    times the step it marks. The figures lag one step. Validation's time is left out."""
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 100) -> None:
-        super().__init__(
-            batch_size_fn=lambda batch: batch["input_ids"].size(0),
-            length_fn=lambda batch: batch["input_ids"].numel(),
-            window_size=window_size,
-        )
-        self.peak_flops = peak_flops
+        self.peak_flops, self.window_size = peak_flops, window_size
+        self.available_flops: float | None = None
+        self._throughput: Throughput | None = None
         self._step = [0, 0, 0, 0.0]  # micro-batches, samples, tokens, FLOPs of the running step
+        self._totals = [0, 0, 0]  # micro-batches, samples, tokens of the steps timed so far
         self._queued = None  # (device event, that step's counts): the step not yet timed
+        self._t0 = 0.0
+        self._validation_start: float | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
         device = trainer.strategy.root_device
         peak, source = device_peak(device, str(trainer.precision), self.peak_flops)
         if device.type != "cuda" or peak is None:
             rank_zero_info(f"tinyrecipe: MFU peak {peak or 0:,.3g} FLOP/s ({source})")
         self.available_flops = peak
-        for key in list(self._throughputs):
-            self._throughputs[key] = Throughput(
-                available_flops=peak, world_size=trainer.world_size, **self.kwargs
-            )
+        self._throughput = Throughput(
+            available_flops=peak, world_size=trainer.world_size, window_size=self.window_size
+        )
+
+    @rank_zero_only
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._throughput.reset()
+        self._totals, self._queued = [0, 0, 0], None
+        self._t0 = time.perf_counter()
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, *_) -> None:
         step = self._step
         step[0] += 1
-        step[1] += self.batch_size_fn(batch)
-        step[2] += self.length_fn(batch)
+        step[1] += batch["input_ids"].size(0)
+        step[2] += batch["input_ids"].numel()
         step[3] += pl_module.flops_per_batch
         if should_accumulate(trainer):
             return
@@ -85,26 +87,30 @@ class TokenThroughputMonitor(ThroughputMonitor):
             return
         (event, (batches, samples, tokens, flops)), self._queued = self._queued, None
         done = event.wait()
-        stage = RunningStage.TRAINING
-        self._batches[stage] += batches
-        self._samples[stage] += samples
-        self._lengths[stage] += tokens
-        self._throughputs[stage].update(
-            time=done - self._t0s[stage],
-            batches=self._batches[stage],
-            samples=self._samples[stage],
-            lengths=self._lengths[stage],
+        self._totals = [
+            a + b for a, b in zip(self._totals, (batches, samples, tokens), strict=True)
+        ]
+        self._throughput.update(
+            time=done - self._t0,
+            batches=self._totals[0],
+            samples=self._totals[1],
+            lengths=self._totals[2],
             flops=flops,
         )
-        throughput = self._throughputs[stage]
-        metrics = {f"train{throughput.separator}{k}": v for k, v in throughput.compute().items()}
+        metrics = {f"train/{k}": v for k, v in self._throughput.compute().items()}
         log_at_logging_steps(trainer, metrics)
 
     @rank_zero_only
     def on_validation_start(self, trainer, *args) -> None:
-        if not trainer.sanity_checking:  # validation's time is taken out of training's clock
+        if not trainer.sanity_checking:
             self._time_queued(trainer)
-        super().on_validation_start(trainer, *args)
+            self._validation_start = time.perf_counter()
+
+    @rank_zero_only
+    def on_validation_end(self, trainer, *args) -> None:
+        if self._validation_start is not None:  # validation's time leaves training's clock
+            self._t0 += time.perf_counter() - self._validation_start
+            self._validation_start = None
 
 
 class DeviceEvent:
