@@ -58,6 +58,16 @@ def test_model_parallel_strategies_resolve_auto_from_their_attribute(cls):
     assert "_data_parallel_size" in inspect.getsource(cls.setup_environment)
 
 
+def test_the_sharded_metadata_file_and_an_attached_trainer(trainer):
+    from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+    assert _METADATA_FILENAME == _lightning.SHARDED_METADATA_FILE
+    module = L.LightningModule()
+    assert _lightning.attached_trainer(module) is None
+    module.trainer = trainer
+    assert _lightning.attached_trainer(module) is trainer
+
+
 def test_model_checkpoint_privates():
     callback = Checkpoints(every_n_train_steps=1)
     assert callback._last_global_step_saved == 0

@@ -9,6 +9,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+# The file of a sharded (distributed) checkpoint directory in which Lightning keeps everything
+# but the model and optimizer shards (lightning.fabric.utilities.load._METADATA_FILENAME).
+SHARDED_METADATA_FILE = "meta.pt"
+
+
+def attached_trainer(module):
+    """The Trainer a LightningModule is attached to, None when it is used alone (a notebook, a
+    test): `module.trainer` raises then, and no public attribute tells."""
+    return module._trainer
+
 
 def should_accumulate(trainer) -> bool:
     """Whether the micro-batch that just ran does not end an optimizer step. No public property

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from tinyrecipe._lightning import SHARDED_METADATA_FILE
 from tinyrecipe.io import atomic_path, short_reason
 from tinyrecipe.model import ModelConfig
 from tinyrecipe.model.config import DEFAULT_PRESET, resolve_config
@@ -42,7 +43,7 @@ def _load_sharded_checkpoint(path: Path) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         dcp_to_torch_save(path, Path(tmp) / "full.pt")
         ckpt = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
-    meta = path / "meta.pt"
+    meta = path / SHARDED_METADATA_FILE
     if meta.is_file():
         ckpt.update(torch.load(meta, map_location="cpu", weights_only=True))
     return ckpt
@@ -93,8 +94,8 @@ def load_tinyrecipe_checkpoint(
 def checkpoint_meta(path: Path) -> dict | None:
     """A Lightning or Fabric checkpoint's entries without reading its tensors (mmap), or None
     for a format without them (a Hugging Face directory)."""
-    if path.is_dir() and (path / "meta.pt").is_file():
-        return torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    if path.is_dir() and (path / SHARDED_METADATA_FILE).is_file():
+        return torch.load(path / SHARDED_METADATA_FILE, map_location="cpu", weights_only=True)
     if path.is_file():  # mmap: the tensors are not read
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return None

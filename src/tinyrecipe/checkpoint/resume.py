@@ -15,11 +15,11 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from tinyrecipe._lightning import SHARDED_METADATA_FILE
 from tinyrecipe.faults import failpoint
 from tinyrecipe.io import atomic_path, remove_stale, short_reason
 
 T = TypeVar("T")
-_METADATA_FILENAME = "meta.pt"  # Lightning's metadata file in a sharded checkpoint directory
 
 
 class _Failpointed:
@@ -98,7 +98,7 @@ def sharded_problem(path: Path) -> str | None:
     from torch.distributed.checkpoint import FileSystemReader
 
     name = path.resolve().name
-    for meta in (".metadata", _METADATA_FILENAME):
+    for meta in (".metadata", SHARDED_METADATA_FILE):
         if not (path / meta).is_file():
             return f"'{name}/{meta}' is missing"
     try:

@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim.lr_scheduler import LambdaLR
 
-from tinyrecipe._lightning import check_sigterm_at_logging_steps
+from tinyrecipe._lightning import attached_trainer, check_sigterm_at_logging_steps
 from tinyrecipe.checkpoint import check_resume
 from tinyrecipe.faults import failpoint
 from tinyrecipe.model import Llama
@@ -108,7 +108,8 @@ class CausalLMModule(L.LightningModule):
         """`train.build.build_model` of this module's settings (FSDP1 refused)."""
         from lightning.pytorch.strategies import FSDPStrategy
 
-        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+        trainer = attached_trainer(self)
+        if trainer is not None and isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError(FSDP1_REFUSED)
         return build_model(self.settings, mesh, bf16, device, reshard_after_forward)
 
@@ -116,14 +117,14 @@ class CausalLMModule(L.LightningModule):
         """Build (and, under FSDP2, shard) the decoder. Called by Lightning on every strategy."""
         if self.model is not None:
             return
-        mesh = getattr(self, "_device_mesh", None)  # set by Lightning's ModelParallelStrategy
-        on_trainer = self._trainer is not None
-        strategy = self.trainer.strategy if on_trainer else None
+        mesh = self.device_mesh  # set by Lightning's ModelParallelStrategy
+        trainer = attached_trainer(self)
+        strategy = trainer.strategy if trainer is not None else None
         if mesh is not None:  # FSDP2Strategy's own (a 2-D one under HSDP), else Lightning's
             mesh = getattr(strategy, "fsdp_mesh", None) or mesh["data_parallel"]
         self.model = self.build_model(
             mesh=mesh,
-            bf16=on_trainer and "bf16" in str(self.trainer.precision),
+            bf16=trainer is not None and "bf16" in str(trainer.precision),
             device=strategy.root_device if strategy is not None else None,
             reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
         )
@@ -212,7 +213,7 @@ class CausalLMModule(L.LightningModule):
             self._loss_sum,
             per_token_divisor if self._per_token else self._micro_batches,
             max_norm=max_norm,
-            optimizer=getattr(optimizer, "_optimizer", optimizer),
+            optimizer=optimizer,
             z_sum=self._z_sum,
             spikes=self.spikes,
             tokens=self._target_tokens,
@@ -304,7 +305,8 @@ class CausalLMModule(L.LightningModule):
         fails); let the DataModule restate the loops' batch counters in this run's micro-batches
         (a resume on another number of processes or micro-batch size)."""
         self.check_resume(checkpoint.get("hyper_parameters", {}))
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        trainer = attached_trainer(self)
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
         if hasattr(dm, "adapt_loop_progress"):
             dm.adapt_loop_progress(checkpoint)
         if self.spikes is not None and "spike_skipper" in checkpoint:

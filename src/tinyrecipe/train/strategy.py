@@ -42,6 +42,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 
 from tinyrecipe._lightning import (
+    SHARDED_METADATA_FILE,
     data_parallel_size,
     shard_over_every_rank,
     validate_without_inference_mode,
@@ -88,6 +89,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reshard_after_forward = reshard_after_forward
         self.reshard_after_backward = reshard_after_backward
         self.shard_group_size = shard_group_size
+        self.sharded_checkpoints = save_distributed_checkpoint
         self._fsdp_mesh = None
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -140,9 +142,8 @@ class FSDP2Strategy(ModelParallelStrategy):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None
     ) -> None:
-        if not self._save_distributed_checkpoint:
+        if not self.sharded_checkpoints:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        from lightning.fabric.utilities.load import _METADATA_FILENAME
         from torch.distributed.checkpoint import save
 
         path = Path(self.broadcast(str(filepath)))
@@ -157,7 +158,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         try:
             save(state, storage_writer=_failpoint_writer(tmp))
             if self.is_global_zero:
-                torch.save(checkpoint, tmp / _METADATA_FILENAME)
+                torch.save(checkpoint, tmp / SHARDED_METADATA_FILE)
             self.barrier("tinyrecipe_ckpt_written")
             if self.is_global_zero:
                 failpoint("checkpoint.rename")
