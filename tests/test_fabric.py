@@ -7,6 +7,7 @@ import pytest
 from tests.conftest import tinyrecipe
 from tests.test_training import fit, scalars, write_recipe
 from tinyrecipe.checkpoint import load_tinyrecipe_checkpoint
+from tinyrecipe.train.journal import read_journal, run_status
 
 
 def fabric(recipe, *extra: str) -> subprocess.CompletedProcess:
@@ -108,6 +109,12 @@ def test_fabric_two_processes_match_one_and_resume_on_one(
     for (_, x), (_, y) in zip(a["train/loss"], b["train/loss"], strict=True):
         assert x == pytest.approx(y, abs=1e-4)
     assert b["train/tokens_seen"] == a["train/tokens_seen"]  # from the data position
+    starts = [e for e in read_journal(tmp_path / "two/fabric") if e["event"] == "start"]
+    assert [(e["world_size"], e["step"], e["why"]) for e in starts] == [
+        (2, 0, "fresh"),
+        (1, 2, "given"),
+    ]
+    assert run_status(read_journal(tmp_path / "two/fabric")).finished
 
 
 def test_fabric_refuses_fsdp1_in_one_line():

@@ -9,6 +9,7 @@ import yaml
 
 from tests.test_training import MICRO, final_weights, fit, scalars, write_recipe
 from tinyrecipe.data.mixture import MixtureSchedule, TokenBlocks
+from tinyrecipe.train.journal import read_journal, run_status
 
 pytestmark = pytest.mark.faults
 
@@ -89,6 +90,12 @@ def test_kill_and_resume_equals_the_uninterrupted_run(corpus, reference, tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(reference, tmp_path)
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*")), "a killed save left its temp file"
+    events = read_journal(tmp_path)  # the kill, the restart and where it resumed, in the journal
+    status = run_status(events)
+    assert (status.sessions, status.restarts, status.finished, status.step) == (2, 1, True, STEPS)
+    restart = [e for e in events if e["event"] == "start"][-1]
+    assert restart["step"] == EVERY and restart["why"] == "given"
+    assert restart["resumed_from"].endswith("last.ckpt") and 0 < status.goodput < 1
 
 
 def test_kill_right_after_a_mixture_epoch_boundary(corpus, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,13 +45,17 @@ class _Failpointed:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint file I/O through a temporary file, an fsync and a rename
-    (`tinyrecipe.io`), loading with `weights_only` and the fall-back above."""
+    (`tinyrecipe.io`), loading with `weights_only` and the fall-back above. `on_write(path,
+    seconds)`, when set (the run journal), hears of each file written."""
+
+    on_write: Callable[[Path, float], None] | None = None
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
     ) -> None:
         path = Path(path)
         remove_stale(path)  # left by a save that was killed
+        start = time.perf_counter()
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as f:
                 out = _Failpointed(f)
@@ -65,6 +70,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 failpoint("checkpoint.rename")
         except OSError as err:
             raise _disk_error(err, path) from None
+        if self.on_write is not None:
+            self.on_write(path, time.perf_counter() - start)
 
     def load_checkpoint(
         self, path, map_location: Any | None = None, weights_only: bool | None = None

@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tinyrecipe.cli.fit",
         "train a recipe with the plain Lightning Fabric loop (same model, data, step)",
     ),
+    "status": (
+        "tinyrecipe.cli.status",
+        "where a run stands: step, loss, tokens/s, ETA, restarts, goodput (its journal)",
+    ),
     "generate": ("tinyrecipe.cli.generate", "sample text from a checkpoint"),
     "eval": ("tinyrecipe.cli.eval", "score a checkpoint on lm-evaluation-harness tasks"),
     "convert": (

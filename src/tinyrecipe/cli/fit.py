@@ -23,6 +23,7 @@ states only what differs:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
 import sys
@@ -42,6 +43,7 @@ from tinyrecipe.model.config import resolve_config
 from tinyrecipe.train.callbacks import (
     Checkpoints,
     DownstreamEval,
+    RunJournal,
     StepLearningRateMonitor,
     TokenThroughputMonitor,
 )
@@ -146,6 +148,7 @@ class TinyRecipeCLI(LightningCLI):
         parser.add_lightning_class_args(TokenThroughputMonitor, "throughput")
         parser.add_lightning_class_args(StepLearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(DownstreamEval, "downstream_eval")
+        parser.add_lightning_class_args(RunJournal, "journal")
         parser.add_argument(
             "--auto_precision",
             type=bool,
@@ -209,7 +212,16 @@ class TinyRecipeCLI(LightningCLI):
         return kwargs
 
     def before_fit(self) -> None:
+        asked = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get(
+            "ckpt_path"
+        )
         kwargs = self._resolve_auto()
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunJournal):
+                dump = self.parser.dump(self.config, skip_none=False, skip_check=True)
+                callback.recipe_sha256 = hashlib.sha256(dump.encode()).hexdigest()[:16]
+                if asked == "auto":
+                    callback.why = "auto" if kwargs.get("ckpt_path") else "fresh"
         # every refusal before the Trainer writes logs, the recipe's copy or a validation point
         check_fit_start(self.trainer, self.model, kwargs.get("ckpt_path"))
 

@@ -27,6 +27,7 @@ from tinyrecipe._lightning import (
 from tinyrecipe.checkpoint import refuse_new_run_into
 from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
+from tinyrecipe.train.journal import Journal
 
 
 class TokenThroughputMonitor(Callback):
@@ -202,6 +203,78 @@ class Checkpoints(ModelCheckpoint):
         if trainer.is_global_zero:
             link(filepath, linkpath)
         trainer.strategy.barrier()
+
+
+class RunJournal(Callback):
+    """Writes the run directory's journal (`tinyrecipe.train.journal`, rank 0): the start (step,
+    world size, recipe hash, the checkpoint resumed and why), progress at each logging step,
+    each checkpoint written with its duration, and the end; logs train/goodput at logging
+    steps. `tinyrecipe status RUN_DIR` reads it. `enabled: false` turns it off."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.journal: Journal | None = None
+        self.recipe_sha256: str | None = None  # the CLI's: the parsed recipe's hash
+        self.why: str | None = None  # "given", "auto" or "fresh": how the start was chosen
+        self._trainer = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or not self.enabled:
+            return
+        self._trainer = trainer
+        self.journal = Journal(trainer.default_root_dir, enabled=trainer.is_global_zero)
+        for writer in (trainer.strategy.checkpoint_io, trainer.strategy):
+            if hasattr(writer, "on_write"):
+                writer.on_write = self._written
+
+    def _written(self, path: Path, seconds: float) -> None:
+        step = self._trainer.global_step if self._trainer is not None else None
+        self.journal.record("checkpoint", step=step, path=str(path), seconds=round(seconds, 3))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.journal is None:
+            return
+        resumed = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        self.journal.record(
+            "start",
+            step=trainer.global_step,
+            max_steps=trainer.max_steps,
+            world_size=trainer.world_size,
+            recipe_sha256=self.recipe_sha256,
+            resumed_from=resumed,
+            why=self.why or ("given" if resumed else "fresh"),
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.journal is None or should_accumulate(trainer):
+            return
+        step = trainer.global_step
+        if step % max(1, trainer.log_every_n_steps) and step != trainer.max_steps:
+            return  # the metrics are read on the host at logging steps only
+        metrics = trainer.callback_metrics
+
+        def value(key: str):
+            return float(metrics[key]) if key in metrics else None
+
+        self.journal.record(
+            "progress",
+            step=step,
+            tokens=value("train/tokens_seen"),
+            loss=value("train/loss"),
+            skipped=int(value("train/skipped_steps") or 0),
+            spikes=int(value("train/spike_skips") or 0),
+        )
+        goodput = self.journal.goodput()
+        if goodput is not None and trainer.is_global_zero:
+            pl_module.log("train/goodput", goodput, rank_zero_only=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.journal is not None:
+            self.journal.record("end", step=trainer.global_step, reason="done")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.journal is not None:
+            self.journal.record("end", step=trainer.global_step, reason=type(exception).__name__)
 
 
 class DownstreamEval(Callback):

@@ -18,7 +18,9 @@ From Python: `losses = tinyrecipe.train.fabric.train(recipe_dict)`. The loop is 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,7 @@ from tinyrecipe.train.build import (
     refuse_fsdp1,
 )
 from tinyrecipe.train.callbacks import DownstreamEval
+from tinyrecipe.train.journal import Journal
 from tinyrecipe.train.optim import set_scheduled_lr
 from tinyrecipe.train.settings import ModelSettings
 from tinyrecipe.train.step import (
@@ -171,11 +174,19 @@ def _strategy(spec: Any, settings: ModelSettings, precision: str):
     return strategy
 
 
-def _save(fabric: L.Fabric, directory: Path, step: int, state: dict, keep: int = 2) -> Path:
+def _save(
+    fabric: L.Fabric,
+    directory: Path,
+    step: int,
+    state: dict,
+    keep: int = 2,
+    journal: Journal | None = None,
+) -> Path:
     """`directory/step=<step>.ckpt`, written into a temporary sibling every rank agrees on and
     renamed into place by rank 0 once all have written, then `last.ckpt` pointed at it in one
     atomic link swap (as the Trainer path does), then all but the newest `keep` step checkpoints
     deleted: a kill at any moment leaves `last.ckpt` naming a whole checkpoint."""
+    start = time.perf_counter()
     path = directory / f"step={step}.ckpt"
     tmp = temp_sibling(path, "fabric")
     reshard(state["state_dict"])  # after an evaluation, gathered weights would not be saved
@@ -192,6 +203,9 @@ def _save(fabric: L.Fabric, directory: Path, step: int, state: dict, keep: int =
         for old in steps[:-keep] if keep > 0 else []:
             remove(old)
     fabric.barrier()
+    if journal is not None:
+        seconds = round(time.perf_counter() - start, 3)
+        journal.record("checkpoint", step=step, path=str(path), seconds=seconds)
     return path
 
 
@@ -260,6 +274,7 @@ class Run:
     tokens_per_step: int = 0
     seq_len: int = 0
     spike_count: torch.Tensor | None = None
+    journal: Journal | None = None
     window: list = field(default_factory=list)  # the logging window's step losses, on the device
     losses: list = field(default_factory=list)
     every_eval: int = 0
@@ -351,6 +366,16 @@ def set_up(recipe: dict, resume: str | None = None) -> Run:
     )
     fabric.print(
         f"tinyrecipe fabric: {fabric.world_size} process(es), {loop.precision}, {loop.root}"
+    )
+    run.journal = Journal(loop.root / "fabric", enabled=fabric.global_rank == 0)
+    run.journal.record(
+        "start",
+        step=step,
+        max_steps=loop.max_steps,
+        world_size=fabric.world_size,
+        recipe_sha256=hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16],
+        resumed_from=resume,
+        why="given" if resume else "fresh",
     )
     if run.val_loaders and loop.sanity_val and step == 0:
         fabric.log_dict(evaluate(fabric, model, run.val_loaders, run.sources), step=0)
@@ -445,6 +470,16 @@ def after_step(run: Run, stats: StepStats) -> None:
             metrics["train/spike_skips"] = run.spike_count.item()
         if stats.z_loss is not None:
             metrics["train/z_loss"] = stats.z_loss.item()
+        run.journal.record(
+            "progress",
+            step=step,
+            tokens=metrics["train/tokens_seen"],
+            loss=metrics["train/loss"],
+            skipped=run.guard.skipped,
+            spikes=int(metrics.get("train/spike_skips", 0)),
+        )
+        if (goodput := run.journal.goodput()) is not None:
+            metrics["train/goodput"] = goodput
         if run.peak:
             metrics["train/mfu"] = tokens_per_sec * per_token / fabric.world_size / run.peak
         fabric.log_dict(metrics, step=step)
@@ -455,7 +490,7 @@ def after_step(run: Run, stats: StepStats) -> None:
         _downstream(run, step)  # the final weights are always scored, as in `fit`
     if loop.save_every and step % loop.save_every == 0 and not last:
         run.state["global_step"] = step
-        _save(fabric, loop.root / "fabric", step, run.state, loop.keep)
+        _save(fabric, loop.root / "fabric", step, run.state, loop.keep, run.journal)
 
 
 def _downstream(run: Run, step: int) -> None:
@@ -483,10 +518,15 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     """Train `recipe` (a parsed recipe dict); returns the training loss of every optimizer step
     (the mean over its micro-batches and ranks, as the Trainer logs it)."""
     run = set_up(recipe, resume)
-    while run.step < run.loop.max_steps:
-        after_step(run, train_step(run))
-    run.guard.flush()
-    run.state["global_step"] = run.step
-    _save(run.fabric, run.loop.root / "fabric", run.step, run.state, run.loop.keep)
+    try:
+        while run.step < run.loop.max_steps:
+            after_step(run, train_step(run))
+        run.guard.flush()
+        run.state["global_step"] = run.step
+        _save(run.fabric, run.loop.root / "fabric", run.step, run.state, run.loop.keep, run.journal)
+    except BaseException as err:
+        run.journal.record("end", step=run.step, reason=type(err).__name__)
+        raise
+    run.journal.record("end", step=run.step, reason="done")
     run.fabric.print(f"checkpoint: {run.loop.root / 'fabric' / 'last.ckpt'}")
     return run.losses

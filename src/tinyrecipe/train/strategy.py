@@ -32,6 +32,7 @@ The decoder is sharded by `CausalLMModule.configure_model` (`tinyrecipe.model.pa
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -90,6 +91,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reshard_after_backward = reshard_after_backward
         self.shard_group_size = shard_group_size
         self.sharded_checkpoints = save_distributed_checkpoint
+        self.on_write = None  # (path, seconds) of each sharded checkpoint written: the journal
         self._fsdp_mesh = None
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -146,6 +148,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
         from torch.distributed.checkpoint import save
 
+        start = time.perf_counter()
         path = Path(self.broadcast(str(filepath)))
         tmp = temp_sibling(path, SHARDED_TAG)
         if self.is_global_zero:
@@ -167,6 +170,8 @@ class FSDP2Strategy(ModelParallelStrategy):
             if self.is_global_zero:
                 remove(tmp)
         self.barrier("tinyrecipe_ckpt_done")
+        if self.on_write is not None:
+            self.on_write(path, time.perf_counter() - start)
 
     def load_checkpoint(self, checkpoint_path, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
