@@ -249,7 +249,7 @@ class RunJournal(Callback):
         if self.journal is None or should_accumulate(trainer):
             return
         step = trainer.global_step
-        if step % max(1, trainer.log_every_n_steps) and step != trainer.max_steps:
+        if step % max(1, trainer.log_every_n_steps):
             return  # the metrics are read on the host at logging steps only
         metrics = trainer.callback_metrics
 
