@@ -3,10 +3,13 @@
 import pytest
 
 from tinyrecipe.cli import main as cli
+from tinyrecipe.train import journal as journal_module
 from tinyrecipe.train.journal import Journal, read_journal, run_status
 
 
-def test_goodput_leaves_out_start_up_replayed_steps_checkpoint_writes_and_the_kill(tmp_path):
+def test_goodput_leaves_out_start_up_replayed_steps_checkpoint_writes_and_the_kill(
+    tmp_path, monkeypatch
+):
     journal = Journal(tmp_path)
     events = [  # (time, event, fields): 1 s a step
         (0, "start", {"step": 0, "max_steps": 12, "world_size": 2}),
@@ -20,9 +23,14 @@ def test_goodput_leaves_out_start_up_replayed_steps_checkpoint_writes_and_the_ki
         (46, "progress", {"step": 12, "tokens": 1200, "loss": 3.0}),
         (46.5, "end", {"step": 12, "reason": "done"}),
     ]
-    for t, kind, fields in events:
-        journal.events.append({"event": kind, "time": t, **fields})
-    status = run_status(journal.events)
+    clock = iter(t for t, _, _ in events)
+    monkeypatch.setattr(journal_module.time, "time", lambda: next(clock))
+    followed = []
+    for _, kind, fields in events:
+        journal.record(kind, **fields)
+        followed.append(journal.goodput())  # kept up to date, never re-read: the same figure
+    assert followed == [run_status(journal.events[:n]).goodput for n in range(1, 11)]
+    status = run_status(read_journal(tmp_path))
     assert (status.sessions, status.restarts, status.finished, status.step) == (2, 1, True, 12)
     assert status.wall_seconds == pytest.approx(17.5 + 16.5)
     # counted: steps 0-4 of the first session at 1 s, steps 4-12 of the second at 1 s

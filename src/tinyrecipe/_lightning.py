@@ -32,13 +32,14 @@ def steps_logged_at(trainer) -> int:
     return trainer.fit_loop.epoch_loop._batches_that_stepped
 
 
-def log_at_logging_steps(trainer, metrics: dict[str, float]) -> None:
-    """Write `metrics` to the loggers when this is a logging step, at the step Lightning's own
-    logging uses (`self.log` is for the LightningModule; a callback timing the previous step
-    writes through the logger connector, as Lightning's `ThroughputMonitor` does)."""
+def log_at_logging_steps(trainer, metrics: Callable[[], dict[str, float]]) -> None:
+    """Write `metrics()` (computed only then) to the loggers when this is a logging step, at the
+    step Lightning's own logging uses (`self.log` is for the LightningModule; a callback timing
+    the previous step writes through the logger connector, as Lightning's `ThroughputMonitor`
+    does)."""
     connector = trainer._logger_connector
     if connector.should_update_logs:
-        connector.log_metrics(metrics)
+        connector.log_metrics(metrics())
 
 
 def batches_processed(trainer) -> int:

@@ -98,8 +98,9 @@ class TokenThroughputMonitor(Callback):
             lengths=self._totals[2],
             flops=flops,
         )
-        metrics = {f"train/{k}": v for k, v in self._throughput.compute().items()}
-        log_at_logging_steps(trainer, metrics)
+        log_at_logging_steps(
+            trainer, lambda: {f"train/{k}": v for k, v in self._throughput.compute().items()}
+        )
 
     @rank_zero_only
     def on_validation_start(self, trainer, *args) -> None:

@@ -36,6 +36,8 @@ class Journal:
         self.path = Path(run_dir) / JOURNAL
         self.enabled = enabled
         self.events = read_journal(self.path.parent) if enabled else []
+        self._earlier = (0.0, 0.0)  # useful and wall seconds of the sessions before this one
+        self._session: dict | None = None  # this session's start, progress span and writes
 
     def record(self, event: str, **fields) -> dict:
         entry = {"event": event, "time": time.time(), **fields}
@@ -46,10 +48,43 @@ class Journal:
                 f.flush()
                 os.fsync(f.fileno())
             self.events.append(entry)
+            self._follow(entry)
         return entry
 
-    def goodput(self, now: float | None = None) -> float | None:
-        return run_status(self.events, now=now).goodput
+    def _follow(self, entry: dict) -> None:
+        """Keep this session's goodput terms up to date, so `goodput` costs the same at any
+        length of the run (the earlier sessions are summed once, at this session's start)."""
+        kind, session = entry["event"], self._session
+        if kind == "start":
+            earlier = run_status(self.events)  # this start fixes the steps the last one replayed
+            self._earlier = (earlier.useful_seconds, earlier.wall_seconds)
+            self._session = {"start": entry, "first": None, "last": None, "inside": 0.0}
+            self._session["pending"], self._session["time"] = 0.0, entry["time"]
+            return
+        if session is None:
+            return
+        session["time"] = entry["time"]
+        if kind == "progress":
+            if session["first"] is None:
+                session["first"] = entry
+            session["inside"] += session["pending"]  # writes between two progress events
+            session["pending"], session["last"] = 0.0, entry
+        elif kind == "checkpoint" and session["first"] is not None:
+            session["pending"] += entry["seconds"]
+
+    def goodput(self) -> float | None:
+        """`run_status(events).goodput` of the events recorded so far."""
+        session = self._session
+        if session is None:
+            return run_status(self.events).goodput
+        useful, wall = self._earlier
+        wall += session["time"] - session["start"]["time"]
+        if session["first"] is not None:
+            start_step = session["start"].get("step", 0)
+            useful += _useful_seconds(
+                start_step, session["first"], session["last"], session["inside"]
+            )
+        return useful / wall if wall > 0 else None
 
 
 def read_journal(run_dir: str | Path) -> list[dict]:
@@ -99,6 +134,20 @@ def _sessions(events: list[dict]) -> list[list[dict]]:
     return sessions
 
 
+def _useful_seconds(
+    start_step: int, first: dict, last: dict, writes_inside: float, kept_until: int | None = None
+) -> float:
+    """A session's seconds in steps that counted: its steps from `start_step` to the last
+    progress event (or to `kept_until`, where the next session resumed) at its time per step
+    between its first and last progress events, checkpoint writes left out."""
+    steps = last["step"] - first["step"]
+    if steps <= 0:
+        return 0.0
+    per_step = (last["time"] - first["time"] - writes_inside) / steps
+    end = last["step"] if kept_until is None else min(last["step"], kept_until)
+    return per_step * max(0, end - start_step)
+
+
 def run_status(
     events: list[dict], max_steps: int | None = None, now: float | None = None
 ) -> RunStatus:
@@ -122,14 +171,12 @@ def run_status(
         kept_until = sessions[i + 1][0].get("step", 0) if i + 1 < len(sessions) else None
         if len(progress) >= 2:
             first, last = progress[0], progress[-1]
-            steps = last["step"] - first["step"]
             writes_inside = sum(
                 w["seconds"] for w in writes if first["time"] <= w["time"] <= last["time"]
             )
-            if steps > 0:  # the session's time per step, start-up and checkpoint writes left out
-                per_step = (last["time"] - first["time"] - writes_inside) / steps
-                end = last["step"] if kept_until is None else min(last["step"], kept_until)
-                status.useful_seconds += per_step * max(0, end - start.get("step", 0))
+            status.useful_seconds += _useful_seconds(
+                start.get("step", 0), first, last, writes_inside, kept_until
+            )
         status.checkpoint_seconds += sum(w["seconds"] for w in writes)
     for event in events:
         kind = event.get("event")
