@@ -76,3 +76,23 @@ def test_model_checkpoint_privates():
     params = list(inspect.signature(ModelCheckpoint._link_checkpoint).parameters)
     assert params == ["trainer", "filepath", "linkpath"]
     assert "_link_checkpoint" in inspect.getsource(ModelCheckpoint._save_last_checkpoint)
+
+
+def test_the_process_group_settings_of_each_multi_process_strategy():
+    from datetime import timedelta
+
+    from lightning.fabric.strategies import DDPStrategy as FabricDDP
+    from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+    timeout = timedelta(seconds=42)
+    extra = {"parallelize_fn": lambda module, mesh: module}
+    strategies = [
+        DDPStrategy(timeout=timeout, process_group_backend="gloo"),
+        ModelParallelStrategy(timeout=timeout, process_group_backend="gloo"),
+        FabricDDP(timeout=timeout, process_group_backend="gloo"),
+        FabricModelParallel(timeout=timeout, process_group_backend="gloo", **extra),
+    ]
+    for strategy in strategies:
+        assert _lightning.process_group_settings(strategy) == ("gloo", timeout), strategy
+        assert "_init_dist_connection" in inspect.getsource(type(strategy))  # skips a started group
+    assert _lightning.process_group_settings(SingleDeviceStrategy("cpu")) is None

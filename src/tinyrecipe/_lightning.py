@@ -119,3 +119,14 @@ def save_missing_final_checkpoint(callback, trainer) -> None:
         monitor = callback._monitor_candidates(trainer)
         callback._save_topk_checkpoint(trainer, monitor)
         callback._save_last_checkpoint(trainer, monitor)
+
+
+def process_group_settings(strategy) -> tuple[str, Any] | None:
+    """The backend and collective timeout a multi-process strategy (Trainer's or Fabric's DDP and
+    ModelParallel) gives `init_process_group`, None for a single-device strategy. Lightning
+    resolves them inside its private `_setup_distributed`; tinyrecipe starts the process group
+    itself under torchrun (`tinyrecipe.train.elastic`) and must pass the same."""
+    resolve = getattr(strategy, "_get_process_group_backend", None)
+    if resolve is None:
+        return None
+    return resolve(), strategy._timeout

@@ -43,10 +43,12 @@ from tinyrecipe.model.config import resolve_config
 from tinyrecipe.train.callbacks import (
     Checkpoints,
     DownstreamEval,
+    HangWatchdog,
     RunJournal,
     StepLearningRateMonitor,
     TokenThroughputMonitor,
 )
+from tinyrecipe.train.elastic import init_process_group
 from tinyrecipe.train.module import CausalLMModule
 from tinyrecipe.train.settings import moved_key
 
@@ -149,6 +151,7 @@ class TinyRecipeCLI(LightningCLI):
         parser.add_lightning_class_args(StepLearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(DownstreamEval, "downstream_eval")
         parser.add_lightning_class_args(RunJournal, "journal")
+        parser.add_lightning_class_args(HangWatchdog, "watchdog")
         parser.add_argument(
             "--auto_precision",
             type=bool,
@@ -212,6 +215,7 @@ class TinyRecipeCLI(LightningCLI):
         return kwargs
 
     def before_fit(self) -> None:
+        init_process_group(self.trainer.strategy)  # restart-safe under torchrun
         asked = (self.config_init[self.subcommand] if self.subcommand else self.config_init).get(
             "ckpt_path"
         )
@@ -226,6 +230,7 @@ class TinyRecipeCLI(LightningCLI):
         check_fit_start(self.trainer, self.model, kwargs.get("ckpt_path"))
 
     def before_validate(self) -> None:
+        init_process_group(self.trainer.strategy)
         self._resolve_auto()
 
     def after_validate(self) -> None:

@@ -32,6 +32,7 @@ from lm_eval.api.model import TemplateLM
 from tinyrecipe.data.tokenizer import TextTokenizer
 from tinyrecipe.generation import generate
 from tinyrecipe.model import Llama
+from tinyrecipe.watchdog import beat
 
 TASKS_DIR = Path(__file__).with_name("tasks")  # tinyllama-commonsense and friends
 COMMONSENSE = "tinyllama-commonsense"
@@ -140,6 +141,7 @@ class TinyRecipeLM(TemplateLM):
         was_training = self.model.training
         self.model.eval()
         for b in range(passes):
+            beat()  # progress, for the hang watchdog of a run scoring inside fit
             batch = batches[b] if b < len(batches) else batches[-1][:1] if batches else []
             rows = [(requests[i][1] + requests[i][2])[-(self.max_length + 1) :][:-1] for i in batch]
             rows = rows or [[self.tok.bos_id]]  # a rank with nothing left still steps with the rest
@@ -191,6 +193,7 @@ class TinyRecipeLM(TemplateLM):
         out = []
         passes = self._same_number_of_passes(len(requests))
         for n in range(passes):
+            beat()
             context, kwargs = requests[min(n, len(requests) - 1)].args if requests else ("", {})
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)

@@ -5,6 +5,7 @@ runs."""
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,9 @@ from tinyrecipe._lightning import (
 from tinyrecipe.checkpoint import refuse_new_run_into
 from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
+from tinyrecipe.train.elastic import rendezvous_store
 from tinyrecipe.train.journal import Journal
+from tinyrecipe.watchdog import Watchdog, beat
 
 
 class TokenThroughputMonitor(Callback):
@@ -276,6 +279,70 @@ class RunJournal(Callback):
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self.journal is not None:
             self.journal.record("end", step=trainer.global_step, reason=type(exception).__name__)
+
+
+class HangWatchdog(Callback):
+    """Ends every rank still running when the run makes no progress for `timeout_s` seconds,
+    with one line naming the step and the rank that stopped (`tinyrecipe.watchdog`), and records
+    the hang in the journal; the launcher's restart then resumes the run. Progress: each training
+    and validation batch, checkpoint and downstream-evaluation batch. Recipe key `watchdog:`;
+    `timeout_s: null` turns it off. The default, 600 s, is far above any pause of the flagship
+    run (a step ~6 s, a sharded checkpoint well under a minute) and below the process group's own
+    30-minute collective timeout."""
+
+    def __init__(self, timeout_s: float | None = 600.0, interval_s: float | None = None) -> None:
+        if timeout_s is not None and timeout_s <= 0:
+            raise ValueError(f"watchdog.timeout_s is {timeout_s}; use seconds > 0, or null")
+        self.timeout_s, self.interval_s = timeout_s, interval_s
+        self.watchdog: Watchdog | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.timeout_s is None:
+            return
+        journal = next(
+            (c.journal for c in trainer.callbacks if isinstance(c, RunJournal) and c.journal),
+            None,
+        )
+
+        def on_hang(message: str) -> None:
+            if journal is not None:
+                journal.record("hang", step=trainer.global_step, message=message)
+
+        self.watchdog = Watchdog(
+            self.timeout_s,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            store=rendezvous_store("watchdog", timedelta(seconds=60)),
+            step=trainer.global_step,
+            interval=self.interval_s,
+            on_hang=on_hang,
+        ).start()
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        beat(trainer.global_step)
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        beat(trainer.global_step)
+
+    def on_validation_batch_start(self, *args) -> None:
+        beat()
+
+    def on_validation_batch_end(self, *args) -> None:
+        beat()
+
+    def on_save_checkpoint(self, *args) -> None:
+        beat()
+
+    def _stop(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+            self.watchdog = None
+
+    def on_train_end(self, *args) -> None:
+        self._stop()
+
+    def on_exception(self, *args) -> None:
+        self._stop()
 
 
 class DownstreamEval(Callback):

@@ -47,6 +47,7 @@ from tinyrecipe.train.build import (
     refuse_fsdp1,
 )
 from tinyrecipe.train.callbacks import DownstreamEval
+from tinyrecipe.train.elastic import init_process_group
 from tinyrecipe.train.journal import Journal
 from tinyrecipe.train.optim import set_scheduled_lr
 from tinyrecipe.train.settings import ModelSettings
@@ -304,6 +305,7 @@ def set_up(recipe: dict, resume: str | None = None) -> Run:
         precision=loop.precision,
         loggers=TensorBoardLogger(root_dir=loop.root, name="fabric", version=0),
     )
+    init_process_group(fabric.strategy)  # restart-safe under torchrun
     fabric.launch()
     fabric.seed_everything(loop.seed)
     config = settings.model_config

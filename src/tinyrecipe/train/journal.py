@@ -8,10 +8,12 @@ Events (each with `time`, seconds since the epoch):
 * `progress`: at each logging step: `step`, `tokens`, `loss`, `skipped` (non-finite steps so
   far), `spikes` (spike skips so far).
 * `checkpoint`: a checkpoint written: `step`, `path`, `seconds`.
+* `hang`: the hang watchdog found no progress and ends the process group: `step`, `message`
+  (which rank stopped).
 * `end`: the run stopped: `step`, `reason` ("done", or the exception's name).
 
-A `start` after a `start` with no `end` between them is a restart (the earlier process group was
-killed). Goodput is the share of the wall time spent in steps that counted: a run's wall time is
+A `start` after a session that did not end "done" is a restart (the earlier process group was
+killed, hung or failed). Goodput is the share of the wall time spent in steps that counted: a run's wall time is
 the sum of its sessions' (start to last event); what counted is, per session, its steps that
 the next session did not replay, at the session's time per step (between its first and last
 progress events, checkpoint writes left out): start-up, replayed steps, checkpoint writes and
@@ -113,6 +115,7 @@ class RunStatus:
     last_checkpoint: str | None = None
     sessions: int = 0
     restarts: int = 0
+    hangs: int = 0
     finished: bool = False
     skipped: int = 0
     spikes: int = 0
@@ -159,8 +162,10 @@ def run_status(
     for i, session in enumerate(sessions):
         start = session[0]
         ended = any(e.get("event") == "end" for e in session)
-        if i + 1 < len(sessions) and not ended:
+        done = any(e.get("event") == "end" and e.get("reason") == "done" for e in session)
+        if i + 1 < len(sessions) and not done:
             status.restarts += 1
+        status.hangs += sum(e.get("event") == "hang" for e in session)
         last_time = session[-1]["time"]
         if i + 1 == len(sessions) and not ended and now is not None:
             last_time = max(last_time, now)
@@ -223,7 +228,8 @@ def describe_status(status: RunStatus, run_dir: str | Path) -> str:
             f"loss (last logging steps): {losses}",
             f"tokens/s: {rate}; ETA: {hours(status.eta_seconds)}",
             f"last checkpoint: {status.last_checkpoint or '-'}",
-            f"sessions: {status.sessions}, restarts: {status.restarts}; skipped steps: "
+            f"sessions: {status.sessions}, restarts: {status.restarts}, hangs: {status.hangs}; "
+            f"skipped steps: "
             f"{status.skipped}, spike skips: {status.spikes}",
             f"goodput: {goodput} ({hours(status.useful_seconds)} of steps that counted in "
             f"{hours(status.wall_seconds)} of wall time; checkpoint writes "

@@ -1,0 +1,84 @@
+"""Runs under a launcher that restarts them: torchrun's elastic agent (`--max-restarts`).
+
+torchrun (torch 2.x) hands every restart of a worker group the same rendezvous store
+(`TORCHELASTIC_USE_AGENT_STORE=True`) with the previous attempt's keys still in it, so a restarted
+rank reads a dead peer's address from it (gloo: "connectFullMesh failed ... Connection refused";
+NCCL: a stale unique id) and the restart is lost (pytorch/pytorch#135712). `init_process_group`
+starts the default process group on that store under a prefix of the restart number, which the
+one agent of a node counts for all its workers. Agents of several nodes count restarts each for
+their own workers, so on several nodes the store must not be shared: `export
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` before torchrun (each round then gets a fresh store), which
+`init_process_group` asks for in one line when restarts are allowed.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from tinyrecipe._lightning import process_group_settings
+
+
+def restart_count() -> int:
+    """torchrun's count of this worker group's restarts (0 outside torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+def _shared_agent_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def check_restartable() -> None:
+    """Refuses, in one line, restarts that would read stale addresses: several nodes sharing the
+    agents' store with `--max-restarts` above 0."""
+    nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if _shared_agent_store() and nodes > 1 and restarts > 0:
+        raise ValueError(
+            f"torchrun --max-restarts {restarts} on {nodes} nodes: export "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun, or a restarted group reads "
+            "the previous attempt's addresses (docs/reliability.md, long runs)"
+        )
+
+
+def rendezvous_store(namespace: str, timeout: timedelta) -> dist.Store | None:
+    """A client of the run's rendezvous store (MASTER_ADDR:MASTER_PORT: torchrun's agent, or
+    rank 0 under Lightning's launcher) under `tinyrecipe/restart-<n>/<namespace>`, None in a
+    single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "MASTER_PORT" not in os.environ:
+        return None
+    client = dist.TCPStore(
+        os.environ.get("MASTER_ADDR", "127.0.0.1"),
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timeout,
+        wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"tinyrecipe/restart-{restart_count()}/{namespace}", client)
+
+
+def init_process_group(strategy) -> bool:
+    """Under torchrun's shared store, starts the default process group for `strategy` (its
+    backend and timeout, as Lightning would) on a store fresh to this restart; Lightning then
+    finds it started. Elsewhere, or when already started, does nothing. True when it started it."""
+    check_restartable()
+    settings = process_group_settings(strategy)
+    if not _shared_agent_store() or dist.is_initialized() or settings is None:
+        return False
+    backend, timeout = settings
+    device = strategy.root_device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = rendezvous_store("process-group", timeout)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        timeout=timeout,
+        device_id=device if device.type != "cpu" else None,
+    )
+    return True

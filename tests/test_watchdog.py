@@ -1,0 +1,98 @@
+"""The hang watchdog and the restart-safe start under torchrun, without processes: a stalled
+rank names the rank whose heartbeat stopped; progress keeps it quiet; restarts that would read
+stale addresses are refused in one line; failpoint specs pick a rank and an attempt."""
+
+import time
+
+import pytest
+import torch.distributed as dist
+
+from tinyrecipe import faults, watchdog
+from tinyrecipe.train.elastic import check_restartable, init_process_group
+from tinyrecipe.train.journal import run_status
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def test_a_stalled_rank_names_the_rank_that_stopped():
+    store, exits, hangs = dist.HashStore(), [], []
+    # rank 1 publishes once (its start) and then stops, as a SIGSTOPped process would
+    watchdog.Watchdog(1, rank=1, world_size=3, store=store, step=4)._publish()
+    live = watchdog.Watchdog(60, rank=2, world_size=3, store=store, step=5, interval=0.05).start()
+    mine = watchdog.Watchdog(
+        0.3,
+        rank=0,
+        world_size=3,
+        store=store,
+        step=5,
+        interval=0.05,
+        on_hang=hangs.append,
+        exit=exits.append,
+    ).start()
+    wait_for(lambda: exits)
+    mine.stop(), live.stop()
+    assert exits == [watchdog.HANG_EXIT_CODE]
+    (line,) = hangs
+    assert line.startswith("tinyrecipe: hang: no progress for 0 s after step 5")
+    assert "stopped: rank 1 (after step 4);" in line and "rank 2" not in line
+
+
+def test_progress_keeps_the_watchdog_quiet():
+    exits = []
+    dog = watchdog.Watchdog(0.3, interval=0.05, exit=exits.append).start()
+    for step in range(15):
+        watchdog.beat(step)
+        time.sleep(0.05)
+    dog.stop()
+    assert exits == [] and dog.step == 14 and watchdog._active is None
+    watchdog.beat(99)  # no watchdog: nothing happens
+
+
+def test_without_a_store_the_line_names_this_rank():
+    hangs = []
+    dog = watchdog.Watchdog(0.1, step=3, interval=0.05, on_hang=hangs.append, exit=lambda c: None)
+    dog.start()
+    wait_for(lambda: hangs)
+    dog.stop()
+    assert hangs[0].endswith("after step 3; rank 0 exits (3) for the launcher to restart the run")
+
+
+def test_restarts_on_several_nodes_sharing_the_agent_store_are_refused(monkeypatch):
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    with pytest.raises(ValueError, match="export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "0")
+    check_restartable()
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    check_restartable()
+    assert init_process_group(object()) is False  # not torchrun's shared store: Lightning starts it
+
+
+def test_failpoint_specs_pick_a_rank_and_an_attempt(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    assert faults._matches("train.after_backward:5@1#2", "train.after_backward") == 5
+    assert faults._matches("train.after_backward:5@0#2", "train.after_backward") is None
+    assert faults._matches("train.after_backward:5@1#0", "train.after_backward") is None
+    assert faults._matches("val.batch", "val.batch") == 1
+    assert faults._matches("val.batch:2", "train.after_backward") is None
+
+
+def test_a_session_that_failed_or_hung_then_started_again_is_a_restart():
+    events = [
+        {"event": "start", "time": 0, "step": 0},
+        {"event": "end", "time": 5, "step": 3, "reason": "RuntimeError"},
+        {"event": "start", "time": 6, "step": 2},
+        {"event": "hang", "time": 9, "step": 4, "message": "..."},
+        {"event": "start", "time": 10, "step": 4},
+        {"event": "end", "time": 12, "step": 6, "reason": "done"},
+    ]
+    status = run_status(events)
+    assert (status.sessions, status.restarts, status.hangs, status.finished) == (3, 2, 1, True)
