@@ -1,5 +1,6 @@
 import pytest
 
+from tests.conftest import ROOT
 from tinyrecipe import cli
 from tinyrecipe.cli import smoke
 
@@ -27,3 +28,25 @@ def test_smoke_trains_and_samples(capsys):
 def test_stdlib_text_is_deterministic():
     a, b = smoke.stdlib_text_bytes(), smoke.stdlib_text_bytes()
     assert len(a) > 100_000 and a.equal(b)
+
+
+def test_the_slurm_template_runs_the_flagship_fit_command():
+    """examples/slurm/fit.sbatch: requeued with a signal to every task, and its srun line is a
+    `tinyrecipe fit` command the parser accepts, for 2 nodes of 8 GPUs."""
+    import shlex
+
+    from tinyrecipe.cli.fit import parse_recipe
+
+    text = (ROOT / "examples/slurm/fit.sbatch").read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=USR1@" in text  # tasks, not B:
+    line = " ".join(text.split("srun", 1)[1].replace("\\\n", " ").split())
+    env = {"RECIPE": "recipes/tinyllama-1.1b.yaml", "SLURM_NNODES": "2"}
+    env["SLURM_NTASKS_PER_NODE"] = "8"
+    for name, value in env.items():
+        line = line.replace(f'"${name}"', value).replace(f"${{{name}:-{value}}}", value)
+    argv = shlex.split(line)
+    assert argv[1:3] == ["tinyrecipe", "fit"], argv
+    recipe, _ = parse_recipe(argv[3:])  # ckpt_path is fit's argument, not the recipe's
+    assert (recipe["trainer"]["num_nodes"], int(recipe["trainer"]["devices"])) == (2, 8)
+    assert "--ckpt_path auto" in line and recipe["slurm_requeue"]["signal_name"] == "SIGUSR1"
+    assert recipe["watchdog"]["timeout_s"] == 600

@@ -1,12 +1,18 @@
 """kill -9 a real `tinyrecipe fit` at exact places (failpoints) and resume with --ckpt_path last:
 the final weights and the logged training losses equal the uninterrupted run's, bitwise."""
 
+import os
+import signal
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
+from tests.conftest import ROOT
 from tests.test_training import MICRO, final_weights, fit, scalars, write_recipe
 from tinyrecipe.data.mixture import MixtureSchedule, TokenBlocks
 from tinyrecipe.train.journal import read_journal, run_status
@@ -166,3 +172,57 @@ def test_kill_and_resume_on_object_storage(corpus, reference, s3_corpus, tmp_pat
     resumed = fit(recipe, "--ckpt_path", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same_run(reference, tmp_path)
+
+
+def test_slurm_requeue_resumes_the_run(corpus, reference, tmp_path):
+    """SLURM emulated: its variables, SIGUSR1 to a process stopped mid-step 5, a stand-in
+    `scontrol` on PATH. The run checkpoints step 5 whole, requeues the job and stops; the next
+    job (the same command) resumes from it and ends bitwise equal to the uninterrupted run."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.calls"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NAME": "tinyrecipe",
+        "SLURM_NTASKS": "1",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+    }
+    recipe = write_recipe(tmp_path, corpus, max_steps=STEPS, every=EVERY)
+    command = [sys.executable, "-m", "tinyrecipe.cli", "fit", "--config", str(recipe)]
+    command += ["--ckpt_path", "auto"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **slurm)
+    job = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=dict(env, TINYRECIPE_STOP_AT="train.after_backward:5"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stat = Path(f"/proc/{job.pid}/stat")
+    while job.poll() is None and stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+        time.sleep(0.05)
+    job.send_signal(signal.SIGUSR1)  # SLURM's warning, taken when the process runs again
+    job.send_signal(signal.SIGCONT)
+    output, _ = job.communicate(timeout=300)
+    assert job.returncode == 0, output[-3000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    last = tmp_path / "checkpoints/last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 5  # the whole step 5
+    requeued = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert_same_run(reference, tmp_path)
+    events = read_journal(tmp_path)
+    assert [(e["event"], e.get("step")) for e in events if e["event"] in ("requeue", "end")] == [
+        ("requeue", 5),
+        ("end", 5),
+        ("end", STEPS),
+    ]
+    assert [e["step"] for e in events if e["event"] == "start"] == [0, 5]
+    status = run_status(events)
+    assert (status.sessions, status.restarts, status.finished) == (2, 1, True)

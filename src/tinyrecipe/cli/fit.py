@@ -45,6 +45,7 @@ from tinyrecipe.train.callbacks import (
     DownstreamEval,
     HangWatchdog,
     RunJournal,
+    SlurmRequeue,
     StepLearningRateMonitor,
     TokenThroughputMonitor,
 )
@@ -152,6 +153,7 @@ class TinyRecipeCLI(LightningCLI):
         parser.add_lightning_class_args(DownstreamEval, "downstream_eval")
         parser.add_lightning_class_args(RunJournal, "journal")
         parser.add_lightning_class_args(HangWatchdog, "watchdog")
+        parser.add_lightning_class_args(SlurmRequeue, "slurm_requeue")
         parser.add_argument(
             "--auto_precision",
             type=bool,

@@ -4,12 +4,16 @@ runs."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.throughput import Throughput
 from lightning.pytorch.callbacks import (
     Callback,
@@ -274,7 +278,9 @@ class RunJournal(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if self.journal is not None:
-            self.journal.record("end", step=trainer.global_step, reason="done")
+            short = 0 < trainer.max_steps and trainer.global_step < trainer.max_steps
+            reason = "stopped" if short else "done"  # stopped: requeued, or a callback's stop
+            self.journal.record("end", step=trainer.global_step, reason=reason)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if self.journal is not None:
@@ -343,6 +349,57 @@ class HangWatchdog(Callback):
 
     def on_exception(self, *args) -> None:
         self._stop()
+
+
+class SlurmRequeue(Callback):
+    """Under SLURM (`#SBATCH --requeue --signal=USR1@180`): the requeue signal sets a flag; at the
+    next logging step, once any rank has it, every rank saves a checkpoint of that whole step,
+    rank 0 runs `scontrol requeue` on the job and records `requeue` in the journal, and the run
+    stops; the requeued job resumes from that checkpoint (`ckpt_path: auto`). Installed first,
+    it keeps Lightning's own SLURM handler, which saves wherever the signal lands (mid-step),
+    out. Inactive outside SLURM (no SLURM_NTASKS, or an interactive job)."""
+
+    def __init__(self, signal_name: str = "SIGUSR1") -> None:
+        self.signal = signal.Signals[signal_name]
+        self.requested = False
+        self._previous = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and SLURMEnvironment.detect():
+            self._previous = signal.signal(self.signal, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if self._previous is None or should_accumulate(trainer):
+            return
+        if trainer.global_step % max(1, trainer.log_every_n_steps):
+            return  # the ranks agree at logging steps only (a host read)
+        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return
+        callback = trainer.checkpoint_callback
+        if callback is not None:
+            save_missing_final_checkpoint(callback, trainer)
+        job = os.environ.get("SLURM_JOB_ID", "")
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        if trainer.is_global_zero:
+            for c in trainer.callbacks:
+                if isinstance(c, RunJournal) and c.journal is not None:
+                    c.journal.record("requeue", step=trainer.global_step, job=job)
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            said = "requeued" if done.returncode == 0 else f"scontrol failed: {done.stderr.strip()}"
+            rank_zero_info(
+                f"tinyrecipe: SLURM {self.signal.name} at step "
+                f"{trainer.global_step}: checkpoint saved; job {job} {said}"
+            )
+        trainer.should_stop = True
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self._previous is not None:
+            signal.signal(self.signal, self._previous)
+            self._previous = None
 
 
 class DownstreamEval(Callback):
