@@ -14,6 +14,7 @@ from tests.conftest import EVAL_LIMIT, ROOT
 from tests.test_training import MICRO, scalars, write_recipe
 from tinyrecipe.checkpoint import load_tinyrecipe_checkpoint
 from tinyrecipe.cli import main as cli_main
+from tinyrecipe.train.journal import read_journal
 
 ACCUMULATE, STEPS = 4, 3
 FSDP_MODULES = MICRO["n_layer"] + 1  # each decoder block and the root
@@ -198,6 +199,9 @@ def test_hsdp_on_four_processes_trains_like_one_and_resumes_exactly(runs, corpus
     said = [line for line in result.stderr.splitlines() if "is unreadable" in line]
     assert len(said) == 1 and f"'step={STEPS}.ckpt/{shard.name}' is cut short" in said[0], said
     assert "'step=2.ckpt' (step 2)" in said[0]
+    (start,) = [e for e in read_journal(resumed) if e["event"] == "start"]
+    assert (start["why"], start["step"]) == ("fall-back", 2)
+    assert start["resumed_from"].endswith("step=2.ckpt") and "cut short" in start["unreadable_why"]
     _, want = load_tinyrecipe_checkpoint(ckpts / f"step={STEPS}.ckpt")
     _, got = load_tinyrecipe_checkpoint(resumed / "checkpoints/last.ckpt")
     assert all(torch.equal(want[k], got[k]) for k in want)

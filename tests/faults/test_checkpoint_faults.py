@@ -74,7 +74,8 @@ def test_disk_full_is_one_clear_error_and_the_old_checkpoint_stays(tmp_path, mon
 
 
 def test_an_unreadable_last_falls_back_to_the_newest_readable_checkpoint(tmp_path):
-    io = AtomicCheckpointIO()
+    io, heard = AtomicCheckpointIO(), []
+    io.on_fallback = lambda *args: heard.append(args)
     io.save_checkpoint(state(4), tmp_path / "step=4.ckpt")
     io.save_checkpoint(state(8), tmp_path / "epoch=0-step=8.ckpt")
     last = tmp_path / "last.ckpt"
@@ -84,6 +85,7 @@ def test_an_unreadable_last_falls_back_to_the_newest_readable_checkpoint(tmp_pat
         damaged.write_bytes(damaged.read_bytes()[:300])
     with pytest.warns(UserWarning, match=r"last.ckpt' is unreadable .*'step=4.ckpt' \(step 4\)"):
         assert io.load_checkpoint(last)["global_step"] == 4
+    assert [(a.name, b.name) for a, b, _ in heard] == [("last.ckpt", "step=4.ckpt")]  # journal
     (tmp_path / "step=4.ckpt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="unreadable .* no other checkpoint beside it loads") as no:
         io.load_checkpoint(last)

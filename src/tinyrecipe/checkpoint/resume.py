@@ -46,9 +46,11 @@ class _Failpointed:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint file I/O through a temporary file, an fsync and a rename
     (`tinyrecipe.io`), loading with `weights_only` and the fall-back above. `on_write(path,
-    seconds)`, when set (the run journal), hears of each file written."""
+    seconds)` and `on_fallback(path, used, why)`, when set (the run journal), hear of each file
+    written and of a damaged checkpoint passed over."""
 
     on_write: Callable[[Path, float], None] | None = None
+    on_fallback: Callable[[Path, Path, str], None] | None = None
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
@@ -84,6 +86,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             lambda p: super(AtomicCheckpointIO, self).load_checkpoint(
                 p, weights_only=True, **kwargs
             ),
+            on_fallback=self.on_fallback,
         )
 
 
@@ -142,13 +145,17 @@ def refuse_sharded(path: Path) -> None:
 
 
 def load_with_fallback(
-    path: Path, load: Callable[[Path], T], any_failed: Callable[[bool], bool] = bool
+    path: Path,
+    load: Callable[[Path], T],
+    any_failed: Callable[[bool], bool] = bool,
+    on_fallback: Callable[[Path, Path, str], None] | None = None,
 ) -> T:
     """`load(path)`; if `path` is unreadable (a disk fault, a copy cut short, a shard missing or
     cut, a garbled index), `load` of the newest other checkpoint beside it that loads, with a
-    one-line warning. A missing `path` is an error: nothing to fall back from. `any_failed`
-    (for sharded checkpoints, a reduction over the ranks) makes every rank judge each candidate
-    alike, so all of them load the same one; the default judges this process alone."""
+    one-line warning and `on_fallback(path, other, why)` (the run journal). A missing `path` is an
+    error: nothing to fall back from. `any_failed` (for sharded checkpoints, a reduction over the
+    ranks) makes every rank judge each candidate alike, so all of them load the same one; the
+    default judges this process alone."""
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     if not path.exists():
@@ -182,6 +189,8 @@ def load_with_fallback(
                 f"checkpoint '{path}' is unreadable ({why}); resuming from the newest readable "
                 f"one beside it, '{other.name}' (step {step})"
             )
+            if on_fallback is not None:
+                on_fallback(path, other, why)
             return result
     raise ValueError(
         f"checkpoint '{path}' is unreadable ({why}) and no other checkpoint beside it loads; "

@@ -32,7 +32,7 @@ from tinyrecipe._lightning import (
 from tinyrecipe.checkpoint import refuse_new_run_into
 from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
-from tinyrecipe.train.elastic import rendezvous_store
+from tinyrecipe.train.elastic import rendezvous_store, restart_count
 from tinyrecipe.train.journal import Journal
 from tinyrecipe.watchdog import Watchdog, beat
 
@@ -225,6 +225,7 @@ class RunJournal(Callback):
         self.recipe_sha256: str | None = None  # the CLI's: the parsed recipe's hash
         self.why: str | None = None  # "given", "auto" or "fresh": how the start was chosen
         self._trainer = None
+        self._fallback: tuple[Path, Path, str] | None = None  # (damaged, used, why)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit" or not self.enabled:
@@ -234,6 +235,10 @@ class RunJournal(Callback):
         for writer in (trainer.strategy.checkpoint_io, trainer.strategy):
             if hasattr(writer, "on_write"):
                 writer.on_write = self._written
+                writer.on_fallback = self._fell_back
+
+    def _fell_back(self, path: Path, used: Path, why: str) -> None:
+        self._fallback = (path, used, why)
 
     def _written(self, path: Path, seconds: float) -> None:
         step = self._trainer.global_step if self._trainer is not None else None
@@ -243,6 +248,12 @@ class RunJournal(Callback):
         if self.journal is None:
             return
         resumed = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        why = self.why or ("given" if resumed else "fresh")
+        damaged = {}
+        if self._fallback is not None:  # the checkpoint asked for was unreadable
+            path, used, reason = self._fallback
+            resumed, why = str(used), "fall-back"
+            damaged = {"unreadable": str(path), "unreadable_why": reason}
         self.journal.record(
             "start",
             step=trainer.global_step,
@@ -250,7 +261,9 @@ class RunJournal(Callback):
             world_size=trainer.world_size,
             recipe_sha256=self.recipe_sha256,
             resumed_from=resumed,
-            why=self.why or ("given" if resumed else "fresh"),
+            why=why,
+            restart=restart_count() or int(os.environ.get("SLURM_RESTART_COUNT", "0")),
+            **damaged,
         )
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

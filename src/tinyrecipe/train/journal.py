@@ -4,7 +4,9 @@ what `tinyrecipe status` reads back from it.
 Events (each with `time`, seconds since the epoch):
 
 * `start`: a process group began (or resumed) the run: `step`, `world_size`, `recipe_sha256`,
-  `resumed_from` (a checkpoint, or null) and `why` ("given", "auto", "fresh").
+  `resumed_from` (a checkpoint, or null), `why` ("given", "auto", "fresh", or "fall-back" with
+  `unreadable` and `unreadable_why`: the checkpoint asked for was damaged) and `restart`
+  (torchrun's or SLURM's restart count).
 * `progress`: at each logging step: `step`, `tokens`, `loss`, `skipped` (non-finite steps so
   far), `spikes` (spike skips so far).
 * `checkpoint`: a checkpoint written: `step`, `path`, `seconds`.

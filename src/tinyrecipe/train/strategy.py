@@ -92,6 +92,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.shard_group_size = shard_group_size
         self.sharded_checkpoints = save_distributed_checkpoint
         self.on_write = None  # (path, seconds) of each sharded checkpoint written: the journal
+        self.on_fallback = None  # (path, used, why) of a damaged checkpoint passed over
         self._fsdp_mesh = None
         super().__init__(
             data_parallel_size=data_parallel_size,
@@ -181,6 +182,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             path,
             lambda p: super(FSDP2Strategy, self).load_checkpoint(p, weights_only),
             any_failed=lambda failed: self.reduce_boolean_decision(failed, all=False),
+            on_fallback=self.on_fallback,
         )
 
     def remove_checkpoint(self, filepath) -> None:
