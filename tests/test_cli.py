@@ -39,7 +39,9 @@ def test_the_slurm_template_runs_the_flagship_fit_command():
 
     text = (ROOT / "examples/slurm/fit.sbatch").read_text()
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=USR1@" in text  # tasks, not B:
-    line = " ".join(text.split("srun", 1)[1].replace("\\\n", " ").split())
+    line = " ".join(text.split("\nsrun ", 1)[1].replace("\\\n", " ").split())
+    line, on_failure = line.split("||")
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in on_failure and "SLURM_RESTART_COUNT" in on_failure
     env = {"RECIPE": "recipes/tinyllama-1.1b.yaml", "SLURM_NNODES": "2"}
     env["SLURM_NTASKS_PER_NODE"] = "8"
     for name, value in env.items():

@@ -41,6 +41,30 @@ def test_a_stalled_rank_names_the_rank_that_stopped():
     assert "stopped: rank 1 (after step 4);" in line and "rank 2" not in line
 
 
+def test_a_rank_alive_but_behind_is_named():
+    store, hangs = dist.HashStore(), []
+    behind = watchdog.Watchdog(60, rank=1, world_size=2, store=store, step=3, interval=0.05)
+    behind.start()
+    mine = watchdog.Watchdog(
+        0.3,
+        rank=0,
+        world_size=2,
+        store=store,
+        step=5,
+        interval=0.05,
+        on_hang=hangs.append,
+        exit=lambda code: None,
+    )
+    watchdog._active = None  # rank 1's clock is its own: it keeps beating (alive, stuck at 3)
+    mine.start()
+    deadline = time.monotonic() + 10
+    while not hangs and time.monotonic() < deadline:
+        behind.last = time.monotonic()
+        time.sleep(0.02)
+    mine.stop(), behind.stop()
+    assert "no rank stopped; behind, after step 3: rank 1;" in hangs[0], hangs
+
+
 def test_progress_keeps_the_watchdog_quiet():
     exits = []
     dog = watchdog.Watchdog(0.3, interval=0.05, exit=exits.append).start()

@@ -5,8 +5,8 @@
 `TINYRECIPE_STOP_AT=<point>:<n>` SIGSTOPs it there instead: a hung rank, which a test then
 kills from outside or leaves to the hang watchdog. A spec may end in `@<rank>` (that global rank
 only) and `#<attempt>` (only in that torchrun restart, `TORCHELASTIC_RESTART_COUNT`), e.g.
-`train.after_backward:5@1#0`; several specs are separated by commas. Unset (always, outside the tests) a failpoint is two environment
-lookups. The points:
+`train.after_backward:5@1#0`; several specs are separated by commas. Unset (always, outside the
+tests) a failpoint is two environment lookups. The points:
 
     train.after_backward   a training step after backward, before the optimizer step
     val.batch              a validation batch

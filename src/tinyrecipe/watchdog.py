@@ -26,7 +26,8 @@ _active: Watchdog | None = None
 
 
 def beat(step: int | None = None) -> None:
-    """Progress: resets the active watchdog's clock (one attribute write; none without one)."""
+    """Progress: resets the active watchdog's clock and step (attribute writes; nothing without
+    a watchdog)."""
     watchdog = _active
     if watchdog is not None:
         watchdog.last = time.monotonic()
@@ -35,6 +36,10 @@ def beat(step: int | None = None) -> None:
 
 
 class Watchdog:
+    """One rank's watchdog: `start()` makes it the active one (`beat()` resets it) and starts its
+    thread; `stop()` ends both. `on_hang(message)` (the journal) runs before the exit, given 10 s
+    at most; `exit` is `os._exit` (tests pass their own)."""
+
     def __init__(
         self,
         timeout: float,
@@ -76,17 +81,31 @@ class Watchdog:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
 
+    def _stalled(self) -> bool:
+        return not self._stopped.is_set() and time.monotonic() - self.last > self.timeout
+
     def _run(self) -> None:
         while not self._stopped.wait(self.interval):
             self._publish()
-            idle = time.monotonic() - self.last
-            if idle > self.timeout and not self._stopped.is_set():
-                message = self.describe(idle)
+            if not self._stalled():
+                continue
+            message = self.describe(time.monotonic() - self.last)
+            if not self._stalled():  # progress, or stop(), while the heartbeats were compared
+                continue
+            try:
                 print(message, file=sys.stderr, flush=True)
-                if self.on_hang is not None:
-                    self.on_hang(message)
+                self._report(message)
+            finally:
                 self._exit(HANG_EXIT_CODE)
-                return
+            return
+
+    def _report(self, message: str) -> None:
+        """`on_hang` on a thread of its own, waited for 10 s at most: a hung file system (the
+        journal's) must not keep this rank from exiting."""
+        if self.on_hang is not None:
+            reporter = threading.Thread(target=self.on_hang, args=(message,), daemon=True)
+            reporter.start()
+            reporter.join(10)
 
     def _publish(self) -> None:
         self._beats += 1
@@ -115,16 +134,23 @@ class Watchdog:
         if self.store is None or self.world_size == 1:
             return f"{head}; {tail}"
         before = self._heartbeats()
-        time.sleep(1.5 * self.interval)  # every live rank publishes at least once meanwhile
-        self._publish()
+        for _ in range(3):  # every live rank publishes at least twice meanwhile, ours included
+            time.sleep(self.interval)
+            self._publish()
         after = self._heartbeats()
         if before is None or after is None:
             return f"{head}; the rendezvous store does not answer (its host stopped); {tail}"
+
+        def step(r: int) -> str:
+            return after[r].split()[1] if after[r] else "none"
+
         stopped = [r for r in sorted(after) if after[r] is None or after[r] == before[r]]
-        if not stopped:
-            return f"{head}; every rank is alive and waiting (none stopped); {tail}"
-
-        def said(r: int) -> str:
-            return f"rank {r} (after step {after[r].split()[1]})" if after[r] else f"rank {r}"
-
-        return f"{head}; stopped: {', '.join(map(said, stopped))}; {tail}"
+        if stopped:
+            said = ", ".join(f"rank {r} (after step {step(r)})" for r in stopped)
+            return f"{head}; stopped: {said}; {tail}"
+        steps = {r: step(r) for r in after} | {self.rank: str(self.step)}
+        if len(set(steps.values())) > 1:  # alive, but a step behind the others: stuck there
+            low = min(steps.values(), key=lambda s: int(s) if s.isdigit() else -1)
+            said = ", ".join(f"rank {r}" for r, s in sorted(steps.items()) if s == low)
+            return f"{head}; no rank stopped; behind, after step {low}: {said}; {tail}"
+        return f"{head}; every rank is alive at this step (a collective or I/O waits); {tail}"

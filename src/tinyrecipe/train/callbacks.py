@@ -37,6 +37,11 @@ from tinyrecipe.train.journal import Journal
 from tinyrecipe.watchdog import Watchdog, beat
 
 
+def is_logging_step(trainer) -> bool:
+    """Whether the optimizer step just taken is one whose metrics the Trainer logs."""
+    return trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+
+
 class TokenThroughputMonitor(Callback):
     """Tokens/s and MFU per optimizer step on Lightning's `Throughput` utility, with MFU against
     a peak per device: `peak_flops` when given; else a GPU's datasheet bf16 figure from our
@@ -270,7 +275,7 @@ class RunJournal(Callback):
         if self.journal is None or should_accumulate(trainer):
             return
         step = trainer.global_step
-        if step % max(1, trainer.log_every_n_steps):
+        if not is_logging_step(trainer):
             return  # the metrics are read on the host at logging steps only
         metrics = trainer.callback_metrics
 
@@ -331,7 +336,7 @@ class HangWatchdog(Callback):
             self.timeout_s,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
-            store=rendezvous_store("watchdog", timedelta(seconds=60)),
+            store=rendezvous_store("watchdog", timedelta(seconds=60), trainer.world_size),
             step=trainer.global_step,
             interval=self.interval_s,
             on_hang=on_hang,
@@ -373,21 +378,26 @@ class SlurmRequeue(Callback):
     out. Inactive outside SLURM (no SLURM_NTASKS, or an interactive job)."""
 
     def __init__(self, signal_name: str = "SIGUSR1") -> None:
-        self.signal = signal.Signals[signal_name]
+        if not isinstance(getattr(signal, signal_name, None), signal.Signals):
+            raise ValueError(
+                f"slurm_requeue.signal_name {signal_name!r} is not a signal; use the one of the "
+                "sbatch script's --signal, e.g. SIGUSR1"
+            )
+        self.signal = getattr(signal, signal_name)
         self.requested = False
+        self.active = False
         self._previous = None
+        self._job: str | None = None  # to requeue once the run has stopped
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit" and SLURMEnvironment.detect():
-            self._previous = signal.signal(self.signal, self._handle)
+            self._previous, self.active = signal.signal(self.signal, self._handle), True
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
-        if self._previous is None or should_accumulate(trainer):
-            return
-        if trainer.global_step % max(1, trainer.log_every_n_steps):
+        if not self.active or should_accumulate(trainer) or not is_logging_step(trainer):
             return  # the ranks agree at logging steps only (a host read)
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
@@ -397,22 +407,36 @@ class SlurmRequeue(Callback):
         job = os.environ.get("SLURM_JOB_ID", "")
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        if trainer.is_global_zero:
-            for c in trainer.callbacks:
-                if isinstance(c, RunJournal) and c.journal is not None:
-                    c.journal.record("requeue", step=trainer.global_step, job=job)
-            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-            said = "requeued" if done.returncode == 0 else f"scontrol failed: {done.stderr.strip()}"
-            rank_zero_info(
-                f"tinyrecipe: SLURM {self.signal.name} at step "
-                f"{trainer.global_step}: checkpoint saved; job {job} {said}"
-            )
+        for c in trainer.callbacks:
+            if isinstance(c, RunJournal) and c.journal is not None:
+                c.journal.record("requeue", step=trainer.global_step, job=job)
+        self._job = job if trainer.is_global_zero else None
         trainer.should_stop = True
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
-        if self._previous is not None:
+    def _restore(self) -> None:
+        if self.active:
             signal.signal(self.signal, self._previous)
-            self._previous = None
+            self.active = False
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        """Requeues last, once the checkpoint and the journal's end are written: SLURM answers
+        `scontrol requeue` with a SIGTERM to the job."""
+        self._restore()
+        job, self._job = self._job, None
+        if job is None:
+            return
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            said = "requeued" if done.returncode == 0 else f"scontrol: {done.stderr.strip()}"
+        except OSError as err:
+            said = f"not requeued: scontrol: {err.strerror}"
+        rank_zero_info(
+            f"tinyrecipe: SLURM {self.signal.name} at step {trainer.global_step}: checkpoint "
+            f"saved; job {job} {said}"
+        )
 
 
 class DownstreamEval(Callback):

@@ -13,6 +13,7 @@ TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` before torchrun (each round then gets a fr
 
 from __future__ import annotations
 
+import atexit
 import os
 from datetime import timedelta
 
@@ -44,11 +45,13 @@ def check_restartable() -> None:
         )
 
 
-def rendezvous_store(namespace: str, timeout: timedelta) -> dist.Store | None:
+def rendezvous_store(namespace: str, timeout: timedelta, world_size: int) -> dist.Store | None:
     """A client of the run's rendezvous store (MASTER_ADDR:MASTER_PORT: torchrun's agent, or
-    rank 0 under Lightning's launcher) under `tinyrecipe/restart-<n>/<namespace>`, None in a
-    single process."""
-    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "MASTER_PORT" not in os.environ:
+    rank 0 under Lightning's launchers and SLURM) under `tinyrecipe/<namespace>`, and under
+    torchrun's shared store `tinyrecipe/restart-<n>/<namespace>` (elsewhere each restart has a
+    fresh store, and the agents of several nodes count restarts differently); None in a single
+    process."""
+    if world_size < 2 or "MASTER_PORT" not in os.environ:
         return None
     client = dist.TCPStore(
         os.environ.get("MASTER_ADDR", "127.0.0.1"),
@@ -57,7 +60,8 @@ def rendezvous_store(namespace: str, timeout: timedelta) -> dist.Store | None:
         timeout=timeout,
         wait_for_workers=False,
     )
-    return dist.PrefixStore(f"tinyrecipe/restart-{restart_count()}/{namespace}", client)
+    restart = f"restart-{restart_count()}/" if _shared_agent_store() else ""
+    return dist.PrefixStore(f"tinyrecipe/{restart}{namespace}", client)
 
 
 def init_process_group(strategy) -> bool:
@@ -72,13 +76,15 @@ def init_process_group(strategy) -> bool:
     device = strategy.root_device
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    store = rendezvous_store("process-group", timeout)
+    world_size = int(os.environ["WORLD_SIZE"])
     dist.init_process_group(
         backend,
-        store=store,
+        store=rendezvous_store("process-group", timeout, world_size),
         rank=int(os.environ["RANK"]),
-        world_size=int(os.environ["WORLD_SIZE"]),
+        world_size=world_size,
         timeout=timeout,
         device_id=device if device.type != "cpu" else None,
     )
+    if backend == "nccl":  # as Lightning does: torch warns of an NCCL group left at exit
+        atexit.register(dist.destroy_process_group)
     return True

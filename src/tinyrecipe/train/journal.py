@@ -11,12 +11,14 @@ Events (each with `time`, seconds since the epoch):
   far), `spikes` (spike skips so far).
 * `checkpoint`: a checkpoint written: `step`, `path`, `seconds`.
 * `hang`: the hang watchdog found no progress and ends the process group: `step`, `message`
-  (which rank stopped).
-* `end`: the run stopped: `step`, `reason` ("done", or the exception's name).
+  (which rank stopped); recorded by rank 0, so not when rank 0 is the one that stopped.
+* `requeue`: SLURM's requeue signal taken: `step` (checkpointed), `job`.
+* `end`: the run stopped: `step`, `reason` ("done"; "stopped" before `max_steps`, as after a
+  requeue; or the exception's name).
 
 A `start` after a session that did not end "done" is a restart (the earlier process group was
-killed, hung or failed). Goodput is the share of the wall time spent in steps that counted: a run's wall time is
-the sum of its sessions' (start to last event); what counted is, per session, its steps that
+killed, hung, failed or requeued). Goodput is the share of the wall time spent in steps that
+counted: a run's wall time is the sum of its sessions' (start to last event); what counted is, per session, its steps that
 the next session did not replay, at the session's time per step (between its first and last
 progress events, checkpoint writes left out): start-up, replayed steps, checkpoint writes and
 the time lost to a kill are what goodput leaves out.
