@@ -55,8 +55,9 @@ ablation-data: quickstart-data
 smoke: venv
 	$(VENV)/bin/tinyrecipe smoke
 
+# Two workers, each taking whole files (module fixtures run once): ~1.7x on 2 cores.
 test: venv-dev
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # The 8-rank rehearsal of the flagship recipe's structure on CPU (FSDP2, 4-rank elastic resume,
 # HSDP 2 x 4; a few minutes on 2 cores; tests/test_rehearsal.py), left out of `make test`.
