@@ -47,6 +47,7 @@ from tinyrecipe.model import Llama, ModelConfig  # noqa: E402
 from tinyrecipe.model.lora import apply_lora, lora_params  # noqa: E402
 from tinyrecipe.model.parallelize import apply_activation_checkpointing, compile_blocks  # noqa: E402
 from tinyrecipe.planning.flops import (  # noqa: E402
+    cpu_info,
     device_peak_flops,
     measure_matmul_peak,
     train_flops_per_token,
@@ -311,11 +312,18 @@ def benchmark(args: argparse.Namespace) -> dict:
         "device": device,
         "precision": args.precision,
         "torch": torch.__version__,
+        "cpu": cpu_line() if on_cpu else None,
         "peak_flops": peak,
         "peak_source": peak_source,
         "flops_per_token": flops,
         "runs": table,
     }
+
+
+def cpu_line() -> str:
+    """The CPU model and its vector extensions: bf16 rows mean something only with AMX-BF16."""
+    name, extensions = cpu_info()
+    return f"{name} ({' '.join(extensions) or 'no AVX2/AVX-512/NEON found'})"
 
 
 def print_table(result: dict) -> None:
@@ -325,6 +333,8 @@ def print_table(result: dict) -> None:
         f"{r['threads']} threads, {r['device']}, {r['precision']}, torch {r['torch']}; "
         f"fwd+bwd+AdamW; peak {r['peak_flops'] / 1e9:,.0f} GFLOP/s ({r['peak_source']})"
     )
+    if r.get("cpu"):
+        print(f"cpu: {r['cpu']}")
     fmt = "{:<16}{:>11}{:>7}{:>10}{:>10}{:>8}{:>10}"
     print(fmt.format("run", "tokens/s", "MFU", "peak MiB", "est MiB", "vs HF", "vs best"))
     for name, row in r["runs"].items():

@@ -77,3 +77,29 @@ def test_measured_matmul_peak_is_the_best_size_timed():
     state = torch.random.get_rng_state()
     assert measure_matmul_peak("cpu", sizes=(64,), seconds=0.0) > 0  # at least 3 products timed
     assert torch.equal(torch.random.get_rng_state(), state)  # a seeded run is not shifted
+
+
+def test_auto_precision_picks_bf16_on_a_cpu_with_amx_and_fp32_elsewhere(monkeypatch, caplog):
+    import logging
+
+    import tinyrecipe.planning.flops as flops
+    from tinyrecipe.cli.fit import device_precision
+
+    name, extensions = flops.cpu_info()
+    assert name and set(extensions) <= set(flops.CPU_EXTENSIONS)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    caplog.set_level(logging.INFO, logger="tinyrecipe")
+    cpus = {
+        "Intel Xeon (Sapphire Rapids)": ["avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"],
+        "AMD EPYC (Zen 3)": ["avx2"],
+        "AMD EPYC (Zen 4)": ["avx2", "avx512f", "avx512_bf16"],  # no AMX: not measured faster
+    }
+    chosen = {}
+    for cpu, flags in cpus.items():
+        monkeypatch.setattr(flops, "cpu_info", lambda cpu=cpu, flags=flags: (cpu, flags))
+        chosen[cpu] = device_precision("auto")
+    assert list(chosen.values()) == ["bf16-mixed", "32-true", "32-true"]
+    lines = [r.getMessage() for r in caplog.records if "auto_precision" in r.getMessage()]
+    assert "bf16-mixed on the CPU (Intel Xeon (Sapphire Rapids): avx2" in lines[0]
+    assert lines[0].endswith("AMX-BF16: bf16 matmuls beat fp32")
+    assert lines[1].endswith("no AMX-BF16: fp32 is faster")

@@ -14,6 +14,8 @@ A LoRA run computes no weight gradient for the frozen matrices: 4·N + 6·N_lora
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from tinyrecipe.model.config import ModelConfig
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' datasheets, without sparsity.
@@ -99,6 +101,28 @@ def measure_matmul_peak(
             best = max(best, 2 * n**3 / (time.perf_counter() - began))
             reps += 1
     return best
+
+
+CPU_EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "asimd")
+
+
+def cpu_info() -> tuple[str, list[str]]:
+    """This CPU's model name and the vector extensions of `CPU_EXTENSIONS` it has (from
+    /proc/cpuinfo; the processor's name and none elsewhere)."""
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return name, []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+            name = value.strip()
+        elif key.strip() in ("flags", "Features"):
+            flags.update(value.split())
+    return name, [e for e in CPU_EXTENSIONS if e in flags]
 
 
 def device_peak(device, precision: str = "bf16-mixed", peak_flops: float | None = None):
