@@ -47,6 +47,7 @@ from tinyrecipe.model import Llama, ModelConfig  # noqa: E402
 from tinyrecipe.model.lora import apply_lora, lora_params  # noqa: E402
 from tinyrecipe.model.parallelize import apply_activation_checkpointing, compile_blocks  # noqa: E402
 from tinyrecipe.planning.flops import (  # noqa: E402
+    compute_dtype,
     cpu_info,
     device_peak_flops,
     measure_matmul_peak,
@@ -242,9 +243,11 @@ def peak_mib(run: Run, batch: torch.Tensor, device: str, precision: str) -> floa
     return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"] / MiB
 
 
-def cpu_matmul_peak() -> float:
-    """This machine's fp32 matmul FLOP/s now, with the threads set: best over square sizes."""
-    return measure_matmul_peak("cpu", sizes=(512, 1024, 2048), seconds=0.13)
+def cpu_matmul_peak(precision: str) -> float:
+    """This machine's matmul FLOP/s now in the precision's compute dtype (a bf16 row is measured
+    against the bf16 rate), with the threads set: best over square sizes."""
+    dtype = compute_dtype(precision)
+    return measure_matmul_peak("cpu", dtype, sizes=(512, 1024, 2048), seconds=0.13)
 
 
 def benchmark(args: argparse.Namespace) -> dict:
@@ -255,7 +258,8 @@ def benchmark(args: argparse.Namespace) -> dict:
         config = dataclasses.replace(config, attention=args.attention)
     on_cpu = not device.startswith("cuda")
     if on_cpu:  # measured between the repeats too; the best reading is the peak
-        peak, peak_source = cpu_matmul_peak(), "measured fp32 matmul, this run"
+        dtype = str(compute_dtype(args.precision)).removeprefix("torch.")
+        peak, peak_source = cpu_matmul_peak(args.precision), f"measured {dtype} matmul, this run"
     else:
         name = torch.cuda.get_device_name(device)
         peak, peak_source = device_peak_flops(name), f"{name} datasheet bf16"
@@ -283,7 +287,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             for run in runs.values():
                 run.times.append(timed(run, batch, args.steps, device, args.precision))
             if on_cpu:
-                peak = max(peak, cpu_matmul_peak())
+                peak = max(peak, cpu_matmul_peak(args.precision))
         for run in runs.values():
             run.peak_mib = peak_mib(run, batch, device, args.precision)
 
