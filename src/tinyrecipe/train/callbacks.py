@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from tinyrecipe._lightning import (
 from tinyrecipe.checkpoint import refuse_new_run_into
 from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
-from tinyrecipe.train.elastic import rendezvous_store, restart_count
+from tinyrecipe.train.elastic import restart_count, start_watchdog
 from tinyrecipe.train.journal import Journal
 from tinyrecipe.watchdog import Watchdog, beat
 
@@ -321,26 +320,18 @@ class HangWatchdog(Callback):
         self.watchdog: Watchdog | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.timeout_s is None:
-            return
         journal = next(
             (c.journal for c in trainer.callbacks if isinstance(c, RunJournal) and c.journal),
             None,
         )
-
-        def on_hang(message: str) -> None:
-            if journal is not None:
-                journal.record("hang", step=trainer.global_step, message=message)
-
-        self.watchdog = Watchdog(
+        self.watchdog = start_watchdog(
             self.timeout_s,
+            self.interval_s,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
-            store=rendezvous_store("watchdog", timedelta(seconds=60), trainer.world_size),
             step=trainer.global_step,
-            interval=self.interval_s,
-            on_hang=on_hang,
-        ).start()
+            journal=journal,
+        )
 
     def on_train_batch_start(self, trainer, *args) -> None:
         beat(trainer.global_step)

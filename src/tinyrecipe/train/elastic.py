@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from tinyrecipe._lightning import process_group_settings
+from tinyrecipe.watchdog import Watchdog
 
 
 def restart_count() -> int:
@@ -88,3 +89,34 @@ def init_process_group(strategy) -> bool:
     if backend == "nccl":  # as Lightning does: torch warns of an NCCL group left at exit
         atexit.register(dist.destroy_process_group)
     return True
+
+
+def start_watchdog(
+    timeout_s: float | None,
+    interval_s: float | None,
+    *,
+    rank: int,
+    world_size: int,
+    step: int,
+    journal=None,
+) -> Watchdog | None:
+    """A started hang watchdog (`tinyrecipe.watchdog`) for this rank, with the run's rendezvous
+    store for the heartbeats and `journal` (rank 0's) for the `hang` event; None when
+    `timeout_s` is None. Both loops start theirs here."""
+    if timeout_s is None:
+        return None
+
+    def on_hang(message: str) -> None:
+        if journal is not None:
+            journal.record("hang", step=watchdog.step, message=message)
+
+    watchdog = Watchdog(
+        timeout_s,
+        rank=rank,
+        world_size=world_size,
+        store=rendezvous_store("watchdog", timedelta(seconds=60), world_size),
+        step=step,
+        interval=interval_s,
+        on_hang=on_hang,
+    )
+    return watchdog.start()

@@ -47,7 +47,7 @@ from tinyrecipe.train.build import (
     refuse_fsdp1,
 )
 from tinyrecipe.train.callbacks import DownstreamEval
-from tinyrecipe.train.elastic import init_process_group
+from tinyrecipe.train.elastic import init_process_group, start_watchdog
 from tinyrecipe.train.journal import Journal
 from tinyrecipe.train.optim import set_scheduled_lr
 from tinyrecipe.train.settings import ModelSettings
@@ -59,6 +59,7 @@ from tinyrecipe.train.step import (
     val_metrics,
     val_sums,
 )
+from tinyrecipe.watchdog import beat
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
 FSDP2_NAMES = ("fsdp2", "FSDP2Strategy", "ModelParallelStrategy")
@@ -94,6 +95,7 @@ class LoopSettings:
     save_every: int
     keep: int  # step checkpoints kept; 0: all
     downstream: dict = field(default_factory=dict)
+    watchdog: dict = field(default_factory=dict)  # the recipe's `watchdog:` (timeout_s, interval_s)
 
     @classmethod
     def from_recipe(cls, recipe: dict) -> LoopSettings:
@@ -120,6 +122,7 @@ class LoopSettings:
             save_every=int(checkpoint.get("every_n_train_steps") or 0),
             keep=keep,
             downstream=dict(recipe.get("downstream_eval") or {}),
+            watchdog=dict(recipe.get("watchdog") or {"timeout_s": 600.0}),
         )
 
 
@@ -241,6 +244,7 @@ def evaluate(fabric: L.Fabric, model, loaders: list, sources: list[tuple[str, fl
     with torch.no_grad():
         for i, loader in enumerate(loaders):
             for batch in loader:
+                beat()  # progress, for the hang watchdog
                 sums[i] += val_sums(model, batch)
     model.train()
     totals = fabric.all_reduce(sums, reduce_op="sum").tolist()
@@ -520,8 +524,17 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     """Train `recipe` (a parsed recipe dict); returns the training loss of every optimizer step
     (the mean over its micro-batches and ranks, as the Trainer logs it)."""
     run = set_up(recipe, resume)
+    watchdog = start_watchdog(
+        run.loop.watchdog.get("timeout_s"),
+        run.loop.watchdog.get("interval_s"),
+        rank=run.fabric.global_rank,
+        world_size=run.fabric.world_size,
+        step=run.step,
+        journal=run.journal,
+    )
     try:
         while run.step < run.loop.max_steps:
+            beat(run.step)
             after_step(run, train_step(run))
         run.guard.flush()
         run.state["global_step"] = run.step
@@ -529,6 +542,9 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
     except BaseException as err:
         run.journal.record("end", step=run.step, reason=type(err).__name__)
         raise
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
     run.journal.record("end", step=run.step, reason="done")
     run.fabric.print(f"checkpoint: {run.loop.root / 'fabric' / 'last.ckpt'}")
     return run.losses
