@@ -363,10 +363,10 @@ class HangWatchdog(Callback):
 class SlurmRequeue(Callback):
     """Under SLURM (`#SBATCH --requeue --signal=USR1@180`): the requeue signal sets a flag; at the
     next logging step, once any rank has it, every rank saves a checkpoint of that whole step,
-    rank 0 runs `scontrol requeue` on the job and records `requeue` in the journal, and the run
-    stops; the requeued job resumes from that checkpoint (`ckpt_path: auto`). Installed first,
-    it keeps Lightning's own SLURM handler, which saves wherever the signal lands (mid-step),
-    out. Inactive outside SLURM (no SLURM_NTASKS, or an interactive job)."""
+    `requeue` goes into the journal and the run stops; then rank 0 runs `scontrol requeue` on
+    the job, which resumes from that checkpoint (`ckpt_path: auto`). Installed first, it keeps
+    Lightning's own SLURM handler, which saves wherever the signal lands (mid-step), out.
+    Inactive outside SLURM (no SLURM_NTASKS, or an interactive job)."""
 
     def __init__(self, signal_name: str = "SIGUSR1") -> None:
         if not isinstance(getattr(signal, signal_name, None), signal.Signals):
@@ -405,8 +405,8 @@ class SlurmRequeue(Callback):
         trainer.should_stop = True
 
     def _restore(self) -> None:
-        if self.active:
-            signal.signal(self.signal, self._previous)
+        if self.active:  # a handler installed from C reads back as None
+            signal.signal(self.signal, signal.SIG_DFL if self._previous is None else self._previous)
             self.active = False
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
