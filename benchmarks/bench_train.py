@@ -48,7 +48,7 @@ from tinyrecipe.model.lora import apply_lora, lora_params  # noqa: E402
 from tinyrecipe.model.parallelize import apply_activation_checkpointing, compile_blocks  # noqa: E402
 from tinyrecipe.planning.flops import (  # noqa: E402
     compute_dtype,
-    cpu_info,
+    cpu_summary,
     device_peak_flops,
     measure_matmul_peak,
     train_flops_per_token,
@@ -316,18 +316,12 @@ def benchmark(args: argparse.Namespace) -> dict:
         "device": device,
         "precision": args.precision,
         "torch": torch.__version__,
-        "cpu": cpu_line() if on_cpu else None,
+        "cpu": cpu_summary() if on_cpu else None,
         "peak_flops": peak,
         "peak_source": peak_source,
         "flops_per_token": flops,
         "runs": table,
     }
-
-
-def cpu_line() -> str:
-    """The CPU model and its vector extensions: bf16 rows mean something only with AMX-BF16."""
-    name, extensions = cpu_info()
-    return f"{name} ({' '.join(extensions) or 'no AVX2/AVX-512/NEON found'})"
 
 
 def print_table(result: dict) -> None:

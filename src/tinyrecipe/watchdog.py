@@ -21,6 +21,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 HANG_EXIT_CODE = 3
+DEFAULT_TIMEOUT_S = 600.0  # the recipe key's default (`watchdog.timeout_s`), both loops
 
 _active: Watchdog | None = None
 

@@ -108,15 +108,14 @@ def device_precision(accelerator: str | None) -> str:
     than fp32, on AMD Zen 3); says which and why."""
     import torch
 
-    from tinyrecipe.planning.flops import cpu_info
+    from tinyrecipe.planning.flops import cpu_info, cpu_summary
 
     if accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
         fast = torch.cuda.is_bf16_supported()
         where, why = torch.cuda.get_device_name(), "bf16 tensor cores" if fast else "no bf16"
     else:
-        name, extensions = cpu_info()
-        fast = "amx_bf16" in extensions
-        where = f"the CPU ({name}: {' '.join(extensions) or 'no AVX2/AVX-512/NEON found'})"
+        fast = "amx_bf16" in cpu_info()[1]
+        where = f"the CPU ({cpu_summary()})"
         why = "AMX-BF16: bf16 matmuls beat fp32" if fast else "no AMX-BF16: fp32 is faster"
     precision = "bf16-mixed" if fast else "32-true"
     logging.getLogger("tinyrecipe").info(

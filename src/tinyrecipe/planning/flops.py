@@ -14,6 +14,7 @@ A LoRA run computes no weight gradient for the frozen matrices: 4·N + 6·N_lora
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from tinyrecipe.model.config import ModelConfig
@@ -106,9 +107,10 @@ def measure_matmul_peak(
 CPU_EXTENSIONS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "neon", "asimd")
 
 
+@functools.cache
 def cpu_info() -> tuple[str, list[str]]:
     """This CPU's model name and the vector extensions of `CPU_EXTENSIONS` it has (from
-    /proc/cpuinfo; the processor's name and none elsewhere)."""
+    /proc/cpuinfo, read once; the processor's name and none elsewhere)."""
     import platform
 
     name, flags = platform.processor() or platform.machine(), set()
@@ -123,6 +125,12 @@ def cpu_info() -> tuple[str, list[str]]:
         elif key.strip() in ("flags", "Features"):
             flags.update(value.split())
     return name, [e for e in CPU_EXTENSIONS if e in flags]
+
+
+def cpu_summary() -> str:
+    """`model name: extensions`, as the run line and the benchmark header print it."""
+    name, extensions = cpu_info()
+    return f"{name}: {' '.join(extensions) or 'no AVX2/AVX-512/NEON found'}"
 
 
 def device_peak(device, precision: str = "bf16-mixed", peak_flops: float | None = None):

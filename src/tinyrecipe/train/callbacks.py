@@ -33,7 +33,7 @@ from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
 from tinyrecipe.train.elastic import restart_count, start_watchdog
 from tinyrecipe.train.journal import Journal
-from tinyrecipe.watchdog import Watchdog, beat
+from tinyrecipe.watchdog import DEFAULT_TIMEOUT_S, Watchdog, beat
 
 
 def is_logging_step(trainer) -> bool:
@@ -304,6 +304,14 @@ class RunJournal(Callback):
             self.journal.record("end", step=trainer.global_step, reason=type(exception).__name__)
 
 
+def run_journal(trainer) -> Journal | None:
+    """The journal `RunJournal` writes for this run (rank 0's; None on other ranks or when off)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, RunJournal) and callback.journal is not None:
+            return callback.journal
+    return None
+
+
 class HangWatchdog(Callback):
     """Ends every rank still running when the run makes no progress for `timeout_s` seconds,
     with one line naming the step and the rank that stopped (`tinyrecipe.watchdog`), and records
@@ -313,24 +321,22 @@ class HangWatchdog(Callback):
     run (a step ~6 s, a sharded checkpoint well under a minute) and below the process group's own
     30-minute collective timeout."""
 
-    def __init__(self, timeout_s: float | None = 600.0, interval_s: float | None = None) -> None:
+    def __init__(
+        self, timeout_s: float | None = DEFAULT_TIMEOUT_S, interval_s: float | None = None
+    ) -> None:
         if timeout_s is not None and timeout_s <= 0:
             raise ValueError(f"watchdog.timeout_s is {timeout_s}; use seconds > 0, or null")
         self.timeout_s, self.interval_s = timeout_s, interval_s
         self.watchdog: Watchdog | None = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        journal = next(
-            (c.journal for c in trainer.callbacks if isinstance(c, RunJournal) and c.journal),
-            None,
-        )
         self.watchdog = start_watchdog(
             self.timeout_s,
             self.interval_s,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             step=trainer.global_step,
-            journal=journal,
+            journal=run_journal(trainer),
         )
 
     def on_train_batch_start(self, trainer, *args) -> None:
@@ -398,9 +404,8 @@ class SlurmRequeue(Callback):
         job = os.environ.get("SLURM_JOB_ID", "")
         if os.environ.get("SLURM_ARRAY_JOB_ID"):
             job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-        for c in trainer.callbacks:
-            if isinstance(c, RunJournal) and c.journal is not None:
-                c.journal.record("requeue", step=trainer.global_step, job=job)
+        if (journal := run_journal(trainer)) is not None:
+            journal.record("requeue", step=trainer.global_step, job=job)
         self._job = job if trainer.is_global_zero else None
         trainer.should_stop = True
 

@@ -59,7 +59,7 @@ from tinyrecipe.train.step import (
     val_metrics,
     val_sums,
 )
-from tinyrecipe.watchdog import beat
+from tinyrecipe.watchdog import DEFAULT_TIMEOUT_S, beat
 
 DEFAULT_DATA = "tinyrecipe.data.datamodule.MixedStreamingDataModule"
 FSDP2_NAMES = ("fsdp2", "FSDP2Strategy", "ModelParallelStrategy")
@@ -122,7 +122,7 @@ class LoopSettings:
             save_every=int(checkpoint.get("every_n_train_steps") or 0),
             keep=keep,
             downstream=dict(recipe.get("downstream_eval") or {}),
-            watchdog=dict(recipe.get("watchdog") or {"timeout_s": 600.0}),
+            watchdog=dict(recipe.get("watchdog") or {"timeout_s": DEFAULT_TIMEOUT_S}),
         )
 
 
