@@ -3,8 +3,10 @@
 Every run does the same work: forward + backward + AdamW step (the fused kernel for every peer)
 on the same config, batch and threads. After a warm-up (compile included), the runs are
 interleaved (ours, HF, litgpt, ours, ...) so machine noise hits all alike; the median of the
-repeats is reported. MFU uses tinyrecipe's one FLOPs formula (6N + attention) against this
-machine's matmul peak measured in the same run (CPU) or the datasheet peak (GPU).
+repeats is reported, with the page faults per step (a CPU's hidden cost of fresh large
+tensors: the kernel maps and zero-fills each new page). MFU uses tinyrecipe's one FLOPs formula
+(6N + attention) against this machine's matmul peak measured in the same run (CPU) or the
+datasheet peak (GPU).
 
     python benchmarks/bench_train.py                        # tiny preset, 8 x 256, 2 threads
     python benchmarks/bench_train.py --runs ours ours-fast hf --json
@@ -31,6 +33,7 @@ import dataclasses
 import gc
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -80,6 +83,7 @@ class Run:
     estimate_mib: float | None = None
     lora: int = 0  # LoRA adapter parameters (the rest frozen, without gradients)
     times: list[float] = dataclasses.field(default_factory=list)
+    faults: list[float] = dataclasses.field(default_factory=list)  # page faults per step
     peak_mib: float | None = None
 
 
@@ -211,16 +215,25 @@ def train_step(run: Run, batch: torch.Tensor, device: str, precision: str) -> No
     run.optimizer.zero_grad(set_to_none=True)
 
 
+def _minor_faults() -> int:
+    """Page faults served without I/O so far in this process: on CPU, mostly fresh pages of
+    large tensors that the allocator mapped (and the kernel zero-fills) anew."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(run: Run, batch: torch.Tensor, steps: int, device: str, precision: str) -> float:
-    """Seconds per training step, averaged over `steps`."""
+    """Seconds per training step, averaged over `steps`; the page faults per step go to
+    `run.faults`."""
     if batch.is_cuda:
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    faults, start = _minor_faults(), time.perf_counter()
     for _ in range(steps):
         train_step(run, batch, device, precision)
     if batch.is_cuda:
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    seconds = (time.perf_counter() - start) / steps
+    run.faults.append((_minor_faults() - faults) / steps)
+    return seconds
 
 
 def peak_mib(run: Run, batch: torch.Tensor, device: str, precision: str) -> float | None:
@@ -301,6 +314,7 @@ def benchmark(args: argparse.Namespace) -> dict:
             "mfu": tps * flops / peak,
             "peak_mib": run.peak_mib,
             "estimate_mib": run.estimate_mib,
+            "faults_per_step": statistics.median(run.faults[-args.repeats :]),
         }
     peers = [table[p]["tokens_per_s"] for p in PEERS if p in table]
     fastest_peer = max(peers) if peers else None
@@ -333,8 +347,9 @@ def print_table(result: dict) -> None:
     )
     if r.get("cpu"):
         print(f"cpu: {r['cpu']}")
-    fmt = "{:<16}{:>11}{:>7}{:>10}{:>10}{:>8}{:>10}"
-    print(fmt.format("run", "tokens/s", "MFU", "peak MiB", "est MiB", "vs HF", "vs best"))
+    fmt = "{:<16}{:>11}{:>7}{:>10}{:>10}{:>10}{:>8}{:>10}"
+    head = ("run", "tokens/s", "MFU", "peak MiB", "est MiB", "faults", "vs HF", "vs best")
+    print(fmt.format(*head))
     for name, row in r["runs"].items():
         num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         print(
@@ -344,10 +359,12 @@ def print_table(result: dict) -> None:
                 num(row["mfu"], ".1%"),
                 num(row["peak_mib"], ",.0f"),
                 num(row["estimate_mib"], ",.0f"),
+                num(row["faults_per_step"], ",.0f"),
                 num(row["vs_hf"], ".2f"),
                 num(row["vs_fastest_peer"], ".2f"),
             )
         )
+    print("faults = page faults per timed step (fresh pages the kernel maps and zero-fills)")
     print("vs best = tokens/s over the fastest peer run (hf, hf-compile, litgpt*) in this table")
 
 
