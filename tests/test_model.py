@@ -111,6 +111,35 @@ def test_sdpa_gqa_matches_reference(n_kv_head):
     assert torch.allclose(out, _reference_attention(q, k, v), atol=1e-5)
 
 
+def test_cpu_bf16_training_attention_runs_in_fp32_at_short_small_heads():
+    """On the CPU, bf16 attention with gradients at T < 768 and head size <= 32 runs SDPA in
+    fp32 (its bf16 backward is the slower there): the output is fp32 SDPA's, rounded to bf16,
+    under autocast as well; without gradients, or at larger heads, the bf16 kernel runs."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 12, 4, 32).bfloat16().requires_grad_()
+    k, v = torch.randn(2, 12, 2, 32).bfloat16(), torch.randn(2, 12, 2, 32).bfloat16()
+    pick = attention_module.cpu_fp32_sdpa
+    assert pick(q)
+    assert not pick(q.detach())  # no gradients: bf16
+    assert not pick(torch.randn(2, 12, 4, 64, dtype=torch.bfloat16, requires_grad=True))
+    assert not pick(torch.randn(1, 768, 4, 32, dtype=torch.bfloat16, requires_grad=True))
+    assert not pick(torch.randn(2, 12, 4, 32, requires_grad=True))  # fp32 already
+    with torch.no_grad():
+        assert not pick(q)
+    fp32 = [t.detach().float().transpose(1, 2) for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*fp32, is_causal=True, enable_gqa=True)
+    want = want.transpose(1, 2).bfloat16()
+    reference = _reference_attention(q.detach().float(), k.float(), v.float())
+    torch.testing.assert_close(want.float(), reference, atol=1e-2, rtol=0)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = attention_module.causal_attention(q, k, v)
+        assert out.dtype == torch.bfloat16 and torch.equal(out, want)
+        out.float().sum().backward()
+        assert q.grad.dtype == torch.bfloat16 and q.grad.isfinite().all()
+        q.grad = None
+
+
 def test_backend_falls_back_to_sdpa_on_cpu_and_refuses_forced_kernels():
     q = torch.randn(1, 4, 2, 8)
     assert attention_module.select_backend(q, "auto") == "sdpa"

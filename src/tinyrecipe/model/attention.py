@@ -4,7 +4,8 @@
 * `cudnn`: SDPA with its cuDNN kernel first (Hopper and later without FlashAttention-3: measured
   0.92 ms against 1.27 for FlashAttention-2 inside SDPA on an H200, `docs/performance.md`);
 * `flash`: FlashAttention-2 (the `flash-attn` package) on Ampere/Ada when it imports;
-* `sdpa`: PyTorch SDPA, its own dispatch (every other device, the CPU included).
+* `sdpa`: PyTorch SDPA, its own dispatch (every other device, the CPU included); on the CPU,
+  bf16 training at short sequences and small heads runs it in fp32 (`cpu_fp32_sdpa`).
 
 `model.config.attention: auto` takes that order; a name forces one kernel (one line where it
 cannot run). Kernel packages are imported lazily, on the first call that could use them.
@@ -240,8 +241,10 @@ def causal_attention(
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         return masked_sdpa(q, k, v, mask).transpose(1, 2)
     chosen = select_backend(q, backend) if documents is None else document_backend(q, backend)
+    fp32 = chosen == "sdpa" and documents is None and q.size(1) == k.size(1) and cpu_fp32_sdpa(q)
     # Never a silent slow path: say once which kernel runs (not from inside a compiled graph).
     said = chosen + (" with a document mask" if documents is not None else "")
+    said += " in fp32 (bf16 training at this shape on the CPU)" if fp32 else ""
     if said not in _logged and not torch.compiler.is_compiling():
         _logged.add(said)
         log.info("tinyrecipe: attention kernel %s (%s, %s)", said, q.device.type, q.dtype)
@@ -255,7 +258,12 @@ def causal_attention(
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
     gqa = k.size(1) != q.size(1)
     with sdpa_kernel(CUDNN_FIRST, set_priority=True) if chosen == "cudnn" else nullcontext():
-        if T == S:
+        if fp32:
+            with torch.autocast("cpu", enabled=False):
+                y = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), is_causal=True, enable_gqa=gqa
+                ).to(q.dtype)
+        elif T == S:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif T == 1:  # one new token (decoding) sees every cached key: no mask, the fast kernels
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -263,6 +271,22 @@ def causal_attention(
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
             y = masked_sdpa(q, k, v, mask)
     return y.transpose(1, 2)
+
+
+def cpu_fp32_sdpa(q: torch.Tensor) -> bool:
+    """Whether causal SDPA on bf16 `q` (B, T, H, D) runs in fp32: on the CPU, for training, at
+    T < 768 and D <= 32. There the CPU flash kernel works in small query blocks and its bf16
+    backward is slower than its fp32 one (8 x 256 tokens, 8 heads of 32: 33 ms forward and
+    backward against 22, docs/performance.md); at longer sequences or larger heads, and without
+    gradients, the bf16 kernel is the faster."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and q.requires_grad
+        and torch.is_grad_enabled()
+        and q.size(1) < 768
+        and q.size(3) <= 32
+    )
 
 
 def _first(out):
