@@ -140,6 +140,17 @@ def test_cpu_bf16_training_attention_runs_in_fp32_at_short_small_heads():
         q.grad = None
 
 
+def test_the_run_line_says_when_cpu_attention_trains_in_fp32():
+    from tinyrecipe.train.build import describe
+    from tinyrecipe.train.settings import ModelSettings
+
+    cpu = torch.device("cpu")
+    assert "attention=sdpa(fp32 in training)," in describe(ModelSettings(), "bf16-mixed", cpu)
+    assert "attention=sdpa," in describe(ModelSettings(), "32-true", cpu)
+    wide = ModelSettings(preset="llama-20m")  # heads of 64
+    assert "attention=sdpa," in describe(wide, "bf16-mixed", cpu)
+
+
 def test_backend_falls_back_to_sdpa_on_cpu_and_refuses_forced_kernels():
     q = torch.randn(1, 4, 2, 8)
     assert attention_module.select_backend(q, "auto") == "sdpa"

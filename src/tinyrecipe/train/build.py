@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from tinyrecipe.checkpoint import checkpoint_step, load_tinyrecipe_checkpoint, shape_diff
 from tinyrecipe.model import Llama
-from tinyrecipe.model.attention import select_backend
+from tinyrecipe.model.attention import cpu_fp32_sdpa, select_backend
 from tinyrecipe.model.lora import lora_params
 from tinyrecipe.model.parallelize import parallelize
 from tinyrecipe.planning.flops import compute_dtype
@@ -118,7 +118,7 @@ def build_guards(settings: ModelSettings) -> tuple[NonFiniteGuard, SpikeSkipper 
 
 
 def adapter_params(settings: ModelSettings) -> int:
-    """Trainable LoRASettings parameters of `settings` (0: no LoRASettings, every parameter trains)."""
+    """Trainable LoRA adapter parameters of `settings` (0: no LoRA, every parameter trains)."""
     lora = settings.lora
     return lora_params(settings.model_config, lora.rank, lora.target_names)
 
@@ -131,9 +131,14 @@ def describe(settings: ModelSettings, precision: str, device: torch.device) -> s
     if trainable := adapter_params(settings):
         lora = f" ({trainable / 1e6:.2f}M trainable: lora r={settings.lora.rank})"
     compiled_loss = cfg.loss_chunk_size and speed.compile and probe.dtype != torch.float32
+    attention = select_backend(probe, cfg.attention)
+    # a training step's queries at the model's context (a view: no memory)
+    q = probe.new_empty((), requires_grad=True).expand(1, cfg.block_size, cfg.n_head, cfg.head_dim)
+    if attention == "sdpa" and cpu_fp32_sdpa(q):
+        attention += "(fp32 in training)"
     return (
         f"tinyrecipe: {cfg.num_params() / 1e6:.1f}M params{lora}, "
-        f"attention={select_backend(probe, cfg.attention)}, "
+        f"attention={attention}, "
         f"compile={'per-block' if speed.compile else 'off'}, "
         f"activation_checkpointing={speed.activation_checkpointing}, "
         f"linear={'float8' if speed.float8 else 'plain'}, "
