@@ -191,6 +191,7 @@ def build_run(
             activation_checkpointing=s["ckpt"],
             compiled=s["compile"],
             lora=run.lora,
+            cuda=device.startswith("cuda"),
         )
         run.estimate_mib = est.allocated / MiB  # what the peak measures (tensors)
         return run

@@ -47,6 +47,13 @@ def test_estimate_responds_to_each_switch():
         cfg, 8, 2048, precision="bf16-mixed", world_size=16, sharded=True, shard_group=8
     )
     assert hsdp.optimizer * 8 == plain.optimizer and hsdp.params == 2 * fsdp.params
+    # a CPU run of a small-headed model in bf16 keeps its attention's fp32 tensors
+    tiny = ModelConfig.from_name("tiny")
+    on_cpu = estimate_memory(tiny, 8, 256, precision="bf16-mixed", cuda=False)
+    on_gpu = estimate_memory(tiny, 8, 256, precision="bf16-mixed")
+    assert on_cpu.activations - on_gpu.activations == 8 * 256 * 4 * (4 * 256 + 2 * 64)
+    fp32 = estimate_memory(tiny, 8, 256, cuda=False).activations
+    assert fp32 == estimate_memory(tiny, 8, 256).activations
     masked = estimate_memory(cfg, 8, 2048, precision="bf16-mixed", document_mask=True)
     assert masked.activations - plain.activations == 8 * 2048 * 2048  # the bool mask
     # LoRA: the adapters alone have gradients and AdamW states; lora_params counts what
