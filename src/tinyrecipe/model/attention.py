@@ -274,19 +274,22 @@ def causal_attention(
 
 
 def cpu_fp32_sdpa(q: torch.Tensor) -> bool:
-    """Whether causal SDPA on bf16 `q` (B, T, H, D) runs in fp32: on the CPU, for training, at
-    T < 768 and D <= 32. There the CPU flash kernel works in small query blocks and its bf16
-    backward is slower than its fp32 one (8 x 256 tokens, 8 heads of 32: 33 ms forward and
-    backward against 22, docs/performance.md); at longer sequences or larger heads, and without
-    gradients, the bf16 kernel is the faster."""
+    """Whether causal SDPA on `q` (B, T, H, D) runs in fp32: for training (`q` needs gradients)
+    where `trains_attention_in_fp32` says so."""
     return (
-        q.device.type == "cpu"
-        and q.dtype == torch.bfloat16
-        and q.requires_grad
+        q.requires_grad
         and torch.is_grad_enabled()
-        and q.size(1) < 768
-        and q.size(3) <= 32
+        and trains_attention_in_fp32(q.device.type, q.dtype, q.size(1), q.size(3))
     )
+
+
+def trains_attention_in_fp32(device_type: str, dtype: torch.dtype, seq_len: int, head_dim: int):
+    """Whether training attention in `dtype` runs in fp32: bf16 on the CPU at T < 768 and head
+    size <= 32. There the CPU flash kernel works in small query blocks and its bf16 backward is
+    slower than its fp32 one (8 x 256 tokens, 8 heads of 32: 33 ms forward and backward against
+    22, docs/performance.md); at longer sequences or larger heads, and without gradients, the
+    bf16 kernel is the faster. The run line and the memory estimate ask it too."""
+    return device_type == "cpu" and dtype == torch.bfloat16 and seq_len < 768 and head_dim <= 32
 
 
 def _first(out):

@@ -22,7 +22,7 @@ recomputes the norms' and SwiGLU's elementwise outputs in backward instead of sa
 shapes: 6d + 2kv + 3f against 8d + 2kv + 4f, + H fp32 each). On an H200 the compiled
 TinyLlama recipe peaked at 39.9 GiB, this estimate 40.7 (docs/performance.md).
 On the CPU, bf16 training attention at short sequences and small heads runs in fp32
-(`tinyrecipe.model.attention.cpu_fp32_sdpa`) and keeps 4d + 2kv bytes more per token and layer
+(`tinyrecipe.model.attention.trains_attention_in_fp32`) and keeps 4d + 2kv bytes more per token and layer
 (saved-tensor hooks on the tiny preset at 1, 2 and 8 KV heads).
 Activation checkpointing keeps each block's input and recomputes one block at a time.
 LoRA (`model.lora.rank`) adds its adapters to the parameters, and only they have gradients and
@@ -52,12 +52,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from tinyrecipe.model import ModelConfig
-from tinyrecipe.model.attention import cpu_fp32_sdpa
+from tinyrecipe.model.attention import trains_attention_in_fp32
 from tinyrecipe.model.config import DEFAULT_PRESET, resolve_config
 from tinyrecipe.model.lora import LORA_TARGETS, lora_params
+from tinyrecipe.planning.flops import compute_dtype
 
 MiB = 2**20
 RESERVED_OVER_ALLOCATED = 1.15  # the caching allocator's reserve over its allocated peak (H200)
@@ -166,9 +165,8 @@ def estimate_memory(
     optimizer = trained * 8 // shards  # AdamW exp_avg + exp_avg_sq, fp32
 
     per_layer = (10 * d + 3 * kv + 4 * f - (2 * d + f if compiled else 0)) * act + 4 * H
-    if not cuda and act == 2:  # its q, k, v and output in fp32 for SDPA
-        q = torch.empty((), dtype=torch.bfloat16, requires_grad=True).expand(1, T, H, d // H)
-        per_layer += 4 * d + 2 * kv if cpu_fp32_sdpa(q) else 0
+    if not cuda and trains_attention_in_fp32("cpu", compute_dtype(precision), T, config.head_dim):
+        per_layer += 4 * d + 2 * kv  # its q, k, v and output in fp32 for SDPA
     if activation_checkpointing:  # block inputs, plus one block recomputed in backward
         blocks = tokens * (L * d * act + per_layer)
     else:

@@ -13,7 +13,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from tinyrecipe.checkpoint import checkpoint_step, load_tinyrecipe_checkpoint, shape_diff
 from tinyrecipe.model import Llama
-from tinyrecipe.model.attention import cpu_fp32_sdpa, select_backend
+from tinyrecipe.model.attention import select_backend, trains_attention_in_fp32
 from tinyrecipe.model.lora import lora_params
 from tinyrecipe.model.parallelize import parallelize
 from tinyrecipe.planning.flops import compute_dtype
@@ -132,9 +132,9 @@ def describe(settings: ModelSettings, precision: str, device: torch.device) -> s
         lora = f" ({trainable / 1e6:.2f}M trainable: lora r={settings.lora.rank})"
     compiled_loss = cfg.loss_chunk_size and speed.compile and probe.dtype != torch.float32
     attention = select_backend(probe, cfg.attention)
-    # a training step's queries at the model's context (a view: no memory)
-    q = probe.new_empty((), requires_grad=True).expand(1, cfg.block_size, cfg.n_head, cfg.head_dim)
-    if attention == "sdpa" and cpu_fp32_sdpa(q):
+    if attention == "sdpa" and trains_attention_in_fp32(
+        device.type, probe.dtype, cfg.block_size, cfg.head_dim
+    ):
         attention += "(fp32 in training)"
     return (
         f"tinyrecipe: {cfg.num_params() / 1e6:.1f}M params{lora}, "
