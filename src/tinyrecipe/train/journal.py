@@ -18,10 +18,10 @@ Events (each with `time`, seconds since the epoch):
 
 A `start` after a session that did not end "done" is a restart (the earlier process group was
 killed, hung, failed or requeued). Goodput is the share of the wall time spent in steps that
-counted: a run's wall time is the sum of its sessions' (start to last event); what counted is, per session, its steps that
-the next session did not replay, at the session's time per step (between its first and last
-progress events, checkpoint writes left out): start-up, replayed steps, checkpoint writes and
-the time lost to a kill are what goodput leaves out.
+counted: a run's wall time is the sum of its sessions' (start to last event); what counted is,
+per session, its steps that the next session did not replay, at the session's time per step
+(between its first and last progress events, checkpoint writes left out): start-up, replayed
+steps, checkpoint writes and the time lost to a kill are what goodput leaves out.
 """
 
 from __future__ import annotations
