@@ -18,21 +18,26 @@ def wait_for(condition, seconds: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def observer(store, world_size: int, hangs: list, exit) -> watchdog.Watchdog:
+    """Rank 0's watchdog at step 5, unstarted: 0.3 s without progress is a hang."""
+    return watchdog.Watchdog(
+        0.3,
+        rank=0,
+        world_size=world_size,
+        store=store,
+        step=5,
+        interval=0.05,
+        on_hang=hangs.append,
+        exit=exit,
+    )
+
+
 def test_a_stalled_rank_names_the_rank_that_stopped():
     store, exits, hangs = dist.HashStore(), [], []
     # rank 1 publishes once (its start) and then stops, as a SIGSTOPped process would
     watchdog.Watchdog(1, rank=1, world_size=3, store=store, step=4)._publish()
     live = watchdog.Watchdog(60, rank=2, world_size=3, store=store, step=5, interval=0.05).start()
-    mine = watchdog.Watchdog(
-        0.3,
-        rank=0,
-        world_size=3,
-        store=store,
-        step=5,
-        interval=0.05,
-        on_hang=hangs.append,
-        exit=exits.append,
-    ).start()
+    mine = observer(store, 3, hangs, exits.append).start()
     wait_for(lambda: exits)
     mine.stop(), live.stop()
     assert exits == [watchdog.HANG_EXIT_CODE]
@@ -45,16 +50,7 @@ def test_a_rank_alive_but_behind_is_named():
     store, hangs = dist.HashStore(), []
     behind = watchdog.Watchdog(60, rank=1, world_size=2, store=store, step=3, interval=0.05)
     behind.start()
-    mine = watchdog.Watchdog(
-        0.3,
-        rank=0,
-        world_size=2,
-        store=store,
-        step=5,
-        interval=0.05,
-        on_hang=hangs.append,
-        exit=lambda code: None,
-    )
+    mine = observer(store, 2, hangs, exit=lambda code: None)
     watchdog._active = None  # rank 1's clock is its own: it keeps beating (alive, stuck at 3)
     mine.start()
     deadline = time.monotonic() + 10
