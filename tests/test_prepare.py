@@ -244,6 +244,53 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tok, capsys):
     assert meta["documents"] >= 5
 
 
+def test_json_lists_and_separated_text_are_read_in_blocks(tmp_path, monkeypatch):
+    """A `.json` list and a `.txt` split by a separator are read block by block: memory holds a
+    record, not the file. Values that cross blocks (records longer than a block, numbers,
+    escapes, multi-byte UTF-8, separators) come out whole; a cut or damaged file keeps the
+    records before the damage and counts it once."""
+    import tracemalloc
+
+    from tinyrecipe.data import readers
+
+    monkeypatch.setattr(readers, "BLOCK", 7)  # every value crosses a block boundary
+    texts = ["short", "\u00e9" * 40 + " \\u00e9 \u2603", "x" * 100, 'a " and a \\ here']
+    recs = [
+        {"id": 10**12 + i, "text": t, "score": -1.5e-3, "ok": True} for i, t in enumerate(texts)
+    ]
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps(recs, indent=1, ensure_ascii=False))
+    assert [r or t for t, r in read_records(path, RecordFormat())] == texts
+    (tmp_path / "one.json").write_text(json.dumps(recs[1]))  # one object: one record
+    assert [r or t for t, r in read_records(tmp_path / "one.json", RecordFormat())] == texts[1:2]
+    (tmp_path / "empty.json").write_text(" [ ] ")
+    assert list(read_records(tmp_path / "empty.json", RecordFormat())) == []
+    data = path.read_bytes()
+    damaged = {
+        "cut.json": (data[: data.index(b'"xxx')], "truncated_file"),
+        "bad.json": (data.replace(b'"x', b'"x",,', 1), "malformed_json"),
+        "latin1.json": (data.replace(b"xxx", "\u00e9".encode("latin-1"), 1), "non_utf8"),
+    }
+    for name, (content, reason) in damaged.items():
+        (tmp_path / name).write_bytes(content)
+        got = [r or t for t, r in read_records(tmp_path / name, RecordFormat())]
+        assert got == [*texts[:2], reason], name
+    (tmp_path / "t.txt").write_text("\n\n\n".join(texts))
+    got = [r or t for t, r in read_records(tmp_path / "t.txt", RecordFormat(separator="\n\n\n"))]
+    assert got == texts
+
+    monkeypatch.setattr(readers, "BLOCK", 1 << 16)
+    big = [{"text": f"record {i} " + "y" * 1000} for i in range(8000)]  # ~8 MB
+    path.write_text(json.dumps(big))
+    (tmp_path / "big.txt").write_text("\n\n".join(r["text"] for r in big))
+    for name, fmt in (("a.json", RecordFormat()), ("big.txt", RecordFormat(separator="\n\n"))):
+        tracemalloc.start()
+        count = sum(r is None for _, r in read_records(tmp_path / name, fmt))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert count == len(big) and peak < 1 << 20, (name, peak)  # the file: 8 MiB
+
+
 def test_a_model_directory_tokenizer_reads_its_own_special_tokens(tmp_path, tok):
     model = tmp_path / "model"
     model.mkdir()

@@ -5,6 +5,8 @@ Formats (by file name): `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON record per
 Hugging Face `datasets.save_to_disk` is read through its `state.json`), `.txt` / `.md` (a file is
 a document, or several split on a separator). A `RecordFormat` says which field holds the text (a
 dotted path for nested fields), which records to drop by a field's value and the minimum length.
+Files are read a part at a time (`BLOCK` bytes, or record batches): memory holds a part and the
+record in it, not the file.
 
 A reader yields `(text, None)` per document or `(None, reason)` per skipped record, so prep
 counts every skip by reason: non_utf8, malformed_json, missing_<field>, empty, short,
@@ -14,6 +16,7 @@ column, counted once per file).
 
 from __future__ import annotations
 
+import codecs
 import glob
 import gzip
 import json
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 Record = tuple[str | None, str | None]
+BLOCK = 1 << 20  # bytes read at a time: a reader holds a block and the record it is in
 
 LINE_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 SUFFIXES = (*LINE_SUFFIXES, ".json", ".parquet", ".arrow", ".txt", ".md")
@@ -179,15 +183,17 @@ def read_records(path: Path, fmt: RecordFormat) -> Iterator[Record]:
 
 
 class TruncatedFile(Exception):
-    """A compressed file that ends mid-stream."""
+    """A compressed file that ends mid-stream, or a JSON list that ends inside a value."""
 
 
-def _blocks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:
-    """Decompressed bytes of a .zst (any number of frames) or .gz file, or a plain file's bytes.
+def _blocks(path: Path) -> Iterator[bytes]:
+    """Decompressed bytes of a .zst (any number of frames) or .gz file, or a plain file's bytes,
+    about `BLOCK` at a time.
 
     zstandard's stream reader returns a silent EOF on a cut file; a decompressobj per frame
     tells a finished frame from a cut one. gzip raises EOFError on a cut stream.
     """
+    size = BLOCK
     with open(path, "rb") as f:
         if path.name.endswith(".gz"):
             try:
@@ -253,17 +259,108 @@ def _line_record(line: bytes, fmt: RecordFormat) -> Record:
 
 
 def _read_json(path: Path, fmt: RecordFormat) -> Iterator[Record]:
+    """A JSON list's records (a file holding one object: that record); the records before a
+    cut, malformed or non-UTF-8 part are kept."""
     try:
-        records = json.loads(path.read_bytes().decode("utf-8"))
+        yield from (document(r, fmt) for r in _json_values(path))
     except UnicodeDecodeError:
         yield None, "non_utf8"
-        return
+    except TruncatedFile:
+        yield None, "truncated_file"
     except (OSError, json.JSONDecodeError):
         yield None, "malformed_json"
-        return
-    if not isinstance(records, list):
-        records = [records]
-    yield from (document(r, fmt) for r in records)
+
+
+_SPACE = " \t\n\r"
+
+
+class _Utf8:
+    """A binary file's text, read a block at a time; a byte that is not UTF-8 raises
+    UnicodeDecodeError once the text before it has been read."""
+
+    def __init__(self, f) -> None:
+        self.f, self.decoder, self.error = f, codecs.getincrementaldecoder("utf-8")(), None
+
+    def read(self, size: int) -> str:
+        """At least one character of the text, or "" at its end."""
+        if self.error is not None:
+            raise self.error
+        while True:
+            block = self.f.read(size)
+            try:
+                text = self.decoder.decode(block, final=not block)
+            except UnicodeDecodeError as err:
+                self.error, text = err, err.object[: err.start].decode("utf-8")
+                if not text:
+                    raise
+            if text or not block:
+                return text
+
+
+def _json_values(path: Path) -> Iterator:
+    """The elements of the JSON list in `path`, parsed one at a time from `BLOCK`-sized reads
+    (memory holds one element, not the file), or the file's one value when it is not a list.
+    Raises UnicodeDecodeError, json.JSONDecodeError, or TruncatedFile where the file ends
+    inside a value."""
+    decoder = json.JSONDecoder()
+    with open(path, "rb") as f:
+        text, buf, pos, eof = _Utf8(f), "", 0, False
+
+        def fill() -> None:  # the next block; at least as much as is pending, so that a long
+            nonlocal buf, pos, eof  # value is parsed a logarithmic number of times
+            block = text.read(max(BLOCK, len(buf) - pos))
+            eof = not block
+            buf, pos = buf[pos:] + block, 0
+
+        def skip_space() -> bool:  # False at the end of the file
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in _SPACE:
+                    pos += 1
+                if pos < len(buf) or eof:
+                    return pos < len(buf)
+                fill()
+
+        def value():
+            while True:
+                try:
+                    obj, end = decoder.raw_decode(buf, pos)
+                except json.JSONDecodeError as err:
+                    near_end = len(buf) - err.pos <= 16 or err.msg.startswith("Unterminated")
+                    if not near_end:
+                        raise
+                    if eof:
+                        raise TruncatedFile(str(path)) from err
+                    fill()
+                    continue
+                # a number at the end of the buffer may go on in the next block
+                if eof or len(buf) - end > 16 or (end < len(buf) and buf[end] in ",]" + _SPACE):
+                    return obj, end
+                fill()
+
+        if not skip_space():
+            raise json.JSONDecodeError("no JSON value", buf, 0)
+        if buf[pos] != "[":
+            while not eof:
+                fill()
+            yield json.loads(buf[pos:])
+            return
+        pos += 1
+        if skip_space() and buf[pos] == "]":
+            pos += 1
+        else:
+            while True:
+                obj, pos = value()
+                yield obj
+                if not skip_space():
+                    raise TruncatedFile(str(path))
+                pos += 1
+                if buf[pos - 1] == "]":
+                    break
+                if buf[pos - 1] != "," or not skip_space():
+                    raise json.JSONDecodeError("expecting ',' or ']'", buf, pos - 1)
+        if skip_space():
+            raise json.JSONDecodeError("extra data after the list", buf, pos)
 
 
 def _read_table(path: Path, fmt: RecordFormat, kind: str) -> Iterator[Record]:
@@ -315,16 +412,23 @@ def _open_table(path: Path, kind: str, fmt: RecordFormat):
 
 
 def _read_text(path: Path, fmt: RecordFormat) -> Iterator[Record]:
+    """The file as one document, or its parts between separators, read `BLOCK` at a time."""
+    pending = ""
     try:
-        text = path.read_bytes().decode("utf-8")
+        with open(path, "rb") as f:
+            text = _Utf8(f)
+            while block := text.read(max(BLOCK, len(pending))):
+                pending += block
+                if fmt.separator:
+                    *parts, pending = pending.split(fmt.separator)
+                    yield from (_checked(part, fmt) for part in parts)
     except UnicodeDecodeError:
         yield None, "non_utf8"
         return
     except OSError:
         yield None, "unreadable_file"
         return
-    parts = text.split(fmt.separator) if fmt.separator else [text]
-    yield from (_checked(part, fmt) for part in parts)
+    yield _checked(pending, fmt)
 
 
 def record_fields(path: Path) -> list[str]:
@@ -337,8 +441,7 @@ def record_fields(path: Path) -> list[str]:
                 obj = json.loads(block.split(b"\n", 1)[0])
                 return sorted(obj) if isinstance(obj, dict) else []
         if kind == "json":
-            records = json.loads(path.read_text())
-            first = records[0] if isinstance(records, list) and records else records
+            first = next(_json_values(path))
             return sorted(first) if isinstance(first, dict) else []
         if kind in ("parquet", "arrow"):
             return list(_open_table(path, kind, RecordFormat())[1])
