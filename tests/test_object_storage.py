@@ -49,6 +49,26 @@ def test_object_storage_reads_the_local_batches_with_a_bounded_cache(corpus, s3_
     assert chunks > 8 and held and max(held) <= 8  # max(8, 2 x window) per loader process
 
 
+def test_each_split_is_checked_once_before_the_run(s3_corpus, monkeypatch, tmp_path):
+    """`prepare_data` (then Lightning's `setup`) asks the endpoint for each split's index once."""
+    from tinyrecipe.data import mixture
+
+    asked, real = [], mixture._s3_client
+
+    def client(*args, **kwargs):
+        c = real(*args, **kwargs)
+        head = c.head_object
+        c.head_object = lambda **kw: asked.append(kw["Key"]) or head(**kw)
+        return c
+
+    monkeypatch.setattr(mixture, "_s3_client", client)
+    sources = [DataSource("slimpajama", f"{s3_corpus}/slim/train", f"{s3_corpus}/slim/validation")]
+    dm = MixedStreamingDataModule(sources, block_size=64, batch_size=4, cache_dir=str(tmp_path))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert sorted(asked) == ["slim/train/index.json", "slim/validation/index.json"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -15,7 +15,6 @@ from tinyrecipe.data.mixture import (
     SequentialBlocks,
     ShardedEvalSampler,
     TokenBlocks,
-    check_split,
     document_ids,
 )
 from tinyrecipe.data.position import CountingLoader, StreamPosition
@@ -153,12 +152,8 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
         return [0.0 if s.name in added else s.weight for s in self.sources]
 
     def prepare_data(self) -> None:
-        """Refuse a missing or damaged local split, or one of another tokenizer, before the run
-        starts (and writes logs)."""
-        for s in self.sources:
-            for split in (s.train, s.validation):
-                if split:
-                    check_split(split, s.prepare)
+        """`setup` before the run starts (and writes logs): a missing, unreachable or damaged
+        split (`check_split`, once each), or one of another tokenizer, is refused there."""
         self.setup()
 
     def setup(self, stage: str | None = None) -> None:
