@@ -3,13 +3,14 @@ rank names the rank whose heartbeat stopped; progress keeps it quiet; restarts t
 stale addresses are refused in one line; failpoint specs pick a rank and an attempt."""
 
 import time
+from functools import partial
 
 import pytest
 import torch.distributed as dist
 
 from tinyrecipe import faults, watchdog
-from tinyrecipe.train.elastic import check_restartable, init_process_group
-from tinyrecipe.train.journal import run_status
+from tinyrecipe.train.elastic import check_restartable, init_process_group, record_hang
+from tinyrecipe.train.journal import Journal, read_journal, run_status
 
 
 def wait_for(condition, seconds: float = 10.0) -> None:
@@ -44,6 +45,26 @@ def test_a_stalled_rank_names_the_rank_that_stopped():
     (line,) = hangs
     assert line.startswith("tinyrecipe: hang: no progress for 0 s after step 5")
     assert "stopped: rank 1 (after step 4);" in line and "rank 2" not in line
+
+
+def test_when_rank_0_stopped_the_first_live_rank_records_the_hang(tmp_path):
+    """The `hang` journal event: rank 0 stopped (SIGSTOP, a frozen host), so rank 1, the lowest
+    rank still running, appends it to the run's journal; rank 2 records nothing."""
+    store = dist.HashStore()
+    watchdog.Watchdog(1, rank=0, world_size=3, store=store, step=4)._publish()  # then stops
+    dogs = []
+    for rank in (1, 2):
+        journal = Journal(tmp_path, enabled=False)  # a rank other than 0: journal off
+        dog = watchdog.Watchdog(0.3, rank=rank, world_size=3, store=store, step=5, interval=0.05)
+        dog.on_hang, dog._exit = partial(record_hang, journal, dog), lambda code: None
+        dogs.append(dog.start())
+    for dog in dogs:
+        dog._thread.join(10)  # each found the hang, recorded it or not, and "exited"
+        dog.stop()
+    (event,) = read_journal(tmp_path)
+    assert event["event"] == "hang" and event["rank"] == 1 and event["step"] == 5
+    assert "stopped: rank 0 (after step 4)" in event["message"]
+    assert run_status(read_journal(tmp_path)).hangs == 1
 
 
 def test_a_rank_alive_but_behind_is_named():

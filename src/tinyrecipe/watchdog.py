@@ -59,6 +59,7 @@ class Watchdog:
         self.on_hang, self._exit = on_hang, exit
         self.last = time.monotonic()
         self.step = step
+        self.stopped: list[int] = []  # the ranks whose heartbeat stopped, once a hang is described
         self._beats = 0
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -146,6 +147,7 @@ class Watchdog:
             return after[r].split()[1] if after[r] else "none"
 
         stopped = [r for r in sorted(after) if after[r] is None or after[r] == before[r]]
+        self.stopped = stopped
         if stopped:
             said = ", ".join(f"rank {r} (after step {step(r)})" for r in stopped)
             return f"{head}; stopped: {said}; {tail}"

@@ -305,7 +305,7 @@ class RunJournal(Callback):
 
 
 def run_journal(trainer) -> Journal | None:
-    """The journal `RunJournal` writes for this run (rank 0's; None on other ranks or when off)."""
+    """This rank's journal of the run (`RunJournal`'s: rank 0's writes), or None when off."""
     for callback in trainer.callbacks:
         if isinstance(callback, RunJournal) and callback.journal is not None:
             return callback.journal

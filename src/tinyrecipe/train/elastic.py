@@ -101,15 +101,10 @@ def start_watchdog(
     journal=None,
 ) -> Watchdog | None:
     """A started hang watchdog (`tinyrecipe.watchdog`) for this rank, with the run's rendezvous
-    store for the heartbeats and `journal` (rank 0's) for the `hang` event; None when
-    `timeout_s` is None. Both loops start theirs here."""
+    store for the heartbeats and `journal` (this rank's: rank 0's writes) for the `hang` event
+    (`record_hang`); None when `timeout_s` is None. Both loops start theirs here."""
     if timeout_s is None:
         return None
-
-    def on_hang(message: str) -> None:
-        if journal is not None:
-            journal.record("hang", step=watchdog.step, message=message)
-
     watchdog = Watchdog(
         timeout_s,
         rank=rank,
@@ -117,6 +112,20 @@ def start_watchdog(
         store=rendezvous_store("watchdog", timedelta(seconds=60), world_size),
         step=step,
         interval=interval_s,
-        on_hang=on_hang,
     )
+    watchdog.on_hang = lambda message: record_hang(journal, watchdog, message)
     return watchdog.start()
+
+
+def record_hang(journal, watchdog: Watchdog, message: str) -> None:
+    """The `hang` event in `journal`: rank 0 records it; when rank 0 is among the ranks that
+    stopped, the lowest rank that did not records it instead (the others record nothing)."""
+    if journal is None:
+        return
+    fields = dict(step=watchdog.step, message=message, rank=watchdog.rank)
+    if watchdog.rank == 0:
+        journal.record("hang", **fields)
+    elif 0 in watchdog.stopped:
+        first_live = next(r for r in range(watchdog.world_size) if r not in watchdog.stopped)
+        if watchdog.rank == first_live:
+            journal.record_for_rank0("hang", **fields)

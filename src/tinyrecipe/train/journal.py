@@ -11,7 +11,8 @@ Events (each with `time`, seconds since the epoch):
   far), `spikes` (spike skips so far).
 * `checkpoint`: a checkpoint written: `step`, `path`, `seconds`.
 * `hang`: the hang watchdog found no progress and ends the process group: `step`, `message`
-  (which rank stopped); recorded by rank 0, so not when rank 0 is the one that stopped.
+  (which rank stopped), `rank` (the rank recording it: 0, or when rank 0 is one that stopped the
+  lowest rank that did not, which needs the run directory on storage every node shares).
 * `requeue`: SLURM's requeue signal taken: `step` (checkpointed), `job`.
 * `end`: the run stopped: `step`, `reason` ("done"; "stopped" before `max_steps`, as after a
   requeue; or the exception's name).
@@ -48,14 +49,24 @@ class Journal:
     def record(self, event: str, **fields) -> dict:
         entry = {"event": event, "time": time.time(), **fields}
         if self.enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="utf-8") as f:  # one write per line
-                f.write(json.dumps(entry) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            self._append(entry)
             self.events.append(entry)
             self._follow(entry)
         return entry
+
+    def record_for_rank0(self, event: str, **fields) -> dict:
+        """Appends one event from another rank's (disabled) journal, where rank 0 cannot: it
+        stopped (the hang watchdog's `hang`)."""
+        entry = {"event": event, "time": time.time(), **fields}
+        self._append(entry)
+        return entry
+
+    def _append(self, entry: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:  # one write per line
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def _follow(self, entry: dict) -> None:
         """Keep this session's goodput terms up to date, so `goodput` costs the same at any
