@@ -265,6 +265,18 @@ def test_json_lists_and_separated_text_are_read_in_blocks(tmp_path, monkeypatch)
     assert [r or t for t, r in read_records(tmp_path / "one.json", RecordFormat())] == texts[1:2]
     (tmp_path / "empty.json").write_text(" [ ] ")
     assert list(read_records(tmp_path / "empty.json", RecordFormat())) == []
+    for content, want in {  # damage at the end, a byte-order mark, numbers cut
+        b'[{"text": "a"},]': ["a", "malformed_json"],
+        b'[{"text": "a"} {"text": "b"}]': ["a", "malformed_json"],
+        b'[{"text": "a"}]]': ["a", "malformed_json"],
+        b'[{"text": "a"},': ["a", "truncated_file"],
+        b'[{"text": "a"}, {"n": -1.': ["a", "truncated_file"],
+        b'[{"text": "a"}, 12': ["a", "truncated_file"],
+        b'[{"text": "a"}]\xff': ["a", "non_utf8"],
+        b'\xef\xbb\xbf[{"text": "a"}]': ["a"],
+    }.items():
+        (tmp_path / "x.json").write_bytes(content)
+        assert [r or t for t, r in read_records(tmp_path / "x.json", RecordFormat())] == want
     data = path.read_bytes()
     damaged = {
         "cut.json": (data[: data.index(b'"xxx')], "truncated_file"),
@@ -283,12 +295,18 @@ def test_json_lists_and_separated_text_are_read_in_blocks(tmp_path, monkeypatch)
     big = [{"text": f"record {i} " + "y" * 1000} for i in range(8000)]  # ~8 MB
     path.write_text(json.dumps(big))
     (tmp_path / "big.txt").write_text("\n\n".join(r["text"] for r in big))
-    for name, fmt in (("a.json", RecordFormat()), ("big.txt", RecordFormat(separator="\n\n"))):
+    text = path.read_text()
+    (tmp_path / "bad.json").write_text(text.replace("record 1 ", 'record 1 ",,"', 1))
+    for name, fmt, documents in (
+        ("a.json", RecordFormat(), len(big)),
+        ("big.txt", RecordFormat(separator="\n\n"), len(big)),
+        ("bad.json", RecordFormat(), 1),  # found without reading the rest
+    ):
         tracemalloc.start()
         count = sum(r is None for _, r in read_records(tmp_path / name, fmt))
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
-        assert count == len(big) and peak < 1 << 20, (name, peak)  # the file: 8 MiB
+        assert count == documents and peak < 1 << 20, (name, peak)  # the file: 8 MiB
 
 
 def test_a_model_directory_tokenizer_reads_its_own_special_tokens(tmp_path, tok):

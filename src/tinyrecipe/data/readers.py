@@ -267,11 +267,14 @@ def _read_json(path: Path, fmt: RecordFormat) -> Iterator[Record]:
         yield None, "non_utf8"
     except TruncatedFile:
         yield None, "truncated_file"
-    except (OSError, json.JSONDecodeError):
+    except json.JSONDecodeError:
         yield None, "malformed_json"
+    except OSError:
+        yield None, "unreadable_file"
 
 
 _SPACE = " \t\n\r"
+_LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
 
 
 class _Utf8:
@@ -297,11 +300,24 @@ class _Utf8:
                 return text
 
 
+def _cut_short(err: json.JSONDecodeError) -> bool:
+    """Whether a parse error is the text ending inside a value: more text could complete it."""
+    left = len(err.doc) - err.pos
+    if left == 0 or err.msg.startswith("Unterminated"):
+        return True
+    if err.msg.startswith("Invalid \\uXXXX"):  # an escape (or a surrogate pair) cut short
+        return left < 12
+    if left >= len("-Infinity"):
+        return False
+    tail = err.doc[err.pos :]  # a literal, or a number's fraction or exponent ("1." "1e-"), cut
+    return any(word.startswith(tail) for word in _LITERALS) or set(tail) <= set(".eE+-")
+
+
 def _json_values(path: Path) -> Iterator:
     """The elements of the JSON list in `path`, parsed one at a time from `BLOCK`-sized reads
     (memory holds one element, not the file), or the file's one value when it is not a list.
     Raises UnicodeDecodeError, json.JSONDecodeError, or TruncatedFile where the file ends
-    inside a value."""
+    inside the list."""
     decoder = json.JSONDecoder()
     with open(path, "rb") as f:
         text, buf, pos, eof = _Utf8(f), "", 0, False
@@ -321,44 +337,54 @@ def _json_values(path: Path) -> Iterator:
                     return pos < len(buf)
                 fill()
 
-        def value():
+        def value(in_list: bool):
             while True:
                 try:
                     obj, end = decoder.raw_decode(buf, pos)
                 except json.JSONDecodeError as err:
-                    near_end = len(buf) - err.pos <= 16 or err.msg.startswith("Unterminated")
-                    if not near_end:
+                    if not _cut_short(err):
                         raise
                     if eof:
                         raise TruncatedFile(str(path)) from err
                     fill()
                     continue
-                # a number at the end of the buffer may go on in the next block
-                if eof or len(buf) - end > 16 or (end < len(buf) and buf[end] in ",]" + _SPACE):
+                # a number may go on past the text read ("1" of "12", "1" of "1.5")
+                delimited = end < len(buf) and buf[end] in ",]" + _SPACE
+                if buf[pos] not in "-0123456789" or delimited or len(buf) - end > 2:
                     return obj, end
-                fill()
+                if not eof:
+                    fill()
+                    continue
+                if in_list and set(buf[end:]) <= set(".eE+-"):
+                    raise TruncatedFile(str(path))
+                return obj, end
 
+        if skip_space() and buf[pos] == "\ufeff":  # a byte-order mark
+            pos += 1
         if not skip_space():
-            raise json.JSONDecodeError("no JSON value", buf, 0)
+            raise json.JSONDecodeError("no JSON value", buf, pos)
         if buf[pos] != "[":
-            while not eof:
-                fill()
-            yield json.loads(buf[pos:])
+            obj, pos = value(in_list=False)
+            if skip_space():
+                raise json.JSONDecodeError("extra data after the value", buf, pos)
+            yield obj
             return
         pos += 1
         if skip_space() and buf[pos] == "]":
             pos += 1
         else:
             while True:
-                obj, pos = value()
+                obj, pos = value(in_list=True)
                 yield obj
                 if not skip_space():
                     raise TruncatedFile(str(path))
                 pos += 1
                 if buf[pos - 1] == "]":
                     break
-                if buf[pos - 1] != "," or not skip_space():
+                if buf[pos - 1] != ",":
                     raise json.JSONDecodeError("expecting ',' or ']'", buf, pos - 1)
+                if not skip_space():
+                    raise TruncatedFile(str(path))
         if skip_space():
             raise json.JSONDecodeError("extra data after the list", buf, pos)
 
