@@ -2,6 +2,7 @@
 rank names the rank whose heartbeat stopped; progress keeps it quiet; restarts that would read
 stale addresses are refused in one line; failpoint specs pick a rank and an attempt."""
 
+import threading
 import time
 from functools import partial
 
@@ -65,6 +66,39 @@ def test_when_rank_0_stopped_the_first_live_rank_records_the_hang(tmp_path):
     assert event["event"] == "hang" and event["rank"] == 1 and event["step"] == 5
     assert "stopped: rank 0 (after step 4)" in event["message"]
     assert run_status(read_journal(tmp_path)).hangs == 1
+
+
+def test_a_store_that_no_longer_answers_ends_the_run_and_rank_1_records_it(tmp_path):
+    """A read from a TCPStore whose host process is stopped (rank 0's, under Lightning's
+    launchers and SLURM) blocks past the store's timeout: the watchdog stops waiting for the
+    heartbeats, says the store does not answer and exits; rank 1 records the hang."""
+    release, exits = threading.Event(), []
+
+    class Frozen:  # writes go out; reads never come back
+        def set_timeout(self, timeout):
+            pass
+
+        def set(self, key, value):
+            pass
+
+        def check(self, keys):
+            release.wait()
+
+        get = check
+
+    dogs = []
+    for rank in (1, 2):
+        dog = watchdog.Watchdog(0.3, rank=rank, world_size=3, store=Frozen(), step=5, interval=0.05)
+        dog.on_hang = partial(record_hang, Journal(tmp_path, enabled=False), dog)
+        dog._exit = exits.append
+        dogs.append(dog.start())
+    for dog in dogs:
+        dog._thread.join(10)
+        dog.stop()
+    release.set()
+    assert exits == [watchdog.HANG_EXIT_CODE] * 2
+    (event,) = read_journal(tmp_path)
+    assert event["rank"] == 1 and "the rendezvous store does not answer" in event["message"]
 
 
 def test_a_rank_alive_but_behind_is_named():

@@ -59,7 +59,9 @@ class Watchdog:
         self.on_hang, self._exit = on_hang, exit
         self.last = time.monotonic()
         self.step = step
-        self.stopped: list[int] = []  # the ranks whose heartbeat stopped, once a hang is described
+        # once a hang is described: the ranks whose heartbeat stopped (None: the store did not
+        # answer, so its host, rank 0's process or node, is the one that stopped)
+        self.stopped: list[int] | None = []
         self._beats = 0
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
@@ -118,16 +120,27 @@ class Watchdog:
 
     def _heartbeats(self) -> dict[int, str] | None:
         """Every other rank's published heartbeat (None for a rank that never published), or
-        None when the store does not answer."""
-        try:
+        None when the store does not answer within `2 * interval` (2 s at least): a client's
+        read from a TCPStore whose host process is stopped blocks past the store's timeout,
+        so the reads run on a thread of their own, left behind when they do not return."""
+        answer: list[dict[int, str | None] | None] = []
+        answered = threading.Event()
+
+        def read() -> None:
             found = {}
-            for r in range(self.world_size):
-                if r != self.rank:
-                    key = f"rank/{r}"
-                    found[r] = self.store.get(key).decode() if self.store.check([key]) else None
-            return found
-        except Exception:  # noqa: BLE001 — the store's host itself stopped
-            return None
+            try:
+                for r in range(self.world_size):
+                    if r != self.rank:
+                        key = f"rank/{r}"
+                        known = self.store.check([key])
+                        found[r] = self.store.get(key).decode() if known else None
+                answer.append(found)
+            except Exception:  # noqa: BLE001 — an unreachable store: no answer
+                answer.append(None)
+            answered.set()
+
+        threading.Thread(target=read, name="tinyrecipe-heartbeats", daemon=True).start()
+        return answer[0] if answered.wait(max(2.0, 2 * self.interval)) else None
 
     def describe(self, idle: float) -> str:
         """The one line: the step, and which rank stopped when the heartbeats tell."""
@@ -136,11 +149,12 @@ class Watchdog:
         if self.store is None or self.world_size == 1:
             return f"{head}; {tail}"
         before = self._heartbeats()
-        for _ in range(3):  # every live rank publishes at least twice meanwhile, ours included
-            time.sleep(self.interval)
+        for _ in range(3 if before is not None else 0):  # every live rank publishes at least
+            time.sleep(self.interval)  # twice meanwhile, ours included
             self._publish()
-        after = self._heartbeats()
+        after = self._heartbeats() if before is not None else None
         if before is None or after is None:
+            self.stopped = None
             return f"{head}; the rendezvous store does not answer (its host stopped); {tail}"
 
         def step(r: int) -> str:

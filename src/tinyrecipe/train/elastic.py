@@ -118,14 +118,17 @@ def start_watchdog(
 
 
 def record_hang(journal, watchdog: Watchdog, message: str) -> None:
-    """The `hang` event in `journal`: rank 0 records it; when rank 0 is among the ranks that
-    stopped, the lowest rank that did not records it instead (the others record nothing)."""
+    """The `hang` event in `journal`: rank 0 records it. When rank 0 is among the ranks that
+    stopped, the lowest rank that did not records it instead; when the store did not answer
+    (its host stopped: rank 0's process, or under torchrun the first node's agent), rank 1."""
     if journal is None:
         return
     fields = dict(step=watchdog.step, message=message, rank=watchdog.rank)
+    stopped = watchdog.stopped
     if watchdog.rank == 0:
         journal.record("hang", **fields)
-    elif 0 in watchdog.stopped:
-        first_live = next(r for r in range(watchdog.world_size) if r not in watchdog.stopped)
+    elif stopped is None or 0 in stopped:
+        stopped = stopped or [0]
+        first_live = next(r for r in range(watchdog.world_size) if r not in stopped)
         if watchdog.rank == first_live:
             journal.record_for_rank0("hang", **fields)

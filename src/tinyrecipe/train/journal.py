@@ -11,8 +11,9 @@ Events (each with `time`, seconds since the epoch):
   far), `spikes` (spike skips so far).
 * `checkpoint`: a checkpoint written: `step`, `path`, `seconds`.
 * `hang`: the hang watchdog found no progress and ends the process group: `step`, `message`
-  (which rank stopped), `rank` (the rank recording it: 0, or when rank 0 is one that stopped the
-  lowest rank that did not, which needs the run directory on storage every node shares).
+  (which rank stopped), `rank` (the rank recording it: 0; the lowest live rank when rank 0 is
+  one that stopped, rank 1 when the store stopped answering; `train.elastic.record_hang`). A
+  session counts one hang however many ranks recorded it.
 * `requeue`: SLURM's requeue signal taken: `step` (checkpointed), `job`.
 * `end`: the run stopped: `step`, `reason` ("done"; "stopped" before `max_steps`, as after a
   requeue; or the exception's name).
@@ -180,7 +181,7 @@ def run_status(
         done = any(e.get("event") == "end" and e.get("reason") == "done" for e in session)
         if i + 1 < len(sessions) and not done:
             status.restarts += 1
-        status.hangs += sum(e.get("event") == "hang" for e in session)
+        status.hangs += any(e.get("event") == "hang" for e in session)  # one per process group
         last_time = session[-1]["time"]
         if i + 1 == len(sessions) and not ended and now is not None:
             last_time = max(last_time, now)
