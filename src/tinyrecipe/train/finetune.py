@@ -6,7 +6,7 @@
     module = load_pretrained(
         "out/quickstart/checkpoints/last.ckpt", optimizer={"lr": 3e-4}, schedule={"warmup_steps": 10}
     )
-    data = sft_data(records, tokenizer_dir="data/quickstart/tokenizer", block_size=256)
+    data = sft_data(records, tokenizer_dir="data/quickstart/tokenizer", block_size=128)
     L.Trainer(max_steps=100, accelerator="cpu").fit(module, data)
     print(answer(module, "data/quickstart/tokenizer", "What does len() return?"))
 
