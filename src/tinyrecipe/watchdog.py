@@ -148,11 +148,12 @@ class Watchdog:
         tail = f"rank {self.rank} exits ({HANG_EXIT_CODE}) for the launcher to restart the run"
         if self.store is None or self.world_size == 1:
             return f"{head}; {tail}"
-        before = self._heartbeats()
-        for _ in range(3 if before is not None else 0):  # every live rank publishes at least
-            time.sleep(self.interval)  # twice meanwhile, ours included
-            self._publish()
-        after = self._heartbeats() if before is not None else None
+        before, after = self._heartbeats(), None
+        if before is not None:
+            for _ in range(3):  # every live rank publishes at least twice meanwhile, ours included
+                time.sleep(self.interval)
+                self._publish()
+            after = self._heartbeats()
         if before is None or after is None:
             self.stopped = None
             return f"{head}; the rendezvous store does not answer (its host stopped); {tail}"
