@@ -22,8 +22,8 @@ recomputes the norms' and SwiGLU's elementwise outputs in backward instead of sa
 shapes: 6d + 2kv + 3f against 8d + 2kv + 4f, + H fp32 each). On an H200 the compiled
 TinyLlama recipe peaked at 39.9 GiB, this estimate 40.7 (docs/performance.md).
 On the CPU, bf16 training attention at short sequences and small heads runs in fp32
-(`tinyrecipe.model.attention.trains_attention_in_fp32`) and keeps 4d + 2kv bytes more per token and layer
-(saved-tensor hooks on the tiny preset at 1, 2 and 8 KV heads).
+(`tinyrecipe.model.attention.trains_attention_in_fp32`) and keeps 4d + 2kv bytes more per token
+and layer (saved-tensor hooks on the tiny preset at 1, 2 and 8 KV heads).
 Activation checkpointing keeps each block's input and recomputes one block at a time.
 LoRA (`model.lora.rank`) adds its adapters to the parameters, and only they have gradients and
 AdamW states; activations are counted as for full training (each adapted layer's input is kept

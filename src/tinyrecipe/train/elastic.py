@@ -128,7 +128,7 @@ def record_hang(journal, watchdog: Watchdog, message: str) -> None:
     if watchdog.rank == 0:
         journal.record("hang", **fields)
     elif stopped is None or 0 in stopped:
-        stopped = stopped or [0]
-        first_live = next(r for r in range(watchdog.world_size) if r not in stopped)
+        gone = [0] if stopped is None else stopped  # no answer: the store's host, rank 0
+        first_live = next(r for r in range(watchdog.world_size) if r not in gone)
         if watchdog.rank == first_live:
             journal.record_for_rank0("hang", **fields)
