@@ -445,6 +445,7 @@ def test_sentencepiece_tokenizer_model_directory_works(corpus, tmp_path):
     tok = load_tokenizer(tmp_path / "spm")
     assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (400, 1, 2)
     assert tok.decode(tok.encode("def main(): pass")) == "def main(): pass"
+    _special_text_is_literal(tok)
     files = sorted((corpus["root"] / "raw/slimpajama/validation").rglob("*.zst"))
     summary = prepare_split(
         "v", files, tmp_path / "out", tmp_path / "spm", SLIMPAJAMA, num_workers=1
@@ -453,6 +454,18 @@ def test_sentencepiece_tokenizer_model_directory_works(corpus, tmp_path):
         summary.documents > 0
         and read_metadata(tmp_path / "out/v")["tokenizer_sha256"] == tok.sha256
     )
+
+
+def _special_text_is_literal(tok):
+    text = "if x <s> y: return '</s>'"
+    ids = tok.encode(text)
+    assert tok.bos_id not in ids and tok.eos_id not in ids and tok.decode(ids) == text
+
+
+def test_special_token_text_in_a_document_is_ordinary_characters(corpus):
+    """`<s>`/`</s>` written in a document (HTML, code) never become BOS/EOS ids: the
+    tokenizer.json path reads them as the sentencepiece tokenizer.model path does."""
+    _special_text_is_literal(load_tokenizer(corpus["root"] / "tok"))
 
 
 def test_missing_tokenizer_is_one_clear_error(tmp_path):

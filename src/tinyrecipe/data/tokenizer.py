@@ -27,6 +27,9 @@ class TextTokenizer:
 
             self.path = json_path
             self._hf = Tokenizer.from_file(str(json_path))
+            # text is text: "<s>" in a document is three characters, as sentencepiece reads it;
+            # BOS/EOS ids come only from the boundary policy, the SFT template or eval's BOS
+            self._hf.encode_special_tokens = True
             self._spm = None
             self.vocab_size = self._hf.get_vocab_size(with_added_tokens=True)
             bos, eos = special_tokens(directory)
@@ -58,7 +61,8 @@ class TextTokenizer:
         _check_model_ids(directory, self.bos_id, self.eos_id)
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, without BOS/EOS (the boundary policy adds those)."""
+        """Token ids of each text, without BOS/EOS (the boundary policy adds those); a special
+        token's text inside a document (`<s>`, `</s>`) is encoded as ordinary characters."""
         if self._hf is not None:
             # encode_batch_fast skips character offsets, which prep never needs
             encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
