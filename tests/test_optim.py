@@ -161,3 +161,44 @@ def test_a_loss_spike_is_skipped_on_every_rank_and_the_window_resumes_exactly():
         assert torch.equal(a, b), name
     with pytest.raises(ValueError, match="model.guard.spike_sigma"):
         SpikeSkipper(sigma=0.0)
+
+
+def test_a_resume_takes_the_recipes_adamw_settings_and_schedule():
+    """The checkpoint gives the step and AdamW's moments; the recipe gives lr, betas, eps and
+    weight decay (the non-finite guard's advice "lower model.optimizer.lr, then resume")."""
+    from tinyrecipe.train.build import build_optimizer
+    from tinyrecipe.train.optim import set_scheduled_lr
+    from tinyrecipe.train.settings import ModelSettings
+
+    def build(**optimizer):
+        torch.manual_seed(0)
+        model = Llama(
+            ModelConfig(
+                n_layer=1, d_model=16, n_head=2, n_kv_head=1, d_ff=32, vocab_size=64, block_size=8
+            )
+        )
+        schedule = {"name": "cosine", "warmup_steps": 2, "min_lr": 1e-5}
+        settings = ModelSettings(optimizer=optimizer, schedule=schedule)
+        return (model, *build_optimizer(model, settings, max_steps=20))
+
+    model, opt, sched = build(lr=4e-4)
+    for _ in range(5):
+        model(torch.randint(0, 64, (1, 8))).logits.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    state = opt.state_dict(), sched.state_dict()
+    _, opt2, sched2 = build(lr=1e-4, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05)
+    opt2.load_state_dict(state[0])
+    sched2.load_state_dict(state[1])
+    set_scheduled_lr(sched2)
+    _, fresh, fresh_sched = build(lr=1e-4, betas=(0.8, 0.9), eps=1e-6, weight_decay=0.05)
+    for _ in range(5):
+        fresh_sched.step()  # the schedule of the new recipe at step 5
+    (group,) = opt2.param_groups
+    assert group["lr"] == pytest.approx(fresh.param_groups[0]["lr"]) and group["lr"] < 1e-4
+    assert (group["betas"], group["eps"], group["weight_decay"]) == ((0.8, 0.9), 1e-6, 0.05)
+    assert sched2.get_last_lr() == [group["lr"]] and sched2.last_epoch == 5
+    exp_avg = next(iter(opt2.state.values()))["exp_avg"]
+    assert torch.equal(exp_avg, next(iter(opt.state.values()))["exp_avg"])
+    assert sched2.state_dict()["base_lrs"] == [1e-4]  # the next checkpoint holds the recipe's

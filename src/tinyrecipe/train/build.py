@@ -9,7 +9,6 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from tinyrecipe.checkpoint import checkpoint_step, load_tinyrecipe_checkpoint, shape_diff
 from tinyrecipe.model import Llama
@@ -17,7 +16,7 @@ from tinyrecipe.model.attention import select_backend, trains_attention_in_fp32
 from tinyrecipe.model.lora import lora_params
 from tinyrecipe.model.parallelize import parallelize
 from tinyrecipe.planning.flops import compute_dtype
-from tinyrecipe.train.optim import build_adamw, build_schedule
+from tinyrecipe.train.optim import RecipeLR, build_adamw, build_schedule
 from tinyrecipe.train.settings import ModelSettings
 from tinyrecipe.train.step import NonFiniteGuard, SpikeSkipper
 
@@ -76,8 +75,8 @@ def build_model(
 
 def build_optimizer(
     model: torch.nn.Module, settings: ModelSettings, max_steps: int | None = None
-) -> tuple[torch.optim.Optimizer, LambdaLR]:
-    """AdamW over `model` and its schedule as a LambdaLR stepped per optimizer step
+) -> tuple[torch.optim.Optimizer, RecipeLR]:
+    """AdamW over `model` and its schedule as a `RecipeLR` stepped per optimizer step
     (`schedule.max_steps`, else `max_steps`: the loop's)."""
     opt, sched = settings.optimizer, settings.schedule
     optimizer = build_adamw(
@@ -107,7 +106,7 @@ def build_optimizer(
     def factor(step: int) -> float:
         return schedule.lr(step) / opt.lr
 
-    return optimizer, LambdaLR(optimizer, factor)
+    return optimizer, RecipeLR(optimizer, factor)
 
 
 def build_guards(settings: ModelSettings) -> tuple[NonFiniteGuard, SpikeSkipper | None]:

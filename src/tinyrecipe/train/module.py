@@ -10,7 +10,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.optim.lr_scheduler import LambdaLR
 
 from tinyrecipe._lightning import attached_trainer, check_sigterm_at_logging_steps
 from tinyrecipe.checkpoint import check_resume
@@ -27,7 +26,7 @@ from tinyrecipe.train.build import (
     build_optimizer,
     describe,
 )
-from tinyrecipe.train.optim import set_scheduled_lr
+from tinyrecipe.train.optim import RecipeLR, set_scheduled_lr
 from tinyrecipe.train.settings import (
     GUARD,
     NO_LORA,
@@ -142,8 +141,8 @@ class CausalLMModule(L.LightningModule):
         check_sigterm_at_logging_steps(self.trainer)
 
     def on_train_start(self) -> None:
-        """A resumed run's first step takes this recipe's schedule, not the learning rate stored
-        with the optimizer (a cooldown branch changes the schedule at the checkpoint's step)."""
+        """A resumed run's first step takes this recipe's schedule and AdamW settings, not those
+        stored with the optimizer (a cooldown branch changes the schedule at the checkpoint's step)."""
         for config in self.trainer.lr_scheduler_configs:
             set_scheduled_lr(config.scheduler)
         # tokens trained on before this run's first step: the data position when the DataModule
@@ -321,7 +320,7 @@ class CausalLMModule(L.LightningModule):
 
     def build_optimizer(
         self, max_steps: int | None = None
-    ) -> tuple[torch.optim.Optimizer, LambdaLR]:
+    ) -> tuple[torch.optim.Optimizer, RecipeLR]:
         """`train.build.build_optimizer` over the decoder (stepped per optimizer step)."""
         return build_optimizer(self.model, self.settings, max_steps)
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.optim.lr_scheduler import LambdaLR
 
 SCHEDULES = ("cosine", "wsd", "constant")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
@@ -156,11 +157,34 @@ def build_adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **kwargs)
 
 
-def set_scheduled_lr(scheduler) -> None:
-    """Set each parameter group's learning rate to the schedule's at the scheduler's step (a
-    resumed run takes this recipe's schedule, not the lr stored with the optimizer)."""
-    for group, base, factor in zip(
-        scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+ADAMW_SETTINGS = ("betas", "eps", "weight_decay")
+
+
+class RecipeLR(LambdaLR):
+    """A LambdaLR whose checkpoint restores its step only: the base learning rates and, through
+    `set_scheduled_lr`, AdamW's betas, eps and weight decay stay this recipe's."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda) -> None:
+        self.recipe_settings = [{k: g[k] for k in ADAMW_SETTINGS} for g in optimizer.param_groups]
+        super().__init__(optimizer, lr_lambda)
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in super().state_dict().items() if k != "recipe_settings"}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        mine = ("base_lrs", "recipe_settings")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in mine})
+
+
+def set_scheduled_lr(scheduler: RecipeLR) -> None:
+    """After a resume: each parameter group takes this recipe's AdamW settings and the schedule's
+    learning rate at the scheduler's step; AdamW's moments and step come from the checkpoint."""
+    for group, base, factor, settings in zip(
+        scheduler.optimizer.param_groups,
+        scheduler.base_lrs,
+        scheduler.lr_lambdas,
+        scheduler.recipe_settings,
+        strict=True,
     ):
-        group["lr"] = base * factor(scheduler.last_epoch)
+        group.update(settings, initial_lr=base, lr=base * factor(scheduler.last_epoch))
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
