@@ -464,12 +464,14 @@ def test_a_resumed_runs_progress_bar_counts_from_its_step():
 @pytest.mark.fast
 def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
     """The monitor never synchronises at a step's end: it records an event there and waits for
-    it at the end of the next step; validation's start times the step still queued."""
+    it at the end of the next step; validation's start times the step still queued. Validation,
+    a checkpoint save and downstream evaluation stop the clock until the next training batch."""
     from types import SimpleNamespace
 
     from tinyrecipe.train import callbacks
 
-    finished = iter([10.0, 20.0, 30.0])  # when the device completes each step's event
+    finished = iter([10.0, 20.0, 30.0, 140.0, 350.0])  # when the device completes each step
+    clock = iter([0.0, 30.0, 130.0, 140.0, 340.0, 360.0])  # the host's, at the pauses
 
     class Event:
         def __init__(self, device):
@@ -481,7 +483,7 @@ def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
     monkeypatch.setattr(callbacks, "DeviceEvent", Event)
     monitor = callbacks.TokenThroughputMonitor(window_size=2)
     logged = []
-    micro = iter([True, False] * 3)  # 2 micro-batches a step
+    micro = iter([True, False] * 5)  # 2 micro-batches a step
     trainer = SimpleNamespace(
         fit_loop=SimpleNamespace(_should_accumulate=lambda: next(micro)),
         strategy=SimpleNamespace(root_device=torch.device("cpu")),
@@ -492,8 +494,10 @@ def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
         ),
         sanity_checking=False,
     )
+    trainer.callbacks = [monitor]
     module = SimpleNamespace(flops_per_batch=100.0)
     monitor.setup(trainer, module, "fit")
+    monkeypatch.setattr(callbacks, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     monitor.on_train_start(trainer, module)
     monitor._t0 = 0.0  # the clock's start, as the events count it
     batch = {"input_ids": torch.zeros(4, 8)}
@@ -507,6 +511,18 @@ def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
     monitor.on_validation_start(trainer)  # times step 3, still queued
     assert len(logged) == 3 and logged[-1]["train/device/items_per_sec"] == pytest.approx(6.4)
     assert logged[-1]["train/device/batches_per_sec"] == pytest.approx(2 / 10)
+
+    def step():  # 10 s of training after 100 s of validation, then 200 s of save and eval
+        for _ in range(2):
+            monitor.on_train_batch_start(trainer, module, batch, 0)
+            monitor.on_train_batch_end(trainer, module, None, batch, 0)
+
+    step()
+    monitor.on_save_checkpoint(trainer, module, {})  # times step 4 at 140 - 100 s paused
+    callbacks.pause_training_clock(trainer)  # downstream evaluation: already paused
+    step()
+    monitor.on_validation_start(trainer)  # step 5 at 350 - 300 s paused
+    assert len(logged) == 5 and all(m["train/device/items_per_sec"] == 6.4 for m in logged[3:])
 
 
 def test_the_clis_callbacks_give_way_to_a_recipe_without_logger_or_checkpoints(corpus, tmp_path):

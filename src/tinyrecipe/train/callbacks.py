@@ -52,7 +52,8 @@ class TokenThroughputMonitor(Callback):
     It never synchronises the device to time a step: it adds up a step's micro-batches on the
     host and records an event when the step (optimizer included) is queued; at the end of the
     next step it waits for that event, while the device still has the newer step's work, and
-    times the step it marks. The figures lag one step. Validation's time is left out."""
+    times the step it marks. The figures lag one step. Validation, checkpoint saves and
+    downstream evaluation are left out (`pause`: the clock stops until the next training batch)."""
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 100) -> None:
         self.peak_flops, self.window_size = peak_flops, window_size
@@ -62,7 +63,7 @@ class TokenThroughputMonitor(Callback):
         self._totals = [0, 0, 0]  # micro-batches, samples, tokens of the steps timed so far
         self._queued = None  # (device event, that step's counts): the step not yet timed
         self._t0 = 0.0
-        self._validation_start: float | None = None
+        self._paused_at: float | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         device = trainer.strategy.root_device
@@ -77,8 +78,14 @@ class TokenThroughputMonitor(Callback):
     @rank_zero_only
     def on_train_start(self, trainer, pl_module) -> None:
         self._throughput.reset()
-        self._totals, self._queued = [0, 0, 0], None
+        self._totals, self._queued, self._paused_at = [0, 0, 0], None, None
         self._t0 = time.perf_counter()
+
+    @rank_zero_only
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if self._paused_at is not None:  # the pause leaves training's clock
+            self._t0 += time.perf_counter() - self._paused_at
+            self._paused_at = None
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, *_) -> None:
@@ -114,16 +121,27 @@ class TokenThroughputMonitor(Callback):
         )
 
     @rank_zero_only
+    def pause(self, trainer) -> None:
+        """Stop training's clock until the next training batch starts, having timed the step
+        still queued (its event is waited for now, before the pause's work)."""
+        if self._paused_at is None:
+            self._time_queued(trainer)
+            self._paused_at = time.perf_counter()
+
     def on_validation_start(self, trainer, *args) -> None:
         if not trainer.sanity_checking:
-            self._time_queued(trainer)
-            self._validation_start = time.perf_counter()
+            self.pause(trainer)
 
-    @rank_zero_only
-    def on_validation_end(self, trainer, *args) -> None:
-        if self._validation_start is not None:  # validation's time leaves training's clock
-            self._t0 += time.perf_counter() - self._validation_start
-            self._validation_start = None
+    def on_save_checkpoint(self, trainer, *args) -> None:
+        self.pause(trainer)
+
+
+def pause_training_clock(trainer) -> None:
+    """Time from here to the next training batch is not training time for the throughput
+    monitor (downstream evaluation inside a training step's hooks)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, TokenThroughputMonitor):
+            callback.pause(trainer)
 
 
 class DeviceEvent:
@@ -498,6 +516,7 @@ class DownstreamEval(Callback):
         from tinyrecipe.evaluation import downstream_metrics
 
         tokenizer_dir = self.tokenizer_dir or getattr(trainer.datamodule, "tokenizer_dir", None)
+        pause_training_clock(trainer)
         start = time.perf_counter()
         metrics = downstream_metrics(
             pl_module.model,

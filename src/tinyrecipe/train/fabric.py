@@ -490,6 +490,7 @@ def after_step(run: Run, stats: StepStats) -> None:
             metrics["train/mfu"] = tokens_per_sec * per_token / fabric.world_size / run.peak
         fabric.log_dict(metrics, step=step)
         fabric.print(f"step {step}: loss {metrics['train/loss']:.4f}")
+    pause = time.perf_counter()  # validation, evaluation and saving are not training time
     if run.val_loaders and loop.val_every and (step % loop.val_every == 0 or last):
         fabric.log_dict(evaluate(fabric, run.model, run.val_loaders, run.sources), step=step)
     if loop.downstream.get("tasks") and ((run.every_eval and step % run.every_eval == 0) or last):
@@ -497,6 +498,7 @@ def after_step(run: Run, stats: StepStats) -> None:
     if loop.save_every and step % loop.save_every == 0 and not last:
         run.state["global_step"] = step
         _save(fabric, loop.root / "fabric", step, run.state, loop.keep, run.journal)
+    run.start_time += time.perf_counter() - pause
 
 
 def _downstream(run: Run, step: int) -> None:
