@@ -347,6 +347,10 @@ def test_another_global_batch_only_when_allowed_and_then_exact(corpus):
     odd = datamodule(corpus, batch_size=16, allow_global_batch_change=True, **opts)
     with pytest.raises(ValueError, match="not a multiple of this run's 16 per micro-batch"):
         odd.load_state_dict(state)
+    partial = datamodule(corpus, batch_size=4, allow_global_batch_change=True, **opts)
+    partial.set_rank_world(0, 1, 4)  # a global batch of 16: sample 24 is half-way into one
+    with pytest.raises(ValueError, match="not a whole number of this run's global batches of 16"):
+        partial.load_state_dict(state)
 
 
 @pytest.mark.fast

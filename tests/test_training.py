@@ -145,7 +145,7 @@ def test_tinyllama_v11_stages_stack_into_the_cards_schedule():
     assert stage["start_tokens"] == one["trainer"]["max_steps"] * tokens  # where stage 1 ends
     assert stage["ramp_tokens"] == 6e9 and sum(stage["weights"].values()) == pytest.approx(1.0)
     assert stage["weights"]["slimpajama"] == 0.75
-    assert two["trainer"]["max_steps"] * tokens == pytest.approx(1.85e12, rel=1e-6)
+    assert two["trainer"]["max_steps"] * tokens == pytest.approx(1.85e12, rel=1e-5)
     model, trainer = three["model"], three["trainer"]
     # every stage keeps the flagship's strategy: the weights gathered once per optimizer step
     assert trainer["strategy"]["class_path"] == "tinyrecipe.train.strategy.FSDP2Strategy"
@@ -153,11 +153,12 @@ def test_tinyllama_v11_stages_stack_into_the_cards_schedule():
         trainer["strategy"]["init_args"][f"reshard_after_{k}"] for k in ("forward", "backward")
     )
     assert three["global_batch_size"] == 4 * 896 and three["data"]["allow_global_batch_change"]
+    assert two["trainer"]["max_steps"] % 4 == 0  # stage 3 starts on a whole batch of its own
     schedule = model["schedule"]
     assert schedule["name"] == "wsd" and schedule["decay_from"] == two["trainer"]["max_steps"]
     assert trainer["max_steps"] == schedule["decay_from"] + schedule["decay_steps"]
     end = two["trainer"]["max_steps"] * tokens + schedule["decay_steps"] * 4 * tokens
-    assert end == pytest.approx(2e12, rel=1e-6)
+    assert end == pytest.approx(2e12, rel=1e-5) and end >= 2e12
     mini = [ROOT / f"recipes/tinyllama-v1.1/miniature/stage{n}.yaml" for n in (1, 2, 3)]
     assert print_config(*mini)["data"]["stages"][0]["start_tokens"] == 14 * 8 * 64
 

@@ -108,8 +108,8 @@ class StreamPosition:
 
     def position_of(self, state: dict[str, Any]) -> int:
         """This run's micro-batches for a checkpoint's position (its other keys checked by the
-        subclass); a changed global batch or a position between micro-batches is refused in one
-        line."""
+        subclass); a changed global batch (unless allowed, and then only from a whole number of
+        the new global batches) or a position between micro-batches is refused in one line."""
         samples = self.samples_of(state)
         global_batch, mine = state.get("global_batch"), self.global_batch()
         if global_batch is not None and global_batch != mine and not self.allow_global_batch_change:
@@ -124,6 +124,12 @@ class StreamPosition:
                 f"the checkpoint stopped after {samples} samples, not a multiple of this run's "
                 f"{per_batch} per micro-batch (data.batch_size x processes); choose sizes that "
                 "divide it"
+            )
+        if global_batch is not None and global_batch != mine and samples % mine:
+            raise ValueError(
+                f"the checkpoint stopped after {samples} samples, not a whole number of this "
+                f"run's global batches of {mine} (its first step would be partial); end the "
+                f"earlier run at a step where steps x {global_batch} is a multiple of {mine}"
             )
         return samples // per_batch
 
