@@ -111,7 +111,7 @@ def adamw_param_groups(
     model: nn.Module, weight_decay: float, decay_norms_and_embeddings: bool
 ) -> list[dict]:
     """One group (TinyLlama decays every parameter) or two: matrices decayed, norms and
-    embeddings not (the litgpt/nanoGPT convention)."""
+    embeddings not (OLMo's `decay_norm_and_bias`/`decay_embeddings` off)."""
     if decay_norms_and_embeddings:
         return [
             {
