@@ -53,7 +53,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path, corpus, tied):
     from tinyrecipe.data import load_tokenizer
 
     ours = load_tokenizer(corpus["root"] / "tok")
-    text = "def main():\n    return 42"
+    text = "def main():\n    return '</s>' + '<s>'"  # special-token text is text
     assert tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text)
     # plain tok(text) starts with BOS, exactly the ids `tinyrecipe generate` feeds the model
     assert tok(text)["input_ids"] == [ours.bos_id, *ours.encode(text)]

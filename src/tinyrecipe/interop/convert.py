@@ -127,6 +127,7 @@ def _write_hf_dir(work: Path, config, hf_state: dict, tokenizer_dir, max_shard_g
                     "unk_token": "<unk>",
                     "add_bos_token": True,
                     "add_eos_token": False,
+                    "split_special_tokens": True,  # "<s>" in text is text, as in prep
                     "model_max_length": config.block_size,
                 },
                 indent=2,
