@@ -49,6 +49,35 @@ def test_sample_task_is_four_way_multiple_choice_on_held_out_text(eval_task):
     assert "stdlib_mc" in task_manager(eval_task, ["stdlib_mc"]).all_tasks
 
 
+def test_scores_under_two_filters_keep_both_names():
+    """gsm8k reports exact_match under strict-match and flexible-extract: both are kept."""
+    from tinyrecipe.evaluation import _row, flat_metrics
+
+    row = _row(
+        {
+            "exact_match,strict-match": 0.2,
+            "exact_match_stderr,strict-match": "N/A",
+            "exact_match,flexible-extract": 0.75,
+            "acc,none": 0.5,
+            "sample_len": 5,
+            "alias": "gsm8k",
+        }
+    )
+    assert row == {
+        "exact_match/strict-match": 0.2,
+        "exact_match/flexible-extract": 0.75,
+        "acc": 0.5,
+        "exact_match/strict-match_stderr": pytest.approx((0.2 * 0.8 / 4) ** 0.5),
+        "exact_match/flexible-extract_stderr": pytest.approx((0.75 * 0.25 / 4) ** 0.5),
+        "acc_stderr": pytest.approx((0.5 * 0.5 / 4) ** 0.5),
+    }
+    assert set(flat_metrics({"results": {"gsm8k": row}})) == {
+        "eval/gsm8k/exact_match/strict-match",
+        "eval/gsm8k/exact_match/flexible-extract",
+        "eval/gsm8k/acc",
+    }
+
+
 def test_a_task_manager_is_reused_until_a_file_under_it_changes(tmp_path, monkeypatch):
     import lm_eval.tasks
 

@@ -307,8 +307,8 @@ def evaluate(
     samples: bool = False,
 ) -> dict | None:
     """Run lm-eval tasks on `lm`: `{"results": {task: {metric: value}}, "config": {...}}` on rank
-    0 (None on the others); metric names are lm-eval's (`acc`, `acc_norm`, `acc_stderr`, ...),
-    values fractions. With `samples`, also lm-eval's per-request records."""
+    0 (None on the others); metric names are lm-eval's (`acc`, `acc_norm`, `acc_stderr`, ...;
+    a filter other than `none` after a slash: `exact_match/strict-match`), values fractions. With `samples`, also lm-eval's per-request records."""
     from lm_eval.evaluator import simple_evaluate
 
     if limit is not None and limit <= 0:
@@ -330,21 +330,7 @@ def evaluate(
     )
     if raw is None:  # not rank 0
         return None
-    results = {}
-    for task, metrics in raw["results"].items():
-        row = {}
-        for key, value in metrics.items():
-            name, _, _ = key.partition(",")
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if numeric and name != "sample_len" and not math.isnan(value):
-                row[name] = value
-        n = metrics.get("sample_len")
-        for name in MEAN_OF_ZERO_ONE:
-            if name in row and isinstance(n, int) and n > 1:
-                # lm-eval's mean_stderr, exact for a mean of 0/1 scores (its bootstrap is off)
-                row[f"{name}_stderr"] = math.sqrt(row[name] * (1 - row[name]) / (n - 1))
-        if row:
-            results[task] = row
+    results = {task: row for task, metrics in raw["results"].items() if (row := _row(metrics))}
     out = {
         "results": results,
         "config": {
@@ -362,6 +348,24 @@ def evaluate(
 
 
 MEAN_OF_ZERO_ONE = ("acc", "acc_norm", "exact_match")  # metrics that average 0/1 scores
+
+
+def _row(metrics: dict) -> dict[str, float]:
+    """One task's numeric scores from lm-eval's `metric,filter` keys: `acc` for the `none` filter,
+    `exact_match/strict-match` for another (two filters never share a name), with the stderr of
+    each mean of 0/1 scores."""
+    row = {}
+    for key, value in metrics.items():
+        metric, _, kept = key.partition(",")
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and metric != "sample_len" and not math.isnan(value):
+            row[metric if kept in ("", "none") else f"{metric}/{kept}"] = value
+    n = metrics.get("sample_len")
+    for name, value in list(row.items()):
+        if name.split("/")[0] in MEAN_OF_ZERO_ONE and isinstance(n, int) and n > 1:
+            # lm-eval's mean_stderr, exact for a mean of 0/1 scores (its bootstrap is off)
+            row[f"{name}_stderr"] = math.sqrt(value * (1 - value) / (n - 1))
+    return row
 
 
 def headline(metrics: dict) -> tuple[str, float] | None:
