@@ -20,13 +20,15 @@ from tinyrecipe.data.readers import SLIMPAJAMA, STARCODER, read_records
 from .conftest import script
 
 
-def datamodule(corpus, validation: bool = True, **kwargs) -> MixedStreamingDataModule:
+def datamodule(
+    corpus, validation: bool = True, reverse: bool = False, **kwargs
+) -> MixedStreamingDataModule:
     root = corpus["root"]
     val = {s: str(root / s / "validation") if validation else None for s in ("slim", "star")}
     sources = [
         DataSource("slimpajama", str(root / "slim/train"), val["slim"], 0.7),
         DataSource("starcoderdata", str(root / "star/train"), val["star"], 0.3),
-    ]
+    ][:: -1 if reverse else 1]
     options = dict(block_size=64, batch_size=4, vocab_size=1024, tokenizer_dir=str(root / "tok"))
     options.update(kwargs)
     dm = MixedStreamingDataModule(sources, **options)
@@ -285,6 +287,7 @@ def test_resume_refuses_other_data_settings(corpus):
         (dict(batch_size=8), "global batch of 4 sequences, this run has 8; keep it"),
         (dict(seed=5), "seed=42 but this run has 5"),
         (dict(block_size=32), "block_size=64 but this run has 32"),
+        (dict(reverse=True), "keep them in that order and add new sources after them"),
     ):
         with pytest.raises(ValueError, match=message):
             datamodule(corpus, **changed).load_state_dict(state)
