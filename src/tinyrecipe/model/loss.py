@@ -218,9 +218,10 @@ def cross_entropy_z(
     """The readable reference: (mean cross-entropy + z_loss x mean (log Z)², the z part
     detached) of full (..., V) logits, positions whose target is -100 left out."""
     logits, targets = logits.flatten(0, -2).float(), targets.flatten()
-    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    valid = targets != IGNORE_INDEX
+    count = valid.sum().clamp(min=1)  # no target (an SFT prompt-only block): 0, not NaN
+    loss = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum") / count
     if not z_loss:
         return loss, torch.zeros((), device=logits.device)
-    valid = targets != IGNORE_INDEX
-    z_term = z_loss * (logits.logsumexp(-1).square() * valid).sum() / valid.sum().clamp(min=1)
+    z_term = z_loss * (logits.logsumexp(-1).square() * valid).sum() / count
     return loss + z_term, z_term.detach()
