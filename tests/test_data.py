@@ -401,6 +401,9 @@ def test_stages_in_the_datamodule_and_their_one_line_errors(corpus):
     assert dm.schedule.locate(200)[0] == 1 and dm.val_sources()[0] == ("slimpajama", 0.7)
     by_step = datamodule(corpus, stages=[{"start_step": 25, "weights": {"slimpajama": 1}}])
     assert by_step.phases()[1][0] == 100  # 25 steps of 4 sequences
+    cut = [stage, {"start_tokens": 64 * 120, "weights": {"slimpajama": 1}}]
+    with pytest.raises(ValueError, match=r"stages\[1\] starts at sample 120, inside the ramp"):
+        datamodule(corpus, stages=cut).phases()
     state = dm.state_dict()
     state["samples_consumed"] = 120
     moved = datamodule(corpus, stages=[{**stage, "start_tokens": 64 * 110}], mixing_period=16)

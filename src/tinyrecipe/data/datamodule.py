@@ -243,6 +243,12 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
                     f"data.stages[{n}] starts at sample {start}, not after the stage before it "
                     f"(sample {out[-1][0]}); list stages in order"
                 )
+            if start < out[-1][0] + out[-1][2]:  # its weights would jump from the ramp's target
+                raise ValueError(
+                    f"data.stages[{n}] starts at sample {start}, inside the ramp of the stage "
+                    f"before it (to sample {out[-1][0] + out[-1][2]}); start it after the ramp "
+                    "or shorten ramp_tokens"
+                )
             weights = [float(stage.weights.get(name, 0.0)) for name in names]
             out.append((start, weights, round(stage.ramp_tokens / self.block_size)))
         return out
