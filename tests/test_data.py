@@ -13,7 +13,7 @@ import torch
 import zstandard
 
 from tinyrecipe.data import DataSource, MixedStreamingDataModule, load_tokenizer
-from tinyrecipe.data.mixture import MixtureSchedule, TokenBlocks
+from tinyrecipe.data.mixture import MixtureSchedule, SequentialBlocks, TokenBlocks
 from tinyrecipe.data.prep import prepare_split, read_metadata
 from tinyrecipe.data.readers import SLIMPAJAMA, STARCODER, read_records
 
@@ -279,6 +279,27 @@ def test_resume_is_exact_across_an_epoch_boundary(corpus, workers):
     for got, want in zip(head + tail, full, strict=True):
         assert torch.equal(got["input_ids"], want["input_ids"])
         assert torch.equal(got["labels"], want["labels"])
+
+
+@pytest.mark.fast
+def test_validation_blocks_are_spread_over_the_whole_split():
+    """val_max_blocks takes runs of consecutive blocks from every part of a split (Starcoderdata's
+    validation is written language after language), never a block twice."""
+
+    class Split:  # only its length matters for which blocks are picked
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    for total, limit in ((941, 128), (1_000_000, 6400), (300, 65), (10, 10), (10, None)):
+        val = SequentialBlocks(Split(total), limit)
+        picked = [val.index(j) for j in range(len(val))]
+        assert len(picked) == min(limit or total, total) and picked == sorted(set(picked))
+        starts = picked[:: val.run]
+        assert len(starts) <= SequentialBlocks.RUNS and starts[0] == 0 and picked[-1] < total
+        assert total - starts[-1] <= total // len(starts) + val.run  # the last run near the end
 
 
 def test_resume_refuses_other_data_settings(corpus):

@@ -538,17 +538,29 @@ def _documents(input_ids: torch.Tensor, blocks: TokenBlocks) -> torch.Tensor:
 
 
 class SequentialBlocks(Dataset):
-    """The first `limit` blocks of one split in stored order (validation), as dicts of
-    `input_ids` and `labels`. Index `len(self)` and beyond is a padding item whose labels are all
-    -100: `ShardedEvalSampler` uses it so every rank runs the same number of batches (none is
-    left out of a collective) while the loss counts each real block exactly once."""
+    """One split's blocks in stored order (validation), as dicts of `input_ids` and `labels`; with
+    `limit`, that many in up to `RUNS` runs of consecutive blocks spread evenly over the split, so
+    a split written part by part (Starcoderdata, language after language) is sampled from every
+    part while a pass reads few of its chunks (the same blocks on any number of ranks). Index
+    `len(self)` and beyond is a padding item whose labels are all -100: `ShardedEvalSampler` uses
+    it so every rank runs the same number of batches (none is left out of a collective) while
+    the loss counts each real block exactly once."""
 
     def __init__(
         self, blocks: TokenBlocks, limit: int | None = None, document_mask: bool = False
     ) -> None:
         self.blocks = blocks
         self.n = len(blocks) if limit is None else min(limit, len(blocks))
+        self.run = -(-self.n // self.RUNS) if self.n else 1  # blocks per run (the last: fewer)
+        self.gap = len(blocks) - self.n  # blocks left out, shared evenly between the runs
+        self.runs = max(1, -(-self.n // self.run))
         self.document_mask = document_mask
+
+    RUNS = 64
+
+    def index(self, j: int) -> int:
+        """The split's block that item j is: run j // run starts after that share of the gap."""
+        return j + (j // self.run) * self.gap // self.runs
 
     def __len__(self) -> int:
         return self.n
@@ -563,7 +575,7 @@ class SequentialBlocks(Dataset):
             if self.document_mask:
                 item["documents"] = torch.zeros(width, dtype=torch.int64)
             return item
-        block = torch.from_numpy(self.blocks.block(j).astype(np.int64))
+        block = torch.from_numpy(self.blocks.block(self.index(j)).astype(np.int64))
         item = {"input_ids": block[:-1], "labels": block[1:]}
         if self.document_mask:
             item["documents"] = _documents(item["input_ids"], self.blocks)
