@@ -178,6 +178,30 @@ def test_generation_ends_at_eos_however_far_it_ran(exported, corpus, monkeypatch
     assert TinyRecipeLM(model, tok).generate_until([request]) == [tok.decode(words)]
 
 
+def test_every_rank_decodes_the_longest_generation_of_its_pass(exported, corpus, monkeypatch):
+    """One pass's requests may ask for different max_gen_toks on two ranks (two generative tasks):
+    both decode the larger, so their forward passes stay in step; each keeps its own length."""
+    from lm_eval.api.instance import Instance
+
+    from tinyrecipe import evaluation as module
+
+    model, _ = exported
+    tok = load_tokenizer(corpus["root"] / "tok")
+    words, asked = tok.encode(" return x") * 8, []
+
+    def decode(model, idx, new, **kwargs):
+        asked.append(new)
+        return torch.tensor([idx[0].tolist() + words[:new]])
+
+    monkeypatch.setattr(module, "generate", decode)
+    lm = TinyRecipeLM(model, tok)
+    lm._world_size = 2
+    # the other rank: as many requests (1), a request asking for 7 tokens where this asks for 2
+    monkeypatch.setattr(lm, "_same_number_of_passes", lambda mine: {2: 7}.get(mine, mine))
+    request = Instance("generate_until", {}, ("def f(x):", {"until": [], "max_gen_toks": 2}), 0)
+    assert lm.generate_until([request]) == [tok.decode(words[:2])] and asked == [7]
+
+
 def error_line(capsys, *argv) -> str:
     assert cli_main(list(map(str, argv))) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -189,7 +189,8 @@ class TinyRecipeLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations with the KV cache, cut at the first stop string. Under several
-        processes every request runs its full `max_gen_toks` (sharded models step together)."""
+        processes every rank decodes the largest `max_gen_toks` of the pass's requests, each
+        keeping its own (sharded models step together)."""
         out = []
         passes = self._same_number_of_passes(len(requests))
         for n in range(passes):
@@ -197,7 +198,8 @@ class TinyRecipeLM(TemplateLM):
             context, kwargs = requests[min(n, len(requests) - 1)].args if requests else ("", {})
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            new = int(kwargs.get("max_gen_toks", 256))
+            own = int(kwargs.get("max_gen_toks", 256))
+            new = self._same_number_of_passes(own)  # the ranks' requests may differ (two tasks)
             ids = self.tok_encode(context)[-max(1, self.max_length - new) :] or [self.tok.bos_id]
             idx = torch.tensor([ids], device=self.device)
             with self.autocast():
@@ -207,7 +209,7 @@ class TinyRecipeLM(TemplateLM):
                     new,
                     temperature=0,
                     eos_id=self.tok.eos_id if self.world_size == 1 else None,
-                )[0, len(ids) :].tolist()
+                )[0, len(ids) : len(ids) + own].tolist()
             if n >= len(requests):
                 continue
             if self.tok.eos_id in tokens:  # several processes generate on past it
