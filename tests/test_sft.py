@@ -465,3 +465,17 @@ def test_a_step_is_normalised_by_the_global_target_tokens(tmp_path):
         torch.testing.assert_close(
             torch.tensor(sharded["grads"][name]), torch.tensor(grad), atol=1e-5, rtol=0
         )
+
+
+@pytest.mark.fast
+def test_an_sft_epoch_is_whole_global_batches_on_any_split_of_them():
+    """1000 rows in global batches of 64, as 4 x 8 processes x 2 accumulated or 8 x 8 x 1: the
+    same 960 rows an epoch in the same order, and every epoch ends on an optimizer step."""
+    from tinyrecipe.data.sft import SFTStream
+
+    rows = list(range(1000))
+    small = SFTStream(rows, 0, batch_size=4, rank=0, world_size=8, accumulate=2)
+    large = SFTStream(rows, 0, batch_size=8, rank=0, world_size=8, accumulate=1)
+    assert small.per_epoch * 4 * 8 == large.per_epoch * 8 * 8 == 960
+    assert small.per_epoch % 2 == 0
+    assert [small.row(i) for i in range(2000)] == [large.row(i) for i in range(2000)]

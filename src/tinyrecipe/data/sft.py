@@ -222,20 +222,32 @@ def collate(examples: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
 
 class SFTStream(IterableDataset):
     """The training rows in a seeded order, new each epoch: global sample i is row
-    `order(e)[i mod n]` of epoch e = i // n, n being the rows that whole micro-batches of every
-    process hold (the rest of each epoch's order is left out, as with drop_last, and differs from
-    epoch to epoch). Micro-batches are split across processes and loader workers as in the
-    pretraining stream (`tinyrecipe.data.position`); an iteration runs from `start_batch` to the
-    end of that epoch, so a run resumes mid-epoch exactly."""
+    `order(e)[i mod n]` of epoch e = i // n, n being the rows that whole global batches hold (the
+    rest of each epoch's order is left out, as with drop_last, and differs from epoch to epoch;
+    n depends on the global batch alone, so an epoch is the same rows on any split of it into
+    processes, micro-batches and accumulation, and ends on an optimizer step). Micro-batches are
+    split across processes and loader workers as in the pretraining stream
+    (`tinyrecipe.data.position`); an iteration runs from `start_batch` to the end of that epoch,
+    so a run resumes mid-epoch exactly."""
 
-    def __init__(self, rows: list, seed: int, batch_size: int, rank: int, world_size: int):
+    def __init__(
+        self,
+        rows: list,
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        accumulate: int = 1,
+    ):
         self.rows, self.seed, self.batch_size = rows, seed, batch_size
         self.rank, self.world_size = rank, world_size
-        self.per_epoch = len(rows) // (batch_size * world_size)  # micro-batches of each rank
+        steps = len(rows) // (batch_size * world_size * accumulate)
+        self.per_epoch = steps * accumulate  # micro-batches of each rank
         if self.per_epoch == 0:
             raise ValueError(
-                f"SFT data has {len(rows)} training rows, fewer than one micro-batch of every "
-                f"process ({batch_size} x {world_size}); lower data.batch_size or add records"
+                f"SFT data has {len(rows)} training rows, fewer than one global batch "
+                f"({batch_size} x {world_size} processes x {accumulate} accumulated); lower "
+                "data.batch_size or add records"
             )
         self.start_batch = 0
         self._order: tuple[int, np.ndarray] | None = None
@@ -366,7 +378,8 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         rank, world = self._rank_world()
-        stream = SFTStream(self.train_examples, self.seed, self.batch_size, rank, world)
+        accumulate = self.global_batch() // self.samples_per_batch()
+        stream = SFTStream(self.train_examples, self.seed, self.batch_size, rank, world, accumulate)
         return CountingLoader(
             self,
             stream,
