@@ -303,12 +303,12 @@ def test_validation_blocks_are_spread_over_the_whole_split():
 
 
 def test_resume_refuses_other_data_settings(corpus):
-    state = datamodule(corpus).state_dict()
+    state = {**datamodule(corpus).state_dict(), "samples_consumed": 120}  # both sources drew
     for changed, message in (
         (dict(batch_size=8), "global batch of 4 sequences, this run has 8; keep it"),
         (dict(seed=5), "seed=42 but this run has 5"),
         (dict(block_size=32), "block_size=64 but this run has 32"),
-        (dict(reverse=True), "keep them in that order and add new sources after them"),
+        (dict(reverse=True), r"keep \['slimpajama', 'starcoderdata'\] first and in that order"),
     ):
         with pytest.raises(ValueError, match=message):
             datamodule(corpus, **changed).load_state_dict(state)
@@ -422,6 +422,13 @@ def test_stages_in_the_datamodule_and_their_one_line_errors(corpus):
     assert dm.schedule.locate(200)[0] == 1 and dm.val_sources()[0] == ("slimpajama", 0.7)
     by_step = datamodule(corpus, stages=[{"start_step": 25, "weights": {"slimpajama": 1}}])
     assert by_step.phases()[1][0] == 100  # 25 steps of 4 sequences
+
+    def adds(name):  # a later stage bringing a new source
+        new = {"name": name, "train": str(corpus["root"] / "slim/train")}
+        return {"start_tokens": 64 * 500, "weights": {name: 1.0}, "sources": [new]}
+
+    early = datamodule(corpus, stages=[adds("x")]).state_dict()  # before the stage: x never drew
+    datamodule(corpus, stages=[adds("y")]).load_state_dict(early)
     cut = [stage, {"start_tokens": 64 * 120, "weights": {"slimpajama": 1}}]
     with pytest.raises(ValueError, match=r"stages\[1\] starts at sample 120, inside the ramp"):
         datamodule(corpus, stages=cut).phases()

@@ -321,11 +321,13 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
         samples = self.samples_of(state)
         theirs = state.get("phases") or [[0, state["weights"], 0]]
         names = state.get("sources") or [s.name for s in self.sources][: len(theirs[0][1])]
-        if names != mine["sources"][: len(names)]:
+        drawn = {n for _, weights, _ in _phases_until(theirs, names, samples) for n in weights}
+        placed = names[: max((i + 1 for i, n in enumerate(names) if n in drawn), default=0)]
+        if placed != mine["sources"][: len(placed)]:
             raise ValueError(
                 f"data.sources in the checkpoint are {names}, this run has {mine['sources']}: "
-                "keep them in that order and add new sources after them (a source's place seeds "
-                "its shuffle and its draws)"
+                f"keep {placed} first and in that order (a source's place seeds its shuffle and "
+                "its draws)"
             )
         if _phases_until(theirs, names, samples) != _phases_until(
             mine["phases"], mine["sources"], samples

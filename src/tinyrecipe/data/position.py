@@ -128,7 +128,7 @@ class StreamPosition:
         if global_batch is not None and global_batch != mine and samples % mine:
             raise ValueError(
                 f"the checkpoint stopped after {samples} samples, not a whole number of this "
-                f"run's global batches of {mine} (its first step would be partial); end the "
+                f"run's global batches of {mine} (its steps would not start there); end the "
                 f"earlier run at a step where steps x {global_batch} is a multiple of {mine}"
             )
         return samples // per_batch

@@ -189,8 +189,9 @@ class TinyRecipeLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy continuations with the KV cache, cut at the first stop string. Under several
-        processes every rank decodes the largest `max_gen_toks` of the pass's requests, each
-        keeping its own (sharded models step together)."""
+        processes every rank decodes the largest `max_gen_toks` of the pass's requests and keeps
+        its own; a long context is cut to leave room for that many (sharded models step
+        together)."""
         out = []
         passes = self._same_number_of_passes(len(requests))
         for n in range(passes):
@@ -310,7 +311,8 @@ def evaluate(
 ) -> dict | None:
     """Run lm-eval tasks on `lm`: `{"results": {task: {metric: value}}, "config": {...}}` on rank
     0 (None on the others); metric names are lm-eval's (`acc`, `acc_norm`, `acc_stderr`, ...;
-    a filter other than `none` after a slash: `exact_match/strict-match`), values fractions. With `samples`, also lm-eval's per-request records."""
+    a filter other than `none` after a slash: `exact_match/strict-match`), values fractions.
+    With `samples`, also lm-eval's per-request records."""
     from lm_eval.evaluator import simple_evaluate
 
     if limit is not None and limit <= 0:

@@ -142,7 +142,8 @@ class CausalLMModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         """A resumed run's first step takes this recipe's schedule and AdamW settings, not those
-        stored with the optimizer (a cooldown branch changes the schedule at the checkpoint's step)."""
+        stored with the optimizer (a cooldown branch changes the schedule at the checkpoint's
+        step)."""
         for config in self.trainer.lr_scheduler_configs:
             set_scheduled_lr(config.scheduler)
         # tokens trained on before this run's first step: the data position when the DataModule

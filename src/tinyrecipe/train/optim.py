@@ -172,8 +172,7 @@ class RecipeLR(LambdaLR):
         return {k: v for k, v in super().state_dict().items() if k != "recipe_settings"}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        mine = ("base_lrs", "recipe_settings")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k not in mine})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "base_lrs"})
 
 
 def set_scheduled_lr(scheduler: RecipeLR) -> None:
