@@ -479,3 +479,26 @@ def test_an_sft_epoch_is_whole_global_batches_on_any_split_of_them():
     assert small.per_epoch * 4 * 8 == large.per_epoch * 8 * 8 == 960
     assert small.per_epoch % 2 == 0
     assert [small.row(i) for i in range(2000)] == [large.row(i) for i in range(2000)]
+
+
+def test_an_sft_resume_whose_epochs_differ_is_refused(corpus):
+    """A checkpoint whose epochs held other rows (another global batch, or an older checkpoint
+    with accumulation, whose epochs were whole micro-batches) would map its samples to other
+    rows: refused in one line."""
+    records = [{"prompt": f"f{i}?", "response": "It counts."} for i in range(10)]
+    options = dict(records=records, tokenizer_dir=str(corpus["root"] / "tok"), val_fraction=0.0)
+
+    def data(batch_size, accumulate=1, **more):
+        dm = SFTDataModule(**options, batch_size=batch_size, **more)
+        dm.setup("fit")
+        dm.set_rank_world(0, 1, accumulate)
+        return dm
+
+    state = data(2, 2).state_dict()  # 10 rows in global batches of 4: epochs of 8
+    assert state["epoch_rows"] == 8
+    data(4).load_state_dict(state)  # the same global batch, split otherwise
+    older = {k: v for k, v in state.items() if k != "epoch_rows"}  # epochs of 10 (5 x 2)
+    with pytest.raises(ValueError, match="SFT epochs hold 10 rows, this run's 8"):
+        data(2, 2).load_state_dict(older)
+    with pytest.raises(ValueError, match="SFT epochs hold 8 rows, this run's 9"):
+        data(3, allow_global_batch_change=True).load_state_dict(state)

@@ -68,14 +68,16 @@ class StreamPosition:
             return 0, 1
         return trainer.global_rank, trainer.world_size
 
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step: the Trainer's, or the Fabric loop's."""
+        if getattr(self, "_rank_world_override", None):
+            return self._rank_world_override[2]
+        trainer = getattr(self, "trainer", None)
+        return trainer.accumulate_grad_batches if trainer is not None else 1
+
     def global_batch(self) -> int:
         """Sequences per optimizer step: micro-batch x processes x accumulation."""
-        if getattr(self, "_rank_world_override", None):
-            accumulate = self._rank_world_override[2]
-        else:
-            trainer = getattr(self, "trainer", None)
-            accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        return self.samples_per_batch() * accumulate
+        return self.samples_per_batch() * self.accumulation()
 
     def _batches_done(self) -> int:
         """Micro-batches trained on. Under a fitting Trainer its progress counter is the truth:

@@ -378,8 +378,9 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.setup()
         rank, world = self._rank_world()
-        accumulate = self.global_batch() // self.samples_per_batch()
-        stream = SFTStream(self.train_examples, self.seed, self.batch_size, rank, world, accumulate)
+        stream = SFTStream(
+            self.train_examples, self.seed, self.batch_size, rank, world, self.accumulation()
+        )
         return CountingLoader(
             self,
             stream,
@@ -406,6 +407,7 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
             "seed": self.seed,
             "block_size": self.block_size,
             "rows": len(self.train_examples),
+            "epoch_rows": len(self.train_examples) // self.global_batch() * self.global_batch(),
             "packing": self.packing,
             "document_mask": self.document_mask,
         }
@@ -421,4 +423,13 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
                     f"SFT data state in the checkpoint has {key}={state.get(key)!r} but this run "
                     f"has {mine[key]!r}; resume with the same data (or start a new run)"
                 )
+        theirs = state.get("epoch_rows")
+        if theirs is None:  # older checkpoints: epochs of whole micro-batches of every process
+            theirs = state["rows"] - state["rows"] % (state["batch_size"] * state["world_size"])
+        if theirs != mine["epoch_rows"]:
+            raise ValueError(
+                f"the checkpoint's SFT epochs hold {theirs} rows, this run's "
+                f"{mine['epoch_rows']} (whole global batches of {self.global_batch()}); resume "
+                "with the checkpoint's global batch (or start a new run)"
+            )
         return self.position_of(state)
