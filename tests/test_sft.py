@@ -502,3 +502,23 @@ def test_an_sft_resume_whose_epochs_differ_is_refused(corpus):
         data(2, 2).load_state_dict(older)
     with pytest.raises(ValueError, match="SFT epochs hold 8 rows, this run's 9"):
         data(3, allow_global_batch_change=True).load_state_dict(state)
+
+
+def test_sft_validation_counts_each_example_once_on_any_number_of_ranks(corpus):
+    """Four ranks share 9 validation examples: each is scored once, the shares padded with
+    examples that have no target (not repeated examples, which would weigh some twice)."""
+    records = [{"prompt": f"f{i}?", "response": "It counts " + "x " * i} for i in range(40)]
+    dm = SFTDataModule(
+        records=records, tokenizer_dir=str(corpus["root"] / "tok"), batch_size=2, val_fraction=0.25
+    )
+    dm.setup("fit")
+
+    def targets(rank, world):
+        dm.set_rank_world(rank, world, 1)
+        batches = list(dm.val_dataloader())
+        return len(batches), sum(int((b["labels"] != -100).sum()) for b in batches)
+
+    one = targets(0, 1)
+    shares = [targets(r, 4) for r in range(4)]
+    assert len({n for n, _ in shares}) == 1  # every rank runs as many batches
+    assert sum(t for _, t in shares) == one[1] and len(dm.val_examples) % 4

@@ -584,10 +584,11 @@ class SequentialBlocks(Dataset):
 
 class ShardedEvalSampler(DistributedSampler):
     """Rank r evaluates items r, r + world, ...; the shares are padded to equal length with
-    padding items (zero-weight, see SequentialBlocks) instead of DistributedSampler's repeated
-    real items, so a validation loss does not depend on the number of ranks."""
+    padding items (zero-weight: `SequentialBlocks`, `sft.PaddedExamples`) instead of
+    DistributedSampler's repeated real items, so a validation loss does not depend on the number
+    of ranks."""
 
-    def __init__(self, dataset: SequentialBlocks, rank: int, world_size: int) -> None:
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
         # DistributedSampler already sizes the padded shares: num_samples = ceil(n / world)
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=False)
 

@@ -38,8 +38,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from tinyrecipe.data.mixture import ShardedEvalSampler
 from tinyrecipe.data.position import CountingLoader, StreamPosition, micro_batch_samples
 from tinyrecipe.data.prep import in_validation
 from tinyrecipe.model.loss import IGNORE_INDEX
@@ -220,6 +221,24 @@ def collate(examples: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+class PaddedExamples(Dataset):
+    """Validation examples; index `len(self)` and beyond is a padding example without targets,
+    with which `ShardedEvalSampler` evens the ranks' shares (each real example counted once, so
+    the loss does not depend on the number of ranks)."""
+
+    def __init__(self, examples: list[tuple], pad_id: int) -> None:
+        self.examples, self.pad_id = examples, pad_id
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, j: int) -> tuple:
+        if j < len(self.examples):
+            return self.examples[j]
+        pad = ([self.pad_id], [IGNORE_INDEX])
+        return (*pad, [0]) if len(self.examples[0]) == 3 else pad
+
+
 class SFTStream(IterableDataset):
     """The training rows in a seeded order, new each epoch: global sample i is row
     `order(e)[i mod n]` of epoch e = i // n, n being the rows that whole global batches hold (the
@@ -393,9 +412,12 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_examples:
             return []
-        return DataLoader(  # Lightning gives each process its share
-            self.val_examples,
+        rank, world = self._rank_world()
+        dataset = PaddedExamples(self.val_examples, self.pad_id)
+        return DataLoader(
+            dataset,
             batch_size=self.batch_size,
+            sampler=ShardedEvalSampler(dataset, rank, world),
             collate_fn=functools.partial(collate, pad_id=self.pad_id),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory(),
