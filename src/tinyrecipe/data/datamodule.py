@@ -321,7 +321,8 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
         samples = self.samples_of(state)
         theirs = state.get("phases") or [[0, state["weights"], 0]]
         names = state.get("sources") or [s.name for s in self.sources][: len(theirs[0][1])]
-        drawn = {n for _, weights, _ in _phases_until(theirs, names, samples) for n in weights}
+        before = _phases_until(theirs, names, samples)
+        drawn = {n for _, weights, _ in before for n in weights}
         placed = names[: max((i + 1 for i, n in enumerate(names) if n in drawn), default=0)]
         if placed != mine["sources"][: len(placed)]:
             raise ValueError(
@@ -329,9 +330,7 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
                 f"keep {placed} first and in that order (a source's place seeds its shuffle and "
                 "its draws)"
             )
-        if _phases_until(theirs, names, samples) != _phases_until(
-            mine["phases"], mine["sources"], samples
-        ):
+        if before != _phases_until(mine["phases"], mine["sources"], samples):
             raise ValueError(
                 f"data.sources/data.stages differ from the checkpoint's before its position "
                 f"({samples} samples): only stages that start later may be added or changed"

@@ -114,7 +114,8 @@ class StreamPosition:
         the new global batches) or a position between micro-batches is refused in one line."""
         samples = self.samples_of(state)
         global_batch, mine = state.get("global_batch"), self.global_batch()
-        if global_batch is not None and global_batch != mine and not self.allow_global_batch_change:
+        changed = global_batch is not None and global_batch != mine
+        if changed and not self.allow_global_batch_change:
             raise ValueError(
                 f"the checkpoint trained with a global batch of {global_batch} sequences, this "
                 f"run has {mine}; keep it (batch_size x devices x accumulation) or set "
@@ -127,7 +128,7 @@ class StreamPosition:
                 f"{per_batch} per micro-batch (data.batch_size x processes); choose sizes that "
                 "divide it"
             )
-        if global_batch is not None and global_batch != mine and samples % mine:
+        if changed and samples % mine:
             raise ValueError(
                 f"the checkpoint stopped after {samples} samples, not a whole number of this "
                 f"run's global batches of {mine} (its steps would not start there); end the "
