@@ -221,6 +221,11 @@ def collate(examples: list[tuple], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def epoch_rows(rows: int, global_batch: int) -> int:
+    """The rows an SFT epoch trains on: the whole global batches `rows` fill."""
+    return rows - rows % global_batch
+
+
 class PaddedExamples(Dataset):
     """Validation examples; index `len(self)` and beyond is a padding example without targets,
     with which `ShardedEvalSampler` evens the ranks' shares (each real example counted once, so
@@ -260,8 +265,9 @@ class SFTStream(IterableDataset):
     ):
         self.rows, self.seed, self.batch_size = rows, seed, batch_size
         self.rank, self.world_size = rank, world_size
-        steps = len(rows) // (batch_size * world_size * accumulate)
-        self.per_epoch = steps * accumulate  # micro-batches of each rank
+        per_batch = batch_size * world_size  # rows of one micro-batch of every process
+        # micro-batches of each rank an epoch
+        self.per_epoch = epoch_rows(len(rows), per_batch * accumulate) // per_batch
         if self.per_epoch == 0:
             raise ValueError(
                 f"SFT data has {len(rows)} training rows, fewer than one global batch "
@@ -429,7 +435,7 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
             "seed": self.seed,
             "block_size": self.block_size,
             "rows": len(self.train_examples),
-            "epoch_rows": len(self.train_examples) // self.global_batch() * self.global_batch(),
+            "epoch_rows": epoch_rows(len(self.train_examples), self.global_batch()),
             "packing": self.packing,
             "document_mask": self.document_mask,
         }
@@ -447,7 +453,7 @@ class SFTDataModule(StreamPosition, L.LightningDataModule):
                 )
         theirs = state.get("epoch_rows")
         if theirs is None:  # older checkpoints: epochs of whole micro-batches of every process
-            theirs = state["rows"] - state["rows"] % (state["batch_size"] * state["world_size"])
+            theirs = epoch_rows(state["rows"], state["batch_size"] * state["world_size"])
         if theirs != mine["epoch_rows"]:
             raise ValueError(
                 f"the checkpoint's SFT epochs hold {theirs} rows, this run's "
