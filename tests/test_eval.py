@@ -197,7 +197,7 @@ def test_every_rank_decodes_the_longest_generation_of_its_pass(exported, corpus,
     lm = TinyRecipeLM(model, tok)
     lm._world_size = 2
     # the other rank: as many requests (1), a request asking for 7 tokens where this asks for 2
-    monkeypatch.setattr(lm, "_same_number_of_passes", lambda mine: {2: 7}.get(mine, mine))
+    monkeypatch.setattr(lm, "_max_over_ranks", lambda mine: {2: 7}.get(mine, mine))
     request = Instance("generate_until", {}, ("def f(x):", {"until": [], "max_gen_toks": 2}), 0)
     assert lm.generate_until([request]) == [tok.decode(words[:2])] and asked == [7]
 

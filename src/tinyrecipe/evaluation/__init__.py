@@ -119,8 +119,9 @@ class TinyRecipeLM(TemplateLM):
     def barrier(self) -> None:
         dist.barrier()
 
-    def _same_number_of_passes(self, mine: int) -> int:
-        """How many forward passes every rank must make (a sharded model needs them in step)."""
+    def _max_over_ranks(self, mine: int) -> int:
+        """The largest of the ranks' counts: forward passes, or tokens to decode, that every rank
+        makes (a sharded model needs them in step)."""
         if self.world_size == 1:
             return mine
         n = torch.tensor(mine, device=self.device)
@@ -137,7 +138,7 @@ class TinyRecipeLM(TemplateLM):
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        passes = self._same_number_of_passes(len(batches))
+        passes = self._max_over_ranks(len(batches))
         was_training = self.model.training
         self.model.eval()
         for b in range(passes):
@@ -193,14 +194,14 @@ class TinyRecipeLM(TemplateLM):
         its own; a long context is cut to leave room for that many (sharded models step
         together)."""
         out = []
-        passes = self._same_number_of_passes(len(requests))
+        passes = self._max_over_ranks(len(requests))
         for n in range(passes):
             beat()
             context, kwargs = requests[min(n, len(requests) - 1)].args if requests else ("", {})
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
             own = int(kwargs.get("max_gen_toks", 256))
-            new = self._same_number_of_passes(own)  # the ranks' requests may differ (two tasks)
+            new = self._max_over_ranks(own)  # the ranks' requests may differ (two tasks)
             ids = self.tok_encode(context)[-max(1, self.max_length - new) :] or [self.tok.bos_id]
             idx = torch.tensor([ids], device=self.device)
             with self.autocast():
