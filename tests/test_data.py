@@ -14,7 +14,7 @@ import zstandard
 
 from tinyrecipe.data import DataSource, MixedStreamingDataModule, load_tokenizer
 from tinyrecipe.data.mixture import MixtureSchedule, SequentialBlocks, TokenBlocks
-from tinyrecipe.data.prep import prepare_split, read_metadata
+from tinyrecipe.data.prep import prepare_split, read_metadata, split_documents
 from tinyrecipe.data.readers import SLIMPAJAMA, STARCODER, read_records
 
 from .conftest import script
@@ -147,6 +147,26 @@ def test_prep_output_is_identical_for_any_worker_count_and_reruns_skip(corpus, t
     )
     assert again.reused and again.documents == s.documents
     assert not (tmp_path / "w1/.train.tmp-99999").exists()
+
+
+def test_prep_reuses_a_split_only_for_the_same_files(corpus, tmp_path):
+    tok = corpus["root"] / "tok"
+    a, b = tmp_path / "a/doc.txt", tmp_path / "b/doc.txt"
+    for path, word in ((a, "alpha"), (b, "gamma")):  # same name, same size, other text
+        path.parent.mkdir()
+        path.write_text(f"{word} beta delta\n")
+
+    def prep(path):
+        s = prepare_split("train", [path], tmp_path / "out", tok, num_workers=1)
+        return s.reused, next(split_documents(tmp_path / "out/train")).tolist()
+
+    reused, first = prep(a)
+    assert not reused and prep(a) == (True, first)
+    reused, other = prep(b)  # another directory's file of the same name and size
+    assert not reused and other != first
+    b.write_text("gamma beta omega\n")  # edited in place, same size
+    reused, edited = prep(b)
+    assert not reused and edited != other
 
 
 def write_zst(path: Path, lines: list[bytes]) -> Path:

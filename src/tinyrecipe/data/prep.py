@@ -8,7 +8,7 @@ remote copy carries it too.
 Documents are tokenized in parallel (a process pool over input files, in order) and written by
 one writer in file order, so the output is byte-identical whatever the worker count. A split is
 built in a temporary directory and renamed into place only when complete; a rerun with the same
-inputs, tokenizer and options skips it.
+inputs (`input_id`), tokenizer and options skips it.
 
 Across machines, `shard=(i, n)` prepares the i-th of n contiguous runs of the input files (split
 by bytes) into `out/parts/<i>-of-<n>/`; `merge_parts` rewrites the parts' documents in order
@@ -62,6 +62,7 @@ PER_PART = frozenset(
         "skipped",
         "inputs",
         "input_bytes",
+        "input_ids",
         "documents_per_input",
         "shard",
     }
@@ -145,11 +146,28 @@ def _tokenize_file(job: tuple) -> tuple[list[np.ndarray], Counter, int]:
 # ---- main side ---------------------------------------------------------------------------------
 
 
-def _fingerprint(inputs: list[tuple[str, int]], tokenizer_sha: str, options: dict) -> str:
+SAMPLE_BYTES = 1 << 16  # an input's identity reads its first and last 64 KiB
+
+
+def input_id(path: Path) -> str:
+    """An input file's identity for reuse: its resolved path, size, modification time and its
+    first and last 64 KiB (the whole of a smaller file), hashed. A file edited, replaced or
+    read from another directory gets another one; reading it costs two small reads, not a pass."""
+    st = path.stat()
+    h = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    with open(path, "rb") as f:
+        h.update(f.read(SAMPLE_BYTES))
+        if st.st_size > 2 * SAMPLE_BYTES:
+            f.seek(-SAMPLE_BYTES, os.SEEK_END)
+        h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()[:16]
+
+
+def _fingerprint(input_ids: list[str], tokenizer_sha: str, options: dict) -> str:
     h = hashlib.sha256(json.dumps(options, sort_keys=True).encode())
     h.update(tokenizer_sha.encode())
-    for name, size in inputs:
-        h.update(f"{name}:{size}".encode())
+    for ident in input_ids:
+        h.update(ident.encode())
     return h.hexdigest()
 
 
@@ -228,8 +246,8 @@ def prepare_split(
     tokenizer = TextTokenizer(tokenizer_dir)
     dtype = np.uint16 if tokenizer.vocab_size <= 65536 else np.int32
     options = split_options(fmt, boundary, chunk_tokens, keep, val_permille)
-    inputs = [(f.name, f.stat().st_size) for f in files]
-    fingerprint = _fingerprint(inputs, tokenizer.sha256, options)
+    input_ids = [input_id(f) for f in files]
+    fingerprint = _fingerprint(input_ids, tokenizer.sha256, options)
     final = Path(out_dir) / split
     summary = SplitSummary(split)
     _clear_stale(final)
@@ -297,7 +315,8 @@ def prepare_split(
             text_bytes=summary.text_bytes,
             skipped=dict(sorted(summary.skipped.items())),
             inputs=[f"{f.parent.name}/{f.name}" for f in files],  # <language>/<file>: Starcoderdata
-            input_bytes=[size for _, size in inputs],
+            input_bytes=[f.stat().st_size for f in files],
+            input_ids=input_ids,
             documents_per_input=per_input,
             **({"shard": list(shard)} if shard else {}),
         ),
@@ -428,7 +447,7 @@ def merge_parts(
             )
             summary = SplitSummary(split, merged=len(by_part))
             merged: dict = {k: v for k, v in first.items() if k not in PER_PART}
-            lists = {"inputs": [], "input_bytes": [], "documents_per_input": []}
+            lists = {"inputs": [], "input_bytes": [], "input_ids": [], "documents_per_input": []}
             for path, meta in by_part:
                 if meta["documents"]:
                     for doc in split_documents(path):
@@ -438,21 +457,19 @@ def merge_parts(
                 summary.text_bytes += meta.get("text_bytes", 0)
                 summary.skipped.update(meta["skipped"])
                 for key in lists:
-                    lists[key] += meta[key]
+                    lists[key] += meta.get(key, [])  # input_ids: absent from older parts
             if summary.documents == 0:
                 raise ValueError(f"the parts hold no document of split '{split}'; nothing merged")
             writer.done()
             writer.merge()
             options = {k: merged[k] for k in split_options(PLAIN, "", 0, None, 0)}
-            inputs = [
-                (name.split("/")[-1], size)
-                for name, size in zip(lists["inputs"], lists["input_bytes"], strict=True)
-            ]
             _write_index(
                 tmp,
                 dict(
                     merged,
-                    fingerprint=_fingerprint(inputs, merged["tokenizer_sha256"], options),
+                    fingerprint=_fingerprint(
+                        lists["input_ids"], merged["tokenizer_sha256"], options
+                    ),
                     documents=summary.documents,
                     tokens=summary.tokens,
                     text_bytes=summary.text_bytes,
