@@ -45,9 +45,13 @@ def test_the_saved_batch_progress_schema(trainer):
         assert set(counters) == {"ready", "started", "processed", "completed"}
     checkpoint = {"loops": {"fit_loop": state}}
     progress["total"].update(ready=5, started=5, processed=4, completed=4)
+    progress["current"].update(ready=3, started=3, processed=2, completed=2)  # a second epoch
     _lightning.restate_batch_progress(checkpoint, 10)
     assert progress["total"] == {"ready": 11, "started": 11, "processed": 10, "completed": 10}
+    assert progress["current"] == {"ready": 6, "started": 6, "processed": 5, "completed": 5}
     assert _lightning.saved_batches_processed(checkpoint) == 10
+    with pytest.raises(ValueError, match="stopped 5 of its 10 micro-batches into its epoch"):
+        _lightning.restate_batch_progress(checkpoint, 3)
 
 
 @pytest.mark.parametrize("cls", [ModelParallelStrategy, FabricModelParallel])

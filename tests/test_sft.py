@@ -334,35 +334,60 @@ def test_lora_trains_only_its_adapters_and_reads_back_merged(corpus, tmp_path, c
         load_pretrained(hf_dir, lora={"rank": 0})
 
 
-def test_sft_resumes_mid_epoch_exactly(corpus, tmp_path):
-    """Stopped mid-epoch and resumed from its checkpoint, an SFT run crosses into the next epoch
-    and ends bitwise equal to the uninterrupted run."""
+def test_sft_resumes_mid_epoch_exactly_on_any_micro_batch_size(corpus, tmp_path):
+    """Stopped in its second epoch and resumed from a checkpoint saved there (as ModelCheckpoint
+    saves), an SFT run ends bitwise equal to the uninterrupted run; resumed with micro-batches of
+    8 instead of 4 x 2 (the same global batch), it takes the same epochs and batch indices and
+    ends equal to float rounding."""
+    import lightning as L
+
     from tinyrecipe.train.finetune import load_pretrained, sft_data
 
     hf_dir = _tiny_hf_model(tmp_path / "hf", 1024)
     records = [
         {"prompt": f"What does f{i}() do?", "response": "It counts " + "items " * i}
         for i in range(24)
-    ]  # 6 micro-batches of 4 an epoch
+    ]  # 3 steps of 8 rows an epoch
 
-    def run(steps, ckpt_path=None):
+    class SaveAtStep4(L.Callback):
+        def __init__(self):
+            self.batches = []  # (epoch, batch_idx) of each micro-batch from step 4 on
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step >= 4:
+                self.batches.append((trainer.current_epoch, batch_idx))
+
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 4 and not (tmp_path / "step4.ckpt").exists():
+                trainer.save_checkpoint(tmp_path / "step4.ckpt")
+
+    def run(steps, batch_size, ckpt_path=None):
         module = load_pretrained(
             hf_dir, optimizer={"lr": 1e-2}, schedule={"warmup_steps": 2, "max_steps": 8}
         )
         data = sft_data(
-            records, corpus["root"] / "tok", block_size=64, batch_size=4, val_fraction=0
+            records, corpus["root"] / "tok", block_size=64, batch_size=batch_size, val_fraction=0
         )
-        trainer = quiet_trainer(max_steps=steps, accumulate_grad_batches=1)
+        saver = SaveAtStep4()
+        trainer = quiet_trainer(
+            max_steps=steps, accumulate_grad_batches=8 // batch_size, callbacks=[saver]
+        )
         trainer.fit(module, data, ckpt_path=ckpt_path)
-        return trainer, module
+        return trainer, module.model.state_dict(), saver.batches
 
-    _, whole = run(8)
-    trainer, _ = run(3)
-    trainer.save_checkpoint(tmp_path / "step3.ckpt")
-    assert trainer.datamodule.state_dict()["samples_consumed"] == 12
-    _, resumed = run(8, tmp_path / "step3.ckpt")
-    theirs, ours = whole.model.state_dict(), resumed.model.state_dict()
-    assert all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    run(4, 4)
+    state = torch.load(tmp_path / "step4.ckpt", weights_only=False)["SFTDataModule"]
+    assert state["samples_consumed"] == 32
+    whole, weights, batches = run(8, 4)
+    for batch_size in (4, 8):
+        trainer, resumed, seen = run(8, batch_size, tmp_path / "step4.ckpt")
+        assert trainer.global_step == 8 and trainer.current_epoch == whole.current_epoch
+        assert seen == (batches if batch_size == 4 else [(e, i // 2) for e, i in batches[::2]])
+        for key in weights:
+            if batch_size == 4:
+                assert torch.equal(resumed[key], weights[key]), key
+            else:
+                torch.testing.assert_close(resumed[key], weights[key], atol=1e-5, rtol=1e-4)
 
 
 def test_fabric_loop_fine_tunes_like_the_trainer_across_epochs(corpus, tmp_path):

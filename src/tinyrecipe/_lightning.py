@@ -49,16 +49,25 @@ def batches_processed(trainer) -> int:
 
 
 def restate_batch_progress(checkpoint: dict[str, Any], batches: int) -> None:
-    """Rewrite a checkpoint's fit-loop batch counters to `batches` micro-batches (the others keep
-    their offsets from `processed`), for a resume on another world or micro-batch size. Lightning
-    restores the counters as saved; the schema is its checkpoint's `loops` entry."""
+    """Rewrite a checkpoint's fit-loop batch counters to `batches` micro-batches in all, for a
+    resume on another world or micro-batch size: the total and the current epoch's `processed`
+    scale by the same ratio (the same samples, in this run's micro-batches), the other counters
+    keep their offsets from `processed`. Lightning restores the counters as saved; the schema is
+    its checkpoint's `loops` entry."""
     progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
     if progress is None:
         return
+    old = progress["total"]["processed"]
     for counters in (progress["total"], progress["current"]):
         processed = counters["processed"]
+        now, rest = divmod(processed * batches, old) if old else (batches, 0)
+        if rest:
+            raise ValueError(
+                f"the checkpoint stopped {processed} of its {old} micro-batches into its epoch, "
+                f"no whole number of this run's {batches}; resume with its micro-batch size"
+            )
         for key in ("ready", "started", "processed", "completed"):
-            counters[key] = batches + counters[key] - processed
+            counters[key] = now + counters[key] - processed
 
 
 def saved_batches_processed(checkpoint: dict[str, Any]) -> int | None:
