@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -314,3 +315,35 @@ def test_the_fabric_loop_evaluates_from_the_same_recipe_key(corpus, eval_task, t
     assert result.returncode == 0, result.stderr[-3000:]
     logged = scalars(tmp_path / "fabric")
     assert [s for s, _ in logged["eval/stdlib_mc/acc"]] == [2]
+
+
+def test_evaluation_runs_after_its_steps_checkpoint_and_waits_out_a_requeue(
+    corpus, tmp_path, monkeypatch
+):
+    """Each step's evaluation finds that step's checkpoint on disk, the final one included; a run
+    stopping for a SLURM requeue does not evaluate, and the step due is in its checkpoint."""
+    from tinyrecipe.train import callbacks
+
+    scored = []
+
+    def run(self, trainer, pl_module):
+        ckpt = tmp_path / f"checkpoints/step={trainer.global_step}.ckpt"
+        scored.append((trainer.global_step, ckpt.is_file()))
+        self._last_step = trainer.global_step
+
+    monkeypatch.setattr(callbacks.DownstreamEval, "on_fit_start", lambda *args: None)
+    monkeypatch.setattr(callbacks.DownstreamEval, "run", run)
+    recipe = write_recipe(tmp_path, corpus, max_steps=5, every=2)
+    argv = ["fit", "--config", str(recipe), "--downstream_eval.tasks", "stdlib_mc"]
+    assert cli_main([*argv, "--downstream_eval.every_n_steps", "2"]) == 0
+    assert scored == [(2, True), (4, True), (5, True)]
+
+    evaluation = callbacks.DownstreamEval(tasks="stdlib_mc", every_n_steps=2)
+    requeue = callbacks.SlurmRequeue()
+    requeue.stopping = True
+    trainer = SimpleNamespace(global_step=4, callbacks=[evaluation, requeue])
+    evaluation.load_state_dict({"due": 4})
+    evaluation.on_train_end(trainer, None)
+    assert scored[3:] == [] and evaluation.state_dict() == {"due": 4}
+    evaluation.on_train_batch_start(trainer, None)  # the resumed run's first batch
+    assert [step for step, _ in scored[3:]] == [4] and evaluation.state_dict() == {"due": None}

@@ -520,7 +520,8 @@ def test_throughput_times_each_step_when_the_device_has_done_it(monkeypatch):
 
     step()
     monitor.on_save_checkpoint(trainer, module, {})  # times step 4 at 140 - 100 s paused
-    callbacks.pause_training_clock(trainer)  # downstream evaluation: already paused
+    with callbacks.training_clock_paused(trainer):  # downstream evaluation: already paused
+        pass
     step()
     monitor.on_validation_start(trainer)  # step 5 at 350 - 300 s paused
     assert len(logged) == 5 and all(m["train/device/items_per_sec"] == 6.4 for m in logged[3:])

@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +55,8 @@ class TokenThroughputMonitor(Callback):
     host and records an event when the step (optimizer included) is queued; at the end of the
     next step it waits for that event, while the device still has the newer step's work, and
     times the step it marks. The figures lag one step. Validation, checkpoint saves and
-    downstream evaluation are left out (`pause`: the clock stops until the next training batch)."""
+    downstream evaluation are left out (`pause`: the clock stops until `resume`, at the latest
+    when the next training batch starts)."""
 
     def __init__(self, peak_flops: float | None = None, window_size: int = 100) -> None:
         self.peak_flops, self.window_size = peak_flops, window_size
@@ -83,9 +86,7 @@ class TokenThroughputMonitor(Callback):
 
     @rank_zero_only
     def on_train_batch_start(self, trainer, *args) -> None:
-        if self._paused_at is not None:  # the pause leaves training's clock
-            self._t0 += time.perf_counter() - self._paused_at
-            self._paused_at = None
+        self.resume()
 
     @rank_zero_only
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, *_) -> None:
@@ -122,11 +123,18 @@ class TokenThroughputMonitor(Callback):
 
     @rank_zero_only
     def pause(self, trainer) -> None:
-        """Stop training's clock until the next training batch starts, having timed the step
-        still queued (its event is waited for now, before the pause's work)."""
+        """Stop training's clock, having timed the step still queued (its event is waited for
+        now, before the pause's work)."""
         if self._paused_at is None:
             self._time_queued(trainer)
             self._paused_at = time.perf_counter()
+
+    @rank_zero_only
+    def resume(self) -> None:
+        """Start training's clock again; the pause leaves it."""
+        if self._paused_at is not None:
+            self._t0 += time.perf_counter() - self._paused_at
+            self._paused_at = None
 
     def on_validation_start(self, trainer, *args) -> None:
         if not trainer.sanity_checking:
@@ -136,12 +144,18 @@ class TokenThroughputMonitor(Callback):
         self.pause(trainer)
 
 
-def pause_training_clock(trainer) -> None:
-    """Time from here to the next training batch is not training time for the throughput
-    monitor (downstream evaluation inside a training step's hooks)."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, TokenThroughputMonitor):
-            callback.pause(trainer)
+@contextmanager
+def training_clock_paused(trainer) -> Iterator[None]:
+    """The time inside is not training time for the throughput monitor (downstream evaluation
+    inside a training step's hooks)."""
+    monitors = [c for c in trainer.callbacks if isinstance(c, TokenThroughputMonitor)]
+    for monitor in monitors:
+        monitor.pause(trainer)
+    try:
+        yield
+    finally:
+        for monitor in monitors:
+            monitor.resume()
 
 
 class DeviceEvent:
@@ -400,6 +414,7 @@ class SlurmRequeue(Callback):
             )
         self.signal = getattr(signal, signal_name)
         self.requested = False
+        self.stopping = False  # the run stops to be requeued
         self.active = False
         self._previous = None
         self._job: str | None = None  # to requeue once the run has stopped
@@ -425,6 +440,7 @@ class SlurmRequeue(Callback):
         if (journal := run_journal(trainer)) is not None:
             journal.record("requeue", step=trainer.global_step, job=job)
         self._job = job if trainer.is_global_zero else None
+        self.stopping = True
         trainer.should_stop = True
 
     def _restore(self) -> None:
@@ -453,12 +469,23 @@ class SlurmRequeue(Callback):
         )
 
 
+def stopping_for_requeue(trainer) -> bool:
+    """Whether the run stops to be requeued (`SlurmRequeue`), not at its end."""
+    return any(isinstance(c, SlurmRequeue) and c.stopping for c in trainer.callbacks)
+
+
 class DownstreamEval(Callback):
     """lm-evaluation-harness tasks scored inside `fit` every `every_n_steps` optimizer steps, at
-    the end, and before the first step with `at_start`, on every rank with the requests split between them (a
-    sharded model steps together), logged as `eval/<task>/<metric>` and printed on rank 0. The
-    score at a step equals `tinyrecipe eval` of that step's checkpoint (tested). No `tasks`: off;
-    `every_n_steps: 0`: the end of training only (and the start with `at_start`).
+    the end, and before the first step with `at_start`, on every rank with the requests split
+    between them (a sharded model steps together), logged as `eval/<task>/<metric>` and printed
+    on rank 0. The score at a step equals `tinyrecipe eval` of that step's checkpoint (tested).
+    No `tasks`: off; `every_n_steps: 0`: the end of training only (and the start with
+    `at_start`).
+
+    A step's evaluation runs when the next step starts, after that step's checkpoint is saved
+    (a failed evaluation loses no training); the step due is in the checkpoint, so a run
+    stopped for a SLURM requeue scores it after the resume instead of spending the requeue's
+    time. At the end the final checkpoint is saved first.
 
     The tokenizer is `tokenizer_dir`, else the DataModule's `tokenizer_dir`."""
 
@@ -488,6 +515,7 @@ class DownstreamEval(Callback):
         self.num_fewshot, self.at_start, self.add_bos_token = num_fewshot, at_start, add_bos_token
         self.seconds = 0.0  # spent evaluating, for the overhead
         self._last_step: int | None = None
+        self._due: int | None = None  # the step to score when the next one starts
 
     def on_fit_start(self, trainer, pl_module) -> None:
         # Load the tasks now: a task whose data cannot be had fails in one line at the start,
@@ -506,30 +534,46 @@ class DownstreamEval(Callback):
         if not self.tasks or should_accumulate(trainer):
             return
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self._due = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, *_) -> None:
+        due, self._due = self._due, None
+        if due is not None and due == trainer.global_step:
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.tasks and trainer.global_step and self._last_step != trainer.global_step:
-            self.run(trainer, pl_module)  # the final weights are always scored
+        if not self.tasks or not trainer.global_step or stopping_for_requeue(trainer):
+            return
+        if self._last_step != trainer.global_step:  # the final weights are always scored
+            self._due = None
+            if trainer.checkpoint_callback is not None:
+                save_missing_final_checkpoint(trainer.checkpoint_callback, trainer)
+            self.run(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"due": self._due}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._due = state_dict.get("due")
 
     def run(self, trainer, pl_module) -> dict[str, float] | None:
         from tinyrecipe.evaluation import downstream_metrics
 
         tokenizer_dir = self.tokenizer_dir or getattr(trainer.datamodule, "tokenizer_dir", None)
-        pause_training_clock(trainer)
         start = time.perf_counter()
-        metrics = downstream_metrics(
-            pl_module.model,
-            tokenizer_dir,
-            self.tasks,
-            limit=self.limit,
-            include_path=self.include_path,
-            batch_size=self.batch_size,
-            num_fewshot=self.num_fewshot,
-            add_bos_token=self.add_bos_token,
-            autocast=trainer.precision_plugin.forward_context,
-            distributed=trainer.world_size > 1,
-        )
+        with training_clock_paused(trainer):
+            metrics = downstream_metrics(
+                pl_module.model,
+                tokenizer_dir,
+                self.tasks,
+                limit=self.limit,
+                include_path=self.include_path,
+                batch_size=self.batch_size,
+                num_fewshot=self.num_fewshot,
+                add_bos_token=self.add_bos_token,
+                autocast=trainer.precision_plugin.forward_context,
+                distributed=trainer.world_size > 1,
+            )
         seconds = time.perf_counter() - start
         self.seconds += seconds
         self._last_step = trainer.global_step

@@ -493,11 +493,11 @@ def after_step(run: Run, stats: StepStats) -> None:
     pause = time.perf_counter()  # validation, evaluation and saving are not training time
     if run.val_loaders and loop.val_every and (step % loop.val_every == 0 or last):
         fabric.log_dict(evaluate(fabric, run.model, run.val_loaders, run.sources), step=step)
-    if loop.downstream.get("tasks") and ((run.every_eval and step % run.every_eval == 0) or last):
-        _downstream(run, step)  # the final weights are always scored, as in `fit`
     if loop.save_every and step % loop.save_every == 0 and not last:
         run.state["global_step"] = step
         _save(fabric, loop.root / "fabric", step, run.state, loop.keep, run.journal)
+    if loop.downstream.get("tasks") and run.every_eval and step % run.every_eval == 0 and not last:
+        _downstream(run, step)  # after the step's checkpoint: a failed evaluation loses nothing
     run.start_time += time.perf_counter() - pause
 
 
@@ -541,6 +541,8 @@ def train(recipe: dict, resume: str | None = None) -> list[float]:
         run.guard.flush()
         run.state["global_step"] = run.step
         _save(run.fabric, run.loop.root / "fabric", run.step, run.state, run.loop.keep, run.journal)
+        if run.loop.downstream.get("tasks") and run.step > run.start_step:
+            _downstream(run, run.step)  # the final weights are always scored, as in `fit`
     except BaseException as err:
         run.journal.record("end", step=run.step, reason=type(err).__name__)
         raise
