@@ -137,7 +137,7 @@ def test_a_damaged_sharded_checkpoint_falls_back_to_the_previous_one(tmp_path, d
     assert "'step=6.ckpt' (step 6)" in message and len(message) < 300, message
 
 
-def test_auto_resume_picks_last_else_the_newest_readable_else_nothing(tmp_path):
+def test_auto_resume_picks_the_newest_whole_checkpoint_last_first(tmp_path):
     import os
 
     from tinyrecipe.checkpoint import resolve_auto_resume
@@ -151,5 +151,23 @@ def test_auto_resume_picks_last_else_the_newest_readable_else_nothing(tmp_path):
     _sharded(tmp_path / "step=6.ckpt", 6.0)  # newer, but a shard is gone
     next((tmp_path / "step=6.ckpt").glob("*.distcp")).unlink()
     assert resolve_auto_resume(tmp_path) == str(tmp_path / "step=4.ckpt")
-    os.symlink("step=2.ckpt", tmp_path / "last.ckpt")
+    os.symlink("step=2.ckpt", tmp_path / "last.ckpt")  # killed before the link moved on
+    assert resolve_auto_resume(tmp_path) == str(tmp_path / "step=4.ckpt")
+    (tmp_path / "last.ckpt").unlink()
+    os.symlink("step=4.ckpt", tmp_path / "last.ckpt")
     assert resolve_auto_resume(tmp_path) == str(tmp_path / "last.ckpt")
+
+
+def test_every_rank_falls_back_when_one_rank_cannot_read_the_file(tmp_path):
+    """DDP: each rank reads the file; `any_failed` (the ranks' reduction) says another rank's
+    read failed, so this rank falls back too, to the same older checkpoint."""
+    import os
+
+    io = AtomicCheckpointIO()
+    for step in (2, 4):
+        io.save_checkpoint(state(step), tmp_path / f"step={step}.ckpt")
+        os.utime(tmp_path / f"step={step}.ckpt", (step, step))
+    answers = iter([False, True])  # step 4: whole here, unreadable on another rank
+    io.any_failed = lambda failed: next(answers, failed)
+    with pytest.warns(UserWarning, match="unreadable on another rank"):
+        assert io.load_checkpoint(tmp_path / "step=4.ckpt")["global_step"] == 2

@@ -47,10 +47,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint file I/O through a temporary file, an fsync and a rename
     (`tinyrecipe.io`), loading with `weights_only` and the fall-back above. `on_write(path,
     seconds)` and `on_fallback(path, used, why)`, when set (the run journal), hear of each file
-    written and of a damaged checkpoint passed over."""
+    written and of a damaged checkpoint passed over; `any_failed` (set by `Checkpoints` to a
+    reduction over the ranks) makes every rank of a DDP run fall back alike."""
 
     on_write: Callable[[Path, float], None] | None = None
     on_fallback: Callable[[Path, Path, str], None] | None = None
+    any_failed: Callable[[bool], bool] = staticmethod(bool)
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
@@ -86,6 +88,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             lambda p: super(AtomicCheckpointIO, self).load_checkpoint(
                 p, weights_only=True, **kwargs
             ),
+            any_failed=self.any_failed,
             on_fallback=self.on_fallback,
         )
 
@@ -199,17 +202,21 @@ def load_with_fallback(
 
 
 def resolve_auto_resume(directory: Path | None) -> str | None:
-    """`--ckpt_path auto`: the run directory's `last.ckpt` when it exists (the newest; a damaged
-    one falls back when loaded, `load_with_fallback`), else its newest readable checkpoint, else
-    None: a fresh start. A pure function of the directory, so every rank decides alike."""
+    """`--ckpt_path auto`: the run directory's `last.ckpt` when it exists (a damaged one falls
+    back when loaded, `load_with_fallback`), unless a whole checkpoint beside it is newer than
+    the one it names (a kill between a checkpoint's write and the link's move); else its newest
+    whole checkpoint; else None: a fresh start. A pure function of the directory, so every rank
+    decides alike."""
     if directory is None or not directory.is_dir():
         return None
     last = directory / "last.ckpt"
-    if last.exists():
-        return str(last)
-    present = (p for p in directory.glob("*.ckpt") if p.exists())  # not a dangling last link
+    present = (p for p in directory.glob("*.ckpt") if p.exists() and p != last)
     candidates = sorted(present, key=lambda p: p.stat().st_mtime, reverse=True)
-    return next((str(p) for p in candidates if checkpoint_problem(p) is None), None)
+    if last.exists():  # a dangling link is not
+        linked = last.stat().st_mtime
+        candidates = [p for p in candidates if p.stat().st_mtime > linked]
+    newest = next((str(p) for p in candidates if checkpoint_problem(p) is None), None)
+    return newest or (str(last) if last.exists() else None)
 
 
 def refuse_new_run_into(dirpath: Path | None) -> None:

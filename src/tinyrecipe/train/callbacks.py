@@ -30,7 +30,7 @@ from tinyrecipe._lightning import (
     should_accumulate,
     steps_logged_at,
 )
-from tinyrecipe.checkpoint import refuse_new_run_into
+from tinyrecipe.checkpoint import AtomicCheckpointIO, refuse_new_run_into
 from tinyrecipe.io import link
 from tinyrecipe.planning.flops import device_peak
 from tinyrecipe.train.elastic import restart_count, start_watchdog
@@ -226,6 +226,12 @@ class Checkpoints(ModelCheckpoint):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.dirpath is None:
             self.dirpath = str(Path(trainer.default_root_dir) / "checkpoints")
+        io = trainer.strategy.checkpoint_io
+        if isinstance(io, AtomicCheckpointIO) and trainer.world_size > 1:
+            # every rank reads the file: a read that fails on one makes all fall back alike
+            io.any_failed = lambda failed: trainer.strategy.reduce_boolean_decision(
+                failed, all=False
+            )
         super().setup(trainer, pl_module, stage)
 
     def on_train_start(self, trainer, pl_module) -> None:
