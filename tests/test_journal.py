@@ -51,3 +51,20 @@ def test_status_reads_a_journal_and_a_torn_last_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "step 1 (not finished)" in out and "restarts: 0" in out
     assert cli(["status", str(tmp_path / "nope")]) == 2
+
+
+def test_a_run_continued_past_its_end_is_not_finished(tmp_path):
+    """A run that ended done and was continued with a larger max_steps: its status follows the
+    new session (not finished, the ETA to the new max_steps)."""
+    journal = Journal(tmp_path)
+    journal.record("start", step=0, max_steps=100, world_size=1)
+    journal.record("end", step=100, reason="done")
+    journal.record("start", step=100, max_steps=300, world_size=1)
+    for step in (150, 200):
+        journal.record("progress", step=step, tokens=step * 10, loss=2.0)
+    events = read_journal(tmp_path)
+    for i, e in enumerate(events):
+        e["time"] = float(i)  # progress: 50 steps a second
+    status = run_status(events)
+    assert not status.finished and status.step == 200
+    assert status.eta_seconds == pytest.approx(100 / 50)

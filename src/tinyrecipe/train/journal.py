@@ -171,8 +171,9 @@ def run_status(
     events: list[dict], max_steps: int | None = None, now: float | None = None
 ) -> RunStatus:
     """`RunStatus` of a journal's events; `now` ends an unfinished last session (default: its
-    last event)."""
+    last event); `max_steps` (default: the last session's) is the target of the ETA."""
     status = RunStatus()
+    recorded = None  # the last session's max_steps
     sessions = _sessions(events)
     status.sessions = len(sessions)
     for i, session in enumerate(sessions):
@@ -209,12 +210,14 @@ def run_status(
             status.spikes = event.get("spikes", status.spikes)
         elif kind == "checkpoint":
             status.last_checkpoint = event.get("path")
-        elif kind == "start":
+        elif kind == "start":  # a session continues the run: its max_steps is the target now
             status.step = event.get("step", status.step)
-            max_steps = max_steps or event.get("max_steps")
+            status.finished = False
+            recorded = event.get("max_steps") or recorded
         elif kind == "end":
             status.step = event.get("step", status.step)
             status.finished = event.get("reason") == "done"
+    max_steps = max_steps or recorded
     last = [e for e in (sessions[-1] if sessions else []) if e.get("event") == "progress"]
     if len(last) >= 2 and last[-1]["time"] > last[0]["time"] and last[-1].get("tokens"):
         seconds = last[-1]["time"] - last[0]["time"]
