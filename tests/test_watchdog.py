@@ -101,6 +101,38 @@ def test_a_store_that_no_longer_answers_ends_the_run_and_rank_1_records_it(tmp_p
     assert event["rank"] == 1 and "the rendezvous store does not answer" in event["message"]
 
 
+def test_a_store_gone_while_its_host_describes_the_same_hang_is_not_blamed(tmp_path):
+    """Every rank hung alike: rank 0 (the store's host) describes the hang and exits while rank 1
+    compares heartbeats, so the store answers once, then not. Rank 1 says so and records no
+    second hang (rank 0 recorded it)."""
+    store, reads = dist.HashStore(), []
+
+    class Vanishing:  # answers the first round of reads, then its host is gone
+        def set_timeout(self, timeout):
+            pass
+
+        def set(self, key, value):
+            store.set(key, value)
+
+        def check(self, keys):
+            reads.append(keys)
+            if len(reads) > 2:
+                raise RuntimeError("Connection reset by peer")
+            return store.check(keys)
+
+        def get(self, key):
+            return store.get(key)
+
+    store.set("rank/0", "7 5")
+    store.set("rank/2", "7 5")
+    dog = watchdog.Watchdog(60, rank=1, world_size=3, store=Vanishing(), step=5, interval=0.01)
+    message = dog.describe(61)
+    assert "stopped answering while the heartbeats were compared" in message, message
+    assert dog.stopped == []
+    record_hang(Journal(tmp_path, enabled=False), dog, message)
+    assert read_journal(tmp_path) == []
+
+
 def test_a_rank_alive_but_behind_is_named():
     store, hangs = dist.HashStore(), []
     behind = watchdog.Watchdog(60, rank=1, world_size=2, store=store, step=3, interval=0.05)

@@ -60,7 +60,8 @@ class Watchdog:
         self.last = time.monotonic()
         self.step = step
         # once a hang is described: the ranks whose heartbeat stopped (None: the store did not
-        # answer, so its host, rank 0's process or node, is the one that stopped)
+        # answer, so its host, rank 0's process or node, is the one that stopped; [] also when
+        # it stopped answering during the description: rank 0's watchdog exited first)
         self.stopped: list[int] | None = []
         self._beats = 0
         self._stopped = threading.Event()
@@ -154,9 +155,15 @@ class Watchdog:
                 time.sleep(self.interval)
                 self._publish()
             after = self._heartbeats()
-        if before is None or after is None:
+        if before is None:
             self.stopped = None
             return f"{head}; the rendezvous store does not answer (its host stopped); {tail}"
+        if after is None:  # it answered a moment ago: its host's own watchdog ended it
+            self.stopped = []
+            return (
+                f"{head}; the rendezvous store stopped answering while the heartbeats were "
+                f"compared (rank 0 exited on its own watchdog, which describes the hang); {tail}"
+            )
 
         def step(r: int) -> str:
             return after[r].split()[1] if after[r] else "none"
