@@ -1,6 +1,7 @@
 """`tinyrecipe prepare`: every input format, the record options, sharded preparation and merge,
 tokenizers from model directories, and bad input as one line."""
 
+import codecs
 import gzip
 import json
 import subprocess
@@ -355,3 +356,57 @@ def test_the_presets_are_the_generic_command_with_their_options(corpus, tmp_path
         for name in names:
             assert (preset / name).read_bytes() == (tmp_path / split / name).read_bytes()
         assert read_metadata(preset) == read_metadata(tmp_path / split)
+
+
+def test_readers_take_the_files_other_tools_write(tmp_path):
+    """CRLF text split on a blank line; a byte-order mark before JSON lines and text; JSON lines
+    in a `.json` file (`datasets`' to_json); `--drop` on a boolean or null; a lone surrogate
+    escape skipped as non_utf8; a directory with some other state.json read as files."""
+
+    def read(name, fmt=None, data=b""):
+        path = tmp_path / name
+        path.write_bytes(data)
+        return [t or r for t, r in read_records(path, fmt or RecordFormat())]
+
+    crlf = b"doc one\r\nline\r\n\r\ndoc two\r\rdoc three\r"
+    assert read("crlf.txt", RecordFormat(separator="\n\n"), crlf) == [
+        "doc one\nline",
+        "doc two",
+        "doc three\n",
+    ]
+    assert read("sep.txt", RecordFormat(separator="\r\n\r\n"), crlf)[0] == "doc one\nline"
+    bom = codecs.BOM_UTF8
+    assert read("bom.jsonl", data=bom + b'{"text": "first"}\n{"text": "second"}\n') == [
+        "first",
+        "second",
+    ]
+    assert read("bom.txt", data=bom + b"hello") == ["hello"]
+    lines = b"".join(json.dumps({"text": f"doc {i}"}).encode() + b"\n" for i in range(3))
+    assert read("lines.json", data=lines) == ["doc 0", "doc 1", "doc 2"]
+    records = [{"text": "a", "m": {"dup": True}}, {"text": "b", "m": {"dup": None}}]
+    records += [{"text": "c", "m": {"dup": False}}, {"text": "d"}]
+    data = json.dumps(records).encode()
+    fmt = RecordFormat(drop=(("m.dup", "true"), ("m.dup", "null")))
+    assert read("drop.json", fmt, data) == ["dropped_true", "dropped_null", "c", "d"]
+    assert read("odd.jsonl", data=b'{"text": "a\\ud800b"}\n{"text": "fine"}\n') == [
+        "non_utf8",
+        "fine",
+    ]
+    crawl = tmp_path / "crawl"
+    (crawl / "part2").mkdir(parents=True)
+    (crawl / "part1.jsonl").write_bytes(lines)
+    (crawl / "part2/x.jsonl").write_bytes(lines)
+    (crawl / "part2/state.json").write_text(json.dumps({"cursor": 7}))
+    assert [p.name for p in expand_inputs([crawl])] == ["part1.jsonl", "state.json", "x.jsonl"]
+
+
+def test_a_separator_keeps_its_characters_and_a_preset_refuses_what_it_ignores(
+    tmp_path, tok, capsys
+):
+    from tinyrecipe.cli.prepare import parse_separator
+
+    assert parse_separator("§§") == "§§" and parse_separator("—") == "—"
+    assert parse_separator(r"\n\n") == "\n\n" and parse_separator(r"\u2014") == "—"
+    base = ["prepare", str(tmp_path), "--tokenizer", str(tok), "--out", str(tmp_path / "out")]
+    for preset, option in (("starcoder", "--min-chars"), ("slimpajama", "--val-permille")):
+        one_line(capsys, [*base, "--preset", preset, option, "10"], f"drop {option}")

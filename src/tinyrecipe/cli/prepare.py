@@ -95,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.preset:
         given = [o for o in ("text_field", "drop", "separator", "validation") if _set(args, o)]
+        given += ["min_chars"] if args.min_chars else []
+        if args.preset == "slimpajama" and args.val_permille is not None:
+            given.append("val_permille")  # its own validation split
         if given or len(args.inputs) != 1 or (args.languages and args.preset != "starcoder"):
             raise ValueError(
                 f"--preset {args.preset} takes one INPUT (the corpus root) and sets the record "
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             text_field=args.text_field,
             drop=tuple(parse_drop(d) for d in args.drop),
             min_chars=args.min_chars,
-            separator=codecs.decode(args.separator, "unicode_escape") if args.separator else None,
+            separator=parse_separator(args.separator) if args.separator else None,
         )
         summaries = prepare_corpus(
             args.inputs,
@@ -124,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     for summary in summaries:
         print(f"{where} {summary.line()}")
     return 0
+
+
+def parse_separator(text: str) -> str:
+    """`--separator` with its backslash escapes read (\\n, \\t, \\u2014) and any other
+    character kept as it is ("§§", "—")."""
+    return codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
 
 
 def _set(args, name: str) -> bool:

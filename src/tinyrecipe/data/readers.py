@@ -3,7 +3,8 @@
 Formats (by file name): `.jsonl`, `.jsonl.gz`, `.jsonl.zst` (one JSON record per line), `.json`
 (a list of records), `.parquet`, `.arrow` (Arrow IPC stream or file; a directory written by
 Hugging Face `datasets.save_to_disk` is read through its `state.json`), `.txt` / `.md` (a file is
-a document, or several split on a separator). A `RecordFormat` says which field holds the text (a
+a document, or several split on a separator; line ends read as LF). A byte-order mark is not
+text; a `.json` file of one value a line is read as JSON lines. A `RecordFormat` says which field holds the text (a
 dotted path for nested fields), which records to drop by a field's value and the minimum length.
 Files are read a part at a time (`BLOCK` bytes, or record batches): memory holds a part and the
 record in it, not the file.
@@ -78,12 +79,24 @@ def document(record, fmt: RecordFormat) -> Record:
     if not isinstance(text, str):
         return None, f"missing_{fmt.text_field}"
     for key, value in fmt.drop:
-        if str(field_of(record, key)) == value:
+        found = field_of(record, key)
+        if found is not MISSING and _as_text(found) == value:
             return None, f"dropped_{value}"
     return _checked(text, fmt)
 
 
+def _as_text(value) -> str:
+    """A field's value as `--drop FIELD=VALUE` writes it: a string as it is, anything else as
+    JSON (true, null, 3)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _checked(text: str, fmt: RecordFormat) -> Record:
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, written as a JSON escape ("\ud800")
+            return None, "non_utf8"
     stripped = len(text.strip())
     if not stripped:
         return None, "empty"
@@ -151,9 +164,9 @@ def _dir_files(root: Path, top: bool = True) -> list[Path]:
             f"input '{root}' is a Hugging Face DatasetDict (splits: {', '.join(splits)}); "
             f"pass one split's directory, e.g. {root / (splits[0] if splits else 'train')}"
         )
-    if (root / "state.json").is_file():
-        state = json.loads((root / "state.json").read_text())
-        return [root / f["filename"] for f in state.get("_data_files", [])]
+    state = _saved_dataset_state(root)
+    if state is not None:
+        return [root / f["filename"] for f in state["_data_files"]]
     found = []
     for p in sorted(root.iterdir()):
         if p.name.startswith("."):
@@ -165,6 +178,16 @@ def _dir_files(root: Path, top: bool = True) -> list[Path]:
     if top and not found:
         raise ValueError(f"input directory '{root}' holds no readable file ({', '.join(SUFFIXES)})")
     return found
+
+
+def _saved_dataset_state(root: Path) -> dict | None:
+    """The `state.json` of a directory written by `datasets.save_to_disk` (it lists the data
+    files), None for any other directory, one with some other `state.json` included."""
+    try:
+        state = json.loads((root / "state.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and "_data_files" in state else None
 
 
 def read_records(path: Path, fmt: RecordFormat) -> Iterator[Record]:
@@ -230,9 +253,11 @@ def _blocks(path: Path) -> Iterator[bytes]:
 
 def _read_lines(path: Path, fmt: RecordFormat) -> Iterator[Record]:
     """JSON lines, plain or compressed; the complete lines before a cut are kept."""
-    buffer = b""
+    buffer, first = b"", True
     try:
         for block in _blocks(path):
+            if first:  # a byte-order mark is not part of the first record
+                block, first = block.removeprefix(codecs.BOM_UTF8), False
             buffer += block
             *lines, buffer = buffer.split(b"\n")
             yield from (_line_record(line, fmt) for line in lines if line.strip())
@@ -258,11 +283,17 @@ def _line_record(line: bytes, fmt: RecordFormat) -> Record:
     return document(obj, fmt)
 
 
+class JsonLines(Exception):
+    """A `.json` file holding one value after another: JSON lines (`datasets`' `to_json`)."""
+
+
 def _read_json(path: Path, fmt: RecordFormat) -> Iterator[Record]:
-    """A JSON list's records (a file holding one object: that record); the records before a
-    cut, malformed or non-UTF-8 part are kept."""
+    """A JSON list's records (a file holding one object: that record; one holding a value a
+    line: JSON lines); the records before a cut, malformed or non-UTF-8 part are kept."""
     try:
         yield from (document(r, fmt) for r in _json_values(path))
+    except JsonLines:
+        yield from _read_lines(path, fmt)
     except UnicodeDecodeError:
         yield None, "non_utf8"
     except TruncatedFile:
@@ -278,11 +309,11 @@ _LITERALS = ("true", "false", "null", "NaN", "Infinity", "-Infinity")
 
 
 class _Utf8:
-    """A binary file's text, read a block at a time; a byte that is not UTF-8 raises
-    UnicodeDecodeError once the text before it has been read."""
+    """A binary file's text, read a block at a time, without a leading byte-order mark; a byte
+    that is not UTF-8 raises UnicodeDecodeError once the text before it has been read."""
 
     def __init__(self, f) -> None:
-        self.f, self.decoder, self.error = f, codecs.getincrementaldecoder("utf-8")(), None
+        self.f, self.decoder, self.error = f, codecs.getincrementaldecoder("utf-8-sig")(), None
 
     def read(self, size: int) -> str:
         """At least one character of the text, or "" at its end."""
@@ -293,7 +324,7 @@ class _Utf8:
             try:
                 text = self.decoder.decode(block, final=not block)
             except UnicodeDecodeError as err:
-                self.error, text = err, err.object[: err.start].decode("utf-8")
+                self.error, text = err, err.object[: err.start].decode("utf-8-sig")
                 if not text:
                     raise
             if text or not block:
@@ -359,14 +390,12 @@ def _json_values(path: Path) -> Iterator:
                     raise TruncatedFile(str(path))
                 return obj, end
 
-        if skip_space() and buf[pos] == "\ufeff":  # a byte-order mark
-            pos += 1
         if not skip_space():
             raise json.JSONDecodeError("no JSON value", buf, pos)
         if buf[pos] != "[":
             obj, pos = value(in_list=False)
-            if skip_space():
-                raise json.JSONDecodeError("extra data after the value", buf, pos)
+            if skip_space():  # more values after the first: JSON lines (nothing yielded yet)
+                raise JsonLines(str(path))
             yield obj
             return
         pos += 1
@@ -437,16 +466,34 @@ def _open_table(path: Path, kind: str, fmt: RecordFormat):
     return iter(reader), reader.schema.names
 
 
+def _newlines(blocks: Iterator[str]) -> Iterator[str]:
+    """`blocks` with CRLF and CR line ends read as LF, as Python's text mode reads them (a CR
+    at a block's end waits for the next block)."""
+    carry = ""
+    for block in blocks:
+        block = carry + block
+        carry = "\r" if block.endswith("\r") else ""
+        yield block.removesuffix(carry).replace("\r\n", "\n").replace("\r", "\n")
+    if carry:
+        yield "\n"
+
+
 def _read_text(path: Path, fmt: RecordFormat) -> Iterator[Record]:
-    """The file as one document, or its parts between separators, read `BLOCK` at a time."""
-    pending = ""
+    """The file as one document, or its parts between separators, read `BLOCK` at a time; line
+    ends read as in Python's text mode (CRLF and CR as LF), the separator's too."""
+    pending, separator = "", "".join(_newlines(iter([fmt.separator or ""])))
     try:
         with open(path, "rb") as f:
             text = _Utf8(f)
-            while block := text.read(max(BLOCK, len(pending))):
+
+            def blocks() -> Iterator[str]:  # each read at least as long as what is pending
+                while block := text.read(max(BLOCK, len(pending))):
+                    yield block
+
+            for block in _newlines(blocks()):
                 pending += block
-                if fmt.separator:
-                    *parts, pending = pending.split(fmt.separator)
+                if separator:
+                    *parts, pending = pending.split(separator)
                     yield from (_checked(part, fmt) for part in parts)
     except UnicodeDecodeError:
         yield None, "non_utf8"
