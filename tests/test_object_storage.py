@@ -39,14 +39,18 @@ def test_object_storage_reads_the_local_batches_with_a_bounded_cache(corpus, s3_
         shuffle_window_chunks=2,
         cache_dir=str(tmp_path / "cache"),
     )
-    want, got = batches(local.train_dataloader(), 24), batches(remote.train_dataloader(), 24)
+    want = batches(local.train_dataloader(), 24)
+    running = iter(remote.train_dataloader())
+    got = [next(running) for _ in range(24)]
     for a, b in zip(want, got, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
-    for a, b in zip(local.val_dataloader(), remote.val_dataloader(), strict=True):
-        assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
     chunks = len(remote._train[0].blocks_per_chunk)
     held = [len(list(d.glob("*.bin"))) for d in (tmp_path / "cache").rglob("tinyrecipe-*")]
     assert chunks > 8 and held and max(held) <= 8  # max(8, 2 x window) per loader process
+    del running  # its worker exits, and its cache directory with it
+    for a, b in zip(local.val_dataloader(), remote.val_dataloader(), strict=True):
+        assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(a, b, strict=True))
+    assert not list((tmp_path / "cache").rglob("tinyrecipe-*"))  # nor one of validation's
 
 
 def test_each_split_is_checked_once_before_the_run(s3_corpus, monkeypatch, tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import OrderedDict
 from pathlib import Path
 
@@ -27,6 +28,19 @@ from torch.utils.data import Dataset, DistributedSampler, IterableDataset
 from tinyrecipe.data.position import micro_batch_samples
 from tinyrecipe.data.prep import META_KEY
 from tinyrecipe.model.loss import IGNORE_INDEX
+
+_REMOVED_AT_EXIT: set[str] = set()
+
+
+def remove_at_exit(directory: Path) -> None:
+    """Delete `directory` when this process exits, a DataLoader worker too (multiprocessing's
+    exit finalizers run there; `atexit` handlers do not)."""
+    from multiprocessing.util import Finalize
+
+    key = f"{os.getpid()}:{directory}"
+    if key not in _REMOVED_AT_EXIT:
+        _REMOVED_AT_EXIT.add(key)
+        Finalize(None, shutil.rmtree, (str(directory),), {"ignore_errors": True}, exitpriority=0)
 
 
 class TokenBlocks:
@@ -125,7 +139,8 @@ class TokenBlocks:
         (KeyError in TokensLoader.close, litdata 0.2.76). Remote chunks are fetched by litdata's
         own downloader into a directory of this process's inside litdata's cache (loader
         workers never delete each other's files); at most 2 x window_chunks (>= 8) of them stay
-        there, the least recently used are deleted."""
+        there, the least recently used are deleted, and the directory goes when the process
+        exits (a loader worker included)."""
         if c in self._chunks:
             self._chunks.move_to_end(c)
             return self._chunks[c]
@@ -139,6 +154,7 @@ class TokenBlocks:
                 if self._downloader is None:
                     from litdata.streaming.downloader import get_downloader
 
+                    remove_at_exit(mine)
                     mine.mkdir(parents=True, exist_ok=True)
                     allow_plain_http(self.path)
                     self._downloader = get_downloader(self.path, str(mine), self._index_chunks)
