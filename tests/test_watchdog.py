@@ -203,3 +203,25 @@ def test_a_session_that_failed_or_hung_then_started_again_is_a_restart():
     ]
     status = run_status(events)
     assert (status.sessions, status.restarts, status.hangs, status.finished) == (3, 2, 1, True)
+
+
+def test_the_final_checkpoint_is_written_under_the_watchdog(corpus, tmp_path, monkeypatch):
+    """A run ending between two periodic checkpoints writes its final one in the checkpoint
+    callback's on_train_end, after the other callbacks' (Lightning runs checkpoint callbacks
+    last): the watchdog still watches it."""
+    from tests.test_training import write_recipe
+    from tinyrecipe.cli import main as cli_main
+    from tinyrecipe.train import callbacks
+
+    watched = []
+    final_save = callbacks.Checkpoints.on_train_end
+
+    def on_train_end(self, trainer, pl_module):
+        watched.append(watchdog._active is not None)
+        final_save(self, trainer, pl_module)
+
+    monkeypatch.setattr(callbacks.Checkpoints, "on_train_end", on_train_end)
+    recipe = write_recipe(tmp_path, corpus, max_steps=3, every=2)
+    assert cli_main(["fit", "--config", str(recipe)]) == 0
+    assert watched == [True] and watchdog._active is None
+    assert (tmp_path / "checkpoints/step=3.ckpt").is_file()

@@ -397,7 +397,7 @@ class HangWatchdog(Callback):
             self.watchdog.stop()
             self.watchdog = None
 
-    def on_train_end(self, *args) -> None:
+    def teardown(self, *args, **kwargs) -> None:  # after every on_train_end: the final save too
         self._stop()
 
     def on_exception(self, *args) -> None:
