@@ -182,6 +182,28 @@ def test_restarts_on_several_nodes_sharing_the_agent_store_are_refused(monkeypat
     assert init_process_group(object()) is False  # not torchrun's shared store: Lightning starts it
 
 
+def test_each_restart_and_world_size_gets_fresh_keys_in_the_shared_store(monkeypatch):
+    """torchrun's agent store outlives the worker groups: a restart (counted) and a node joining
+    an elastic job (not counted, a larger world) each start under keys of their own."""
+    from datetime import timedelta
+
+    from tinyrecipe.train.elastic import rendezvous_store
+
+    host = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(host.port))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    for count, world in (("0", 8), ("1", 8), ("1", 16)):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", count)
+        rendezvous_store("process-group", timedelta(seconds=5), world).set(
+            "addr", f"{count}/{world}"
+        )
+    keys = [
+        f"tinyrecipe/restart-{c}-of-{w}/process-group/addr" for c, w in ((0, 8), (1, 8), (1, 16))
+    ]
+    assert [host.get(k).decode() for k in keys] == ["0/8", "1/8", "1/16"]
+
+
 def test_failpoint_specs_pick_a_rank_and_an_attempt(monkeypatch):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")

@@ -5,7 +5,8 @@ torchrun (torch 2.x) hands every restart of a worker group the same rendezvous s
 rank reads a dead peer's address from it (gloo: "connectFullMesh failed ... Connection refused";
 NCCL: a stale unique id) and the restart is lost (pytorch/pytorch#135712). `init_process_group`
 starts the default process group on that store under a prefix of the restart number, which the
-one agent of a node counts for all its workers. Agents of several nodes count restarts each for
+one agent of a node counts for all its workers, and the world size (a node joining an elastic
+job restarts the workers without counting a restart). Agents of several nodes count restarts each for
 their own workers, so on several nodes the store must not be shared: `export
 TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1` before torchrun (each round then gets a fresh store), which
 `init_process_group` asks for in one line when restarts are allowed.
@@ -49,7 +50,7 @@ def check_restartable() -> None:
 def rendezvous_store(namespace: str, timeout: timedelta, world_size: int) -> dist.Store | None:
     """A client of the run's rendezvous store (MASTER_ADDR:MASTER_PORT: torchrun's agent, or
     rank 0 under Lightning's launchers and SLURM) under `tinyrecipe/<namespace>`, and under
-    torchrun's shared store `tinyrecipe/restart-<n>/<namespace>` (elsewhere each restart has a
+    torchrun's shared store `tinyrecipe/restart-<n>-of-<world size>/<namespace>` (elsewhere each restart has a
     fresh store, and the agents of several nodes count restarts differently); None in a single
     process."""
     if world_size < 2 or "MASTER_PORT" not in os.environ:
@@ -61,7 +62,9 @@ def rendezvous_store(namespace: str, timeout: timedelta, world_size: int) -> dis
         timeout=timeout,
         wait_for_workers=False,
     )
-    restart = f"restart-{restart_count()}/" if _shared_agent_store() else ""
+    # a node joining an elastic job restarts the workers without counting a restart: the world
+    # size tells that round from the one before
+    restart = f"restart-{restart_count()}-of-{world_size}/" if _shared_agent_store() else ""
     return dist.PrefixStore(f"tinyrecipe/{restart}{namespace}", client)
 
 
