@@ -1,7 +1,8 @@
 """Runs against each other: a table (what each recipe changes against the baseline run, tokens,
 training FLOPs, validation losses, downstream scores, speed) and plots of validation loss
 against tokens and against FLOPs, one line per run, seeds drawn as a band; a markdown report
-embeds them. A difference smaller than the seed-to-seed spread is marked "n.s."."""
+embeds them. With two or more seeds on both sides, a final loss's difference from the
+baseline's is marked "(*)" where Welch's t-test gives p < 0.05, else "(n.s.)"."""
 
 from __future__ import annotations
 
@@ -63,10 +64,25 @@ class Group:
         finals = self.finals(tag)
         return float(np.mean(finals)) if finals else math.nan
 
-    def spread(self, tag: str = "val/loss") -> float:
-        """Seed-to-seed range of the final value (0 with one seed)."""
+    def sem(self, tag: str = "val/loss") -> float:
+        """Standard error of the mean final value over the seeds (nan with one seed)."""
         finals = self.finals(tag)
-        return float(np.ptp(finals)) if len(finals) > 1 else 0.0
+        if len(finals) < 2:
+            return math.nan
+        return float(np.std(finals, ddof=1) / math.sqrt(len(finals)))
+
+
+def differs(group: Group, baseline: Group, tag: str = "val/loss") -> bool | None:
+    """Whether the final values of `group` and `baseline` differ by Welch's t-test (p < 0.05);
+    None when either has fewer than two seeds (nothing to tell the seed noise by)."""
+    from scipy.stats import ttest_ind
+
+    a, b = group.finals(tag), baseline.finals(tag)
+    if min(len(a), len(b)) < 2:
+        return None
+    if np.ptp(a) == 0 and np.ptp(b) == 0:  # no seed noise at all: any difference shows
+        return bool(a[0] != b[0])
+    return bool(ttest_ind(a, b, equal_var=False).pvalue < 0.05)
 
 
 def group_runs(runs: list[Run]) -> list[Group]:
@@ -118,10 +134,8 @@ def table(runs: list[Run], baseline: str | None = None) -> tuple[list[str], list
     for group in groups:
         run = group.runs[0]
         final = group.mean()
-        mark = ""
-        if group is not first and (group.spread() or first.spread()):
-            noise = max(group.spread(), first.spread())
-            mark = " (n.s.)" if abs(final - first.mean()) < noise else " (*)"
+        verdict = differs(group, first) if group is not first else None
+        mark = {True: " (*)", False: " (n.s.)", None: ""}[verdict]
         best = [min((v for _, v in r.curve("val/loss")), default=math.nan) for r in group.runs]
         steps = run.steps
         rows.append(
@@ -133,7 +147,7 @@ def table(runs: list[Run], baseline: str | None = None) -> tuple[list[str], list
                 _fmt(run.tokens_at(steps), ".3g"),
                 _fmt(run.flops_at(steps), ".3g"),
                 _fmt(final)
-                + (f" ± {group.spread() / 2:.4f}" if len(group.runs) > 1 else "")
+                + (f" ± {group.sem():.4f}" if len(group.finals()) > 1 else "")
                 + mark,
                 _fmt(float(np.mean(best))),
                 *[_fmt(group.mean(s)) for s in sources],
@@ -178,10 +192,10 @@ def plot(runs: list[Run], out: Path, tag: str = "val/loss") -> list[Path]:
             curves = []
             for run in group.runs:
                 points = [(s, v) for s, v in run.curve(tag) if s > 0]
-                at = run.tokens_at if axis == "tokens" else run.flops_at
-                curves.append(
-                    (np.array([at(s) for s, _ in points]), np.array([v for _, v in points]))
-                )
+                x = np.array([run.tokens_behind(s) for s, _ in points])
+                if axis == "flops":
+                    x = x * run.flops_per_token
+                curves.append((x, np.array([v for _, v in points])))
             if not curves or not len(curves[0][0]):
                 continue
             x = curves[0][0]
@@ -218,8 +232,9 @@ def report(runs: list[Run], out: str | Path, baseline: str | None = None) -> tup
         "",
         text,
         "",
-        "`(n.s.)`: the difference from the baseline's (first row's) final validation loss is smaller "
-        "than the seed-to-seed range; `(*)`: larger. `±`: half the seed range.",
+        "`(*)`: the final validation loss differs from the baseline's (first row's) by Welch's "
+        "t-test, p < 0.05 (two or more seeds each); `(n.s.)`: not. `±`: the standard error of "
+        "the mean over the seeds.",
         "",
         *[f"![{p.stem}]({p.name})\n" for p in images],
     ]

@@ -69,10 +69,20 @@ class Run:
             return float(y[-1] + (step - x[-1]) * (y[-1] - y[-2]) / max(x[-1] - x[-2], 1))
         return float(np.interp(step, x, y))
 
-    def flops_at(self, step: int) -> float:
+    def tokens_behind(self, step: int) -> float:
+        """Training tokens behind a validation logged at `step`: the Trainer logs the one after
+        k optimizer steps at step k - 1 (the step index, as that step's training metrics); the
+        Fabric loop logs it and train/tokens_seen at k, which reads the same."""
+        return self.tokens_at(step + 1)
+
+    @property
+    def flops_per_token(self) -> float:
         from tinyrecipe.planning.flops import train_flops_per_token
 
-        return self.tokens_at(step) * train_flops_per_token(self.config, self.seq_len)
+        return train_flops_per_token(self.config, self.seq_len)
+
+    def flops_at(self, step: int) -> float:
+        return self.tokens_at(step) * self.flops_per_token
 
     @property
     def steps(self) -> int:
@@ -127,7 +137,7 @@ def loss_points(
     for run in runs:
         curve = [(s, v) for s, v in run.curve(tag) if s > 0 and math.isfinite(v)]
         for step, value in curve[-1:] if final_only else curve:
-            tokens = run.tokens_at(step)
+            tokens = run.tokens_behind(step)
             if tokens > 0:
                 points.append((float(run.n_params), tokens, value))
                 names.append(run.name)
