@@ -4,6 +4,7 @@ fit-law -> plan --law."""
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,14 @@ def test_the_documented_sweep_glob_runs_the_base_first():
         Path(p).stem for p in overlays if Path(p).stem != "base"
     )
     assert "--config" in listed[0] and listed[0].count("--config") == 1
+    from tinyrecipe.cli.fit import parse_recipe
+
+    seeded = cli(
+        "sweep", "--base", ROOT / "recipes/ablations/base.yaml", "--seeds", "7", "--dry-run"
+    ).stdout.splitlines()[0]
+    argv = shlex.split(seeded.split("]: ", 1)[1])
+    recipe, _ = parse_recipe(argv[argv.index("fit") + 1 :])
+    assert recipe["seed_everything"] == 7 and recipe["data"]["init_args"]["seed"] == 7
 
 
 def localised_ladder_base(corpus, tmp):

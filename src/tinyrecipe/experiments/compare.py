@@ -146,9 +146,7 @@ def table(runs: list[Run], baseline: str | None = None) -> tuple[list[str], list
                 f"{run.n_params / 1e6:.2f}M",
                 _fmt(run.tokens_at(steps), ".3g"),
                 _fmt(run.flops_at(steps), ".3g"),
-                _fmt(final)
-                + (f" ± {group.sem():.4f}" if len(group.finals()) > 1 else "")
-                + mark,
+                _fmt(final) + (f" ± {group.sem():.4f}" if len(group.finals()) > 1 else "") + mark,
                 _fmt(float(np.mean(best))),
                 *[_fmt(group.mean(s)) for s in sources],
                 *[_fmt(group.mean(t)) for t in downstream],

@@ -41,8 +41,8 @@ class SweepRun:
         for config in self.configs:
             cmd += ["--config", str(config)]
         cmd += ["--trainer.default_root_dir", str(self.directory)]
-        if self.seed is not None:
-            cmd += ["--seed_everything", str(self.seed)]
+        if self.seed is not None:  # the initialisation and the data's order
+            cmd += ["--seed_everything", str(self.seed), "--data.seed", str(self.seed)]
         for item in self.sets:
             key, _, value = item.partition("=")
             cmd += [f"--{key}", value]
