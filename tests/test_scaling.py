@@ -150,6 +150,20 @@ def test_pick_shape_recovers_tinyllama():
     from tinyrecipe.planning.plan import pick_shape
 
     assert pick_shape(1_100_048_384) == ModelConfig.from_name("tinyllama-1.1b")
+    for n in (1e8, 3e8, 7e9):
+        shape = pick_shape(n)
+        assert 64 <= shape.d_model / shape.n_layer <= 160, (n, shape)
+
+
+def test_emit_takes_the_cost_optimum_with_a_price_and_says_a_far_shape(tmp_path, capsys):
+    argv = ["plan", "--chinchilla-params", "7e9", "--inference-tokens", "1e13", "--json"]
+    argv += ["--price-per-gpu-hour", "2", "--gpu-peak-flops", "989e12", "--mfu-output", "0.05"]
+    assert cli_main([*argv, "--emit", str(tmp_path / "cost.yaml")]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert abs(summary["cost"]["n_params"] / summary["n_params"] - 1) > 0.05  # they differ
+    assert summary["recipe"]["n_params"] == pytest.approx(summary["cost"]["n_params"], rel=0.1)
+    with pytest.warns(UserWarning, match="the nearest shape has"):
+        cli_main(["plan", "--target-loss", "6", "--emit", str(tmp_path / "tiny.yaml")])  # 7.7M
 
 
 def test_emit_writes_a_recipe_fit_accepts(tmp_path, capsys):

@@ -102,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             "train_tokens": cheap.train_tokens,
             "dollars": dollars,
         }
-    if args.emit:
-        summary["recipe"] = emit_recipe(best, args.base, args.emit, args.gpu_memory_gib)
+    if args.emit:  # the dollar optimum when a price is given, else the FLOPs optimum
+        chosen = cheap if args.price_per_gpu_hour is not None else best
+        summary["recipe"] = emit_recipe(chosen, args.base, args.emit, args.gpu_memory_gib)
 
     if args.json:
         print(json.dumps(summary, indent=2))

@@ -9,7 +9,8 @@ with L-BFGS. Hoffmann et al. start L-BFGS from every point of a grid over (a, b,
 and keep the best; here the objective is evaluated on that grid at once and L-BFGS starts from
 the best `starts` grid points (the rest never win on these small fits; `starts` raises it).
 Bootstrap intervals refit resampled runs (whole curves, so the points of one run stay
-together), each from the full fit and the best grid points.
+together), each from the full fit's optimum (a constant the points do not pin down can then
+read a narrower interval than a search of its own would give).
 """
 
 from __future__ import annotations

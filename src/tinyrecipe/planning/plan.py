@@ -56,7 +56,7 @@ def pick_shape(n_params: float, vocab_size: int = 32000, block_size: int = 2048)
     128, depth with d_model / n_layer between 64 and 160 (TinyLlama: 93, Llama-2 7B: 128)."""
     best, best_key = None, None
     for d_model in range(256, 16384 + 1, 128):
-        for n_layer in range(max(1, d_model // 160), d_model // 64 + 1):
+        for n_layer in range(max(1, -(-d_model // 160)), d_model // 64 + 1):
             config = ModelConfig.from_shape(
                 d_model, n_layer, vocab_size=vocab_size, block_size=block_size
             )
@@ -133,6 +133,13 @@ def emit_recipe(
     if gpu_memory_gib:
         _, fits = fit_memory(recipe, gpu_memory_gib)
     memory, _ = recipe_memory(recipe)
+    if abs(math.log(shape.num_params() / plan.n_params)) > math.log(1.1):
+        warnings.warn(
+            f"the nearest shape has {shape.num_params():,} parameters against the plan's "
+            f"{plan.n_params:,.0f} (the shape rules allow no closer one); its loss at "
+            f"{plan.train_tokens:.3g} tokens is not the plan's",
+            stacklevel=2,
+        )
     if not fits:
         warnings.warn(
             f"no micro-batch fits {gpu_memory_gib:g} GiB per device for this "
