@@ -41,6 +41,9 @@ def test_estimate_responds_to_each_switch():
     assert ckpt.activations < plain.activations / 8  # 22 layers: inputs + one block
     assert fsdp.optimizer * 16 == plain.optimizer and ddp.optimizer == plain.optimizer
     assert plain.optimizer == cfg.num_params() * 8  # two fp32 AdamW states
+    assert ddp.comm_buffers == cfg.num_params() * 4  # DDP's buckets: the gradients again
+    true16 = estimate_memory(cfg, 8, 2048, precision="bf16-true")
+    assert true16.optimizer == cfg.num_params() * 4  # AdamW's states in the weights' bf16
     assert fsdp.fsdp_buffers > 0 and plain.fsdp_buffers == 0
     # HSDP: 16 devices, sharded within groups of 8 (a node), replicated across the two
     hsdp = estimate_memory(
@@ -110,3 +113,32 @@ def test_memory_command_reads_recipes_and_overlays(capsys, tmp_path):
     assert "bf16-mixed, one device, LoRA (10.45M trained)" in capsys.readouterr().out
     assert cli(["memory", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml" in capsys.readouterr().err
+
+
+def test_autocast_over_fp32_weights_counts_the_fp32_residual_and_the_weight_copies():
+    """bf16-mixed without FSDP (one device, DDP): the residual stream stays fp32 and each linear
+    keeps a bf16 copy of its weight for backward. The activations and loss buffers estimated
+    against the step's measured peak less the weights, on a width where they dominate."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from tinyrecipe.model import Llama
+
+    torch.set_num_threads(2)
+    config = ModelConfig.from_name(
+        "tiny", d_model=512, n_head=16, n_kv_head=4, d_ff=1376, block_size=1024
+    )
+    config = dataclasses.replace(config, loss_chunk_size=1024)
+    torch.manual_seed(0)
+    model = Llama(config)
+    x = torch.randint(0, config.vocab_size, (2, 1025))
+    tracker = MemTracker()
+    tracker.track_external(model)
+    with tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x[:, :-1], x[:, 1:]).loss
+        loss.backward()
+    peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+    weights = sum(v for k, v in peak.items() if "PARAM" in str(k))
+    est = estimate_memory(config, 2, 1024, precision="bf16-mixed", cuda=False)
+    measured = peak["Total"] - weights
+    assert measured == pytest.approx(est.activations + est.loss_buffers, rel=0.15)

@@ -138,9 +138,11 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak bytes per device for one training step of `config` at `micro_batch` x `seq_len`.
 
-    `precision`: "32-true", "bf16-mixed" (fp32 weights, grads and states, bf16 activations) or
-    "bf16-true" (everything bf16 except AdamW's fp32 states). `sharded`: FSDP/FSDP2 over
-    `world_size` devices (DDP keeps full copies). Sharded with `accumulation` > 1, each device
+    `precision`: "32-true", "bf16-mixed" (fp32 weights, grads and states, bf16 activations; without
+    FSDP, autocast over fp32 weights: the residual stream stays fp32 and each linear keeps a bf16
+    copy of its weight for backward) or "bf16-true" (everything bf16, AdamW's states too).
+    `sharded`: FSDP/FSDP2 over `world_size` devices (DDP keeps full copies, and its gradient
+    buckets a second copy of the gradients). Sharded with `accumulation` > 1, each device
     holds the unsharded fp32 gradients between micro-batches (FSDP2 reduces them once per step,
     `tinyrecipe.train.strategy`). `shard_group`: HSDP, sharded over groups of that many devices
     and replicated across them. `document_mask`: the (B, T, T) boolean mask SDPA reads (a GPU's
@@ -162,9 +164,13 @@ def estimate_memory(
     grads = trained * weight // shards
     if sharded and shards > 1 and accumulation > 1:
         grads = trained * 4  # the unsharded gradients accumulated in fp32 until the reduction
-    optimizer = trained * 8 // shards  # AdamW exp_avg + exp_avg_sq, fp32
+    optimizer = trained * 2 * weight // shards  # AdamW exp_avg + exp_avg_sq, the weights' dtype
+    autocast = precision == "bf16-mixed" and not sharded  # FSDP2 casts the weights to bf16 itself
+    block_weights = n - lora - (V * d) * (1 if config.tie_embeddings else 2)
 
     per_layer = (10 * d + 3 * kv + 4 * f - (2 * d + f if compiled else 0)) * act + 4 * H
+    if autocast:  # the norms' inputs and normalised outputs in fp32
+        per_layer += 8 * d
     if not cuda and trains_attention_in_fp32("cpu", compute_dtype(precision), T, config.head_dim):
         per_layer += 4 * d + 2 * kv  # its q, k, v and output in fp32 for SDPA
     if activation_checkpointing:  # block inputs, plus one block recomputed in backward
@@ -172,6 +178,8 @@ def estimate_memory(
     else:
         blocks = tokens * L * per_layer
     head_in = tokens * 6 * d * act
+    if autocast:  # the bf16 weight copies kept for backward: every block's, one recomputed
+        blocks += block_weights * 2 // (L if activation_checkpointing else 1)
     if document_mask:
         blocks += micro_batch * T * T  # one bool mask, shared by every block
     if config.loss_chunk_size:
@@ -188,6 +196,8 @@ def estimate_memory(
         fsdp_buffers = (n if gathered else 2 * block_params) * act
         if shards > 1:  # reduce-scatter: a block's unsharded fp32 gradient in, its shard out
             comm_buffers = block_params * 4 + block_params * 4 // shards
+    elif world_size > 1:  # DDP's gradient buckets: a flat copy of the gradients
+        comm_buffers = trained * weight
     return MemoryEstimate(
         params,
         grads,
