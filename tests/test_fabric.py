@@ -35,6 +35,9 @@ def test_fabric_loop_matches_the_trainer_loss_sequence(corpus, tmp_path):
     assert len(trainer["train/loss"]) == len(loop["train/loss"]) == 6
     for (s1, a), (s2, b) in zip(trainer["train/loss"], loop["train/loss"], strict=True):
         assert a == pytest.approx(b, abs=1e-5), (s1, s2)
+    # each step's loss beside the learning rate it was taken with (warmup 2: 1.5e-3, 3e-3, ...)
+    lrs = [v for _, v in loop["lr"]]
+    assert lrs == pytest.approx([v for _, v in trainer["lr-AdamW"]], rel=1e-6), lrs
     # the same evaluations: step 0, then every 3 steps, per source and mixed
     assert [round(v, 5) for _, v in trainer["val/loss"]] == [
         round(v, 5) for _, v in loop["val/loss"]
@@ -143,3 +146,19 @@ def test_a_kill_before_the_last_link_moves_leaves_last_naming_a_whole_checkpoint
     assert sorted(p.name for p in last.parent.glob("step=*")) == ["step=2.ckpt", "step=3.ckpt"]
     steps = dict(scalars(tmp_path / "fabric")["train/loss"])
     assert steps[3] == pytest.approx(dict(one_process["train/loss"])[3], abs=1e-6)
+
+
+def test_fabric_refuses_what_it_would_do_otherwise_than_fit():
+    """Clipping by value, and a validation interval that is not whole optimizer steps (which
+    would round down, to none at all below one step), are refused in one line; a
+    `seed_everything: true` draws a seed as Lightning does, `false` seeds nothing."""
+    from tinyrecipe.train.fabric import LoopSettings
+
+    trainer = {"accumulate_grad_batches": 4, "val_check_interval": 8}
+    assert LoopSettings.from_recipe({"trainer": trainer}).val_every == 2
+    with pytest.raises(ValueError, match="val_check_interval: 2 is not a whole number"):
+        LoopSettings.from_recipe({"trainer": dict(trainer, val_check_interval=2)})
+    with pytest.raises(ValueError, match="gradient_clip_algorithm: value"):
+        LoopSettings.from_recipe({"trainer": dict(trainer, gradient_clip_algorithm="value")})
+    for given, seed in ((True, True), (False, False), (None, 0), (7, 7)):
+        assert LoopSettings.from_recipe({"trainer": {}, "seed_everything": given}).seed is seed

@@ -85,7 +85,7 @@ class LoopSettings:
     accelerator: str
     devices: Any
     num_nodes: int
-    seed: int
+    seed: int | bool  # seed_everything: a seed; true a random one (as Lightning); false none
     max_steps: int
     accumulate: int
     clip: float | None
@@ -105,6 +105,19 @@ class LoopSettings:
         top_k = checkpoint.get("save_top_k")
         # Lightning's default 2; -1 all (0 here); `last` needs at least one
         keep = 2 if top_k is None else (0 if int(top_k) < 0 else max(int(top_k), 1))
+        if (t.get("gradient_clip_algorithm") or "norm") != "norm":
+            raise ValueError(
+                f"trainer.gradient_clip_algorithm: {t['gradient_clip_algorithm']} is not what "
+                "`tinyrecipe fabric` does (it clips the norm); use norm, or `tinyrecipe fit`"
+            )
+        interval = t.get("val_check_interval") or 0
+        if not isinstance(interval, int) or interval % accumulate:
+            raise ValueError(
+                f"trainer.val_check_interval: {interval} is not a whole number of optimizer steps "
+                f"for `tinyrecipe fabric` (accumulate_grad_batches {accumulate}); use a multiple "
+                f"of {accumulate} micro-batches"
+            )
+        seed = recipe.get("seed_everything")
         return cls(
             root=Path(t.get("default_root_dir") or "out"),
             precision=str(t.get("precision") or "32-true"),
@@ -112,11 +125,11 @@ class LoopSettings:
             accelerator=t.get("accelerator") or "auto",
             devices=t.get("devices") or "auto",
             num_nodes=t.get("num_nodes") or 1,
-            seed=recipe.get("seed_everything") or 0,
+            seed=0 if seed is None else seed,
             max_steps=int(t.get("max_steps") or -1),
             accumulate=accumulate,
             clip=t.get("gradient_clip_val"),
-            val_every=int(t.get("val_check_interval") or 0) // accumulate,
+            val_every=interval // accumulate,
             sanity_val=t.get("num_sanity_val_steps") == -1,
             log_every=int(t.get("log_every_n_steps") or 50),
             save_every=int(checkpoint.get("every_n_train_steps") or 0),
@@ -279,6 +292,7 @@ class Run:
     tokens_per_step: int = 0
     seq_len: int = 0
     spike_count: torch.Tensor | None = None
+    lr: float = 0.0  # the learning rate of the last step taken
     journal: Journal | None = None
     window: list = field(default_factory=list)  # the logging window's step losses, on the device
     losses: list = field(default_factory=list)
@@ -311,7 +325,8 @@ def set_up(recipe: dict, resume: str | None = None) -> Run:
     )
     init_process_group(fabric.strategy)  # restart-safe under torchrun
     fabric.launch()
-    fabric.seed_everything(loop.seed)
+    if loop.seed is not False:
+        fabric.seed_everything(None if loop.seed is True else loop.seed)
     config = settings.model_config
     data = data_class(**data_args, vocab_size=config.vocab_size)
     holder = Decoder()
@@ -439,6 +454,7 @@ def train_step(run: Run) -> StepStats:
     )
     if stats.spike is not None:
         run.spike_count = run.spike_count + stats.spike
+    run.lr = run.optimizer.param_groups[0]["lr"]
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.scheduler.step()
@@ -467,7 +483,7 @@ def after_step(run: Run, stats: StepStats) -> None:
         metrics = {
             "train/loss": run.losses[-1],
             "train/grad_norm": stats.grad_norm.item(),
-            "lr": run.scheduler.get_last_lr()[0],
+            "lr": run.lr,
             "train/tokens_seen": float(before + done * run.tokens_per_step),
             "train/tokens_per_sec": tokens_per_sec,
             "train/skipped_steps": float(run.guard.skipped),
