@@ -6,6 +6,7 @@ import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -59,7 +60,7 @@ def write_all_formats(root, texts):
     return [t for g in groups[:8] for t in g]
 
 
-def test_every_format_yields_its_documents_in_order(tmp_path, tok):
+def test_every_format_yields_its_documents_in_order(tmp_path, tok, capsys):
     want = write_all_formats(tmp_path / "raw", TEXTS)
     files = expand_inputs([tmp_path / "raw"])
     assert [f.name for f in files][-2:] == ["data-00000-of-00001.arrow", "h.txt"]
@@ -103,6 +104,8 @@ def test_every_format_yields_its_documents_in_order(tmp_path, tok):
         ]
     )
     assert code == 0
+    said = capsys.readouterr().out  # a record skipped is counted once, on the train line
+    assert "skipped: as train (the same files)" in said.splitlines()[-1], said
     meta = {s: read_metadata(tmp_path / "out" / s) for s in ("train", "validation")}
     assert meta["train"]["documents"] + meta["validation"]["documents"] == len(want)
     assert meta["validation"]["documents"] > 0 and meta["train"]["val_permille"] == 200
@@ -196,6 +199,7 @@ def test_parts_prepared_apart_merge_into_the_one_shot_split(tmp_path, tok, capsy
     assert "#SBATCH --array=0-3" in script and '--shard "${SLURM_ARRAY_TASK_ID}/4"' in script
     assert "--slurm" not in script
     assert " merge " in (tmp_path / "s/prepare-merge.sbatch").read_text()
+    assert f"cd {Path.cwd()}" in script  # the relative paths it was given mean the same there
 
 
 def one_line(capsys, argv, *needles):
@@ -228,7 +232,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, tok, capsys):
     (raw / "dd/dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
     one_line(capsys, ["prepare", str(raw / "dd"), *base], "DatasetDict", "dd/train")
     one_line(capsys, ["prepare", str(raw), "--shard", "3/3", *base], "shard 3/3 is out of range")
-    assert not (tmp_path / "out").exists()
+    small = tmp_path / "small.jsonl"  # 20 documents: none in a 5-per-1000 share
+    small.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:20]))
+    one_line(capsys, ["prepare", str(small), *base], "--val-permille 5", "0 (a train split only)")
+    assert not (tmp_path / "out").exists()  # its train split, complete, not published either
 
     # damaged and mixed input is skipped and counted, never half-read
     good = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:5]).encode()

@@ -179,6 +179,7 @@ def write_slurm(argv: list[str], args) -> int:
         "#SBATCH --job-name=tinyrecipe-prepare",
         "# add: #SBATCH --partition=... --cpus-per-task=... --time=... (your cluster's)",
         "set -euo pipefail",
+        f"cd {shlex.quote(str(Path.cwd()))}  # where the command was given: its relative paths",
     ]
     array = [
         *head[:2],

@@ -88,10 +88,14 @@ class SplitSummary:
     seconds: float = 0.0
     reused: bool = False
     merged: int = 0  # parts merged into it
+    staged: tuple[Path, Path] | None = None  # (complete temporary dir, final dir) to publish
+    skips_as: str | None = None  # the split read from the same files, whose line counts the skips
 
     def line(self) -> str:
         rate = self.text_bytes / 1e6 / self.seconds if self.seconds else 0.0
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(self.skipped.items())) or "none"
+        if self.skips_as:
+            skipped = f"as {self.skips_as} (the same files)"
         how = f"{self.seconds:.1f} s, {rate:.2f} MB/s"
         if self.reused:
             how = "already prepared, reused"
@@ -230,11 +234,14 @@ def prepare_split(
     keep: str | None = None,
     val_permille: float = 0,
     shard: tuple[int, int] | None = None,
+    publish: bool = True,
 ) -> SplitSummary:
     """Tokenize `files` into the litdata directory `out_dir/split`. See the module docstring.
 
     `keep` ("train"/"validation") with `val_permille` splits a corpus by content hash. A shard's
     split may be empty (its files hold no document of this split); any other split may not.
+    `publish=False` leaves the complete split in a temporary directory (`summary.staged`) for
+    the caller to publish with the others (`publish_splits`).
     """
     from litdata.streaming.item_loader import TokensLoader
     from litdata.streaming.writer import BinaryWriter
@@ -294,7 +301,7 @@ def prepare_split(
         shutil.rmtree(tmp, ignore_errors=True)
         if created and not any(final.parent.iterdir()):
             final.parent.rmdir()
-        raise ValueError(_no_documents(split, files, fmt, summary.skipped))
+        raise ValueError(_no_documents(split, files, fmt, summary.skipped, keep, val_permille))
     if summary.documents:
         writer.done()
         writer.merge()
@@ -322,14 +329,40 @@ def prepare_split(
         ),
         empty=summary.documents == 0,
     )
-    _publish(tmp, final)
     summary.seconds = time.perf_counter() - start
+    if publish:
+        _publish(tmp, final)
+    else:
+        summary.staged = (tmp, final)
     return summary
 
 
-def _no_documents(split: str, files: list[Path], fmt: RecordFormat, skipped: Counter) -> str:
+def publish_splits(summaries: list[SplitSummary]) -> None:
+    """Publish the staged splits of `summaries` (all prepared: none is published before)."""
+    for summary in summaries:
+        if summary.staged is not None:
+            _publish(*summary.staged)
+            summary.staged = None
+
+
+def discard_splits(summaries: list[SplitSummary]) -> None:
+    """Remove the staged splits of `summaries` (a later split failed)."""
+    for summary in summaries:
+        if summary.staged is not None:
+            shutil.rmtree(summary.staged[0], ignore_errors=True)
+            summary.staged = None
+
+
+def _no_documents(
+    split: str,
+    files: list[Path],
+    fmt: RecordFormat,
+    skipped: Counter,
+    keep: str | None = None,
+    val_permille: float = 0,
+) -> str:
     """The one-line error for a split without a usable document; names the fields that exist when
-    the text field is in no record."""
+    the text field is in no record, and the options when a hash share holds none."""
     if (
         set(skipped) <= {f"missing_{fmt.text_field}", f"missing_{fmt.text_field}_column"}
         and skipped
@@ -340,9 +373,16 @@ def _no_documents(split: str, files: list[Path], fmt: RecordFormat, skipped: Cou
             f"'{fmt.text_field}'; its records have: {', '.join(fields) or 'no fields'}; "
             "choose one with --text-field"
         )
+    if keep == "validation":
+        return (
+            f"none of the documents of {files[0]} (and {len(files) - 1} more file(s)) falls in "
+            f"the validation share of --val-permille {val_permille:g} (by content hash); for a "
+            "corpus this small use a larger --val-permille, 0 (a train split only) or "
+            "--validation FILES; nothing was written"
+        )
     return (
-        f"split '{split}' has no usable documents in {len(files)} file(s) under "
-        f"{files[0].parent} (skipped: {dict(skipped) or 'none'}); check the input files"
+        f"split '{split}' has no usable documents in {files[0]} (and {len(files) - 1} more "
+        f"file(s); skipped: {dict(skipped) or 'none'}); check the input files"
     )
 
 
@@ -378,6 +418,7 @@ def prepare_corpus(
     With `validation` inputs those files are the validation split; otherwise `val_permille` of the
     documents (by content hash, `in_validation`) are held out (0: a train split only). With
     `shard=(i, n)` only the i-th part of the files is prepared, into `part_dir(out_dir, shard)`.
+    The splits are published together once all are complete: a failed one writes nothing.
     """
     files = expand_inputs(inputs)
     if validation:
@@ -390,20 +431,34 @@ def prepare_corpus(
     if shard is not None:
         target = part_dir(out_dir, shard)
         plan = [(split, shard_files(fs, *shard), keep) for split, fs, keep in plan]
-    return [
-        prepare_split(
-            split,
-            fs,
-            target,
-            tokenizer_dir,
-            fmt,
-            keep=keep,
-            val_permille=val_permille if keep else 0,
-            shard=shard,
-            **options,
-        )
-        for split, fs, keep in plan
-    ]
+    existed = target.exists()
+    summaries: list[SplitSummary] = []
+    try:
+        for split, fs, keep in plan:
+            summaries.append(
+                prepare_split(
+                    split,
+                    fs,
+                    target,
+                    tokenizer_dir,
+                    fmt,
+                    keep=keep,
+                    val_permille=val_permille if keep else 0,
+                    shard=shard,
+                    publish=False,
+                    **options,
+                )
+            )
+    except BaseException:  # no split published: a failed run writes nothing
+        discard_splits(summaries)
+        if not existed and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+        raise
+    publish_splits(summaries)
+    for summary, (_, _, keep) in zip(summaries, plan, strict=True):
+        if keep == "validation":  # a share of the train split's files: the same skips
+            summary.skips_as = "train"
+    return summaries
 
 
 def split_documents(split_dir: str | Path) -> Iterator[np.ndarray]:
