@@ -162,3 +162,12 @@ def test_fabric_refuses_what_it_would_do_otherwise_than_fit():
         LoopSettings.from_recipe({"trainer": dict(trainer, gradient_clip_algorithm="value")})
     for given, seed in ((True, True), (False, False), (None, 0), (7, 7)):
         assert LoopSettings.from_recipe({"trainer": {}, "seed_everything": given}).seed is seed
+
+
+def test_fabric_refuses_a_new_run_into_a_directory_of_checkpoints(tmp_path):
+    from tinyrecipe.train.fabric import train
+
+    (tmp_path / "fabric").mkdir()
+    (tmp_path / "fabric/step=50.ckpt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"earlier run; resume it with --resume .*last\.ckpt"):
+        train({"trainer": {"default_root_dir": str(tmp_path)}})

@@ -403,12 +403,9 @@ def test_fsdp1_is_refused_in_one_line():
 def test_a_run_directory_refuses_a_new_run_and_another_model_shape(corpus, tmp_path):
     """A run's records are refused, in one line and byte-identical afterwards (checkpoints, logs,
     the recipe's copy), to a new run started into its directory, to a resume with another model
-    shape or LoRA setting, and to a --ckpt_path that does not exist; `--ckpt_path auto` starts the
-    run, then resumes it."""
+    shape or LoRA setting, and to a --ckpt_path that does not exist (`last` before there is a
+    checkpoint included); `--ckpt_path auto` starts the run, then resumes it."""
     recipe = write_recipe(tmp_path, corpus, max_steps=2, every=2)
-    first = fit(recipe, "--ckpt_path", "auto")  # nothing to resume: a new run
-    assert first.returncode == 0 and "--ckpt_path auto: a new run" in first.stderr
-    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     def refused(*args: str) -> str:  # in this process: each stops before the Trainer writes
         err = io.StringIO()
@@ -416,6 +413,12 @@ def test_a_run_directory_refuses_a_new_run_and_another_model_shape(corpus, tmp_p
             code = cli_main(["fit", "--config", str(recipe), *args])
         assert code == 2 and "Traceback" not in err.getvalue(), err.getvalue()[-2000:]
         return err.getvalue()
+
+    assert "nothing to resume with --ckpt_path last" in refused("--ckpt_path", "last")  # none yet
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "tensorboard").exists()
+    first = fit(recipe, "--ckpt_path", "auto")  # nothing to resume: a new run
+    assert first.returncode == 0 and "--ckpt_path auto: a new run" in first.stderr
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     assert "holds checkpoints of an earlier run" in refused()  # forgot --ckpt_path last
     other_shape = json.dumps({**MICRO, "n_layer": 3})

@@ -219,19 +219,20 @@ def resolve_auto_resume(directory: Path | None) -> str | None:
     return newest or (str(last) if last.exists() else None)
 
 
-def refuse_new_run_into(dirpath: Path | None) -> None:
+def refuse_new_run_into(dirpath: Path | None, resume: str = "--ckpt_path last") -> None:
     """A new run into a directory of another run's checkpoints would interleave the two."""
     if dirpath is not None and any(Path(dirpath).glob("*.ckpt")):
         raise ValueError(
             f"'{dirpath}' holds checkpoints of an earlier run; resume it with "
-            "--ckpt_path last, or set another trainer.default_root_dir (or delete them)"
+            f"{resume}, or set another trainer.default_root_dir (or delete them)"
         )
 
 
 def check_fit_start(trainer, module, ckpt_path: str | None) -> None:
     """The refusals of a run that can be made before anything is written (the logger's files,
     the recipe's copy, a sanity validation's point): a new run into a directory of another run's
-    checkpoints, a `--ckpt_path` that does not exist, a checkpoint of another model shape or LoRA
+    checkpoints, a `--ckpt_path` that does not exist (`last` with no checkpoint to resume: `auto`
+    is resume-or-start), a checkpoint of another model shape or LoRA
     setting, an `init_from` that does not exist. A checkpoint that cannot be read here is left to
     the fall-back of `load_with_fallback`."""
     from tinyrecipe.checkpoint import checkpoint_meta
@@ -251,7 +252,10 @@ def check_fit_start(trainer, module, ckpt_path: str | None) -> None:
     path = dirpath / "last.ckpt" if ckpt_path == "last" and dirpath else Path(ckpt_path)
     if not path.exists():
         if ckpt_path == "last":
-            return  # no checkpoint yet: Lightning starts the run afresh
+            raise FileNotFoundError(
+                f"nothing to resume with --ckpt_path last: no checkpoint in '{dirpath}'; "
+                "--ckpt_path auto resumes when there is one and starts the run when there is none"
+            )
         raise FileNotFoundError(f"checkpoint '{path}' (--ckpt_path) does not exist")
     try:
         hparams = (checkpoint_meta(path) or {}).get("hyper_parameters")

@@ -32,7 +32,12 @@ from lightning.fabric.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
 from tinyrecipe._lightning import shard_over_every_rank
-from tinyrecipe.checkpoint import checkpoint_config, refuse_sharded, shape_diff
+from tinyrecipe.checkpoint import (
+    checkpoint_config,
+    refuse_new_run_into,
+    refuse_sharded,
+    shape_diff,
+)
 from tinyrecipe.data.position import StreamPosition
 from tinyrecipe.faults import failpoint
 from tinyrecipe.io import link, publish, remove, remove_stale, temp_sibling
@@ -287,7 +292,7 @@ class Run:
     peak: float | None
     step: int = 0
     start_step: int = 0
-    start_time: float = 0.0
+    clock: tuple[int, float] = (0, 0.0)  # (step, time) where the logging window began
     tokens_before: int | None = None
     tokens_per_step: int = 0
     seq_len: int = 0
@@ -304,6 +309,9 @@ def set_up(recipe: dict, resume: str | None = None) -> Run:
     loop = LoopSettings.from_recipe(recipe)
     settings = ModelSettings.from_dict(dict(recipe.get("model") or {}))
     refuse_fsdp1(loop.strategy)
+    if resume is None:
+        directory = loop.root / "fabric"
+        refuse_new_run_into(directory, f"--resume {directory / 'last.ckpt'}")
     data_spec = dict(recipe.get("data") or {})
     data_class = _import(data_spec.pop("class_path", DEFAULT_DATA))
     if not issubclass(data_class, StreamPosition):  # a rank-aware stream with a position
@@ -408,7 +416,7 @@ def set_up(recipe: dict, resume: str | None = None) -> Run:
         )
         if downstream.pop("at_start", False) and step == 0:
             _downstream(run, 0)
-    run.start_time = time.perf_counter()
+    run.clock = (step, time.perf_counter())
     return run
 
 
@@ -473,7 +481,9 @@ def after_step(run: Run, stats: StepStats) -> None:
         run.losses += torch.stack(run.window).tolist()  # one read per logging window
         run.window.clear()
         done = step - run.start_step
-        tokens_per_sec = run.tokens_per_step * done / (time.perf_counter() - run.start_time)
+        (since, began), now = run.clock, time.perf_counter()
+        tokens_per_sec = run.tokens_per_step * (step - since) / (now - began)
+        run.clock = (step, now)
         per_token = train_flops_per_token(
             run.settings.model_config, run.seq_len, adapter_params(run.settings)
         )
@@ -514,7 +524,7 @@ def after_step(run: Run, stats: StepStats) -> None:
         _save(fabric, loop.root / "fabric", step, run.state, loop.keep, run.journal)
     if loop.downstream.get("tasks") and run.every_eval and step % run.every_eval == 0 and not last:
         _downstream(run, step)  # after the step's checkpoint: a failed evaluation loses nothing
-    run.start_time += time.perf_counter() - pause
+    run.clock = (run.clock[0], run.clock[1] + time.perf_counter() - pause)
 
 
 def _downstream(run: Run, step: int) -> None:
