@@ -256,3 +256,11 @@ def test_readme_plot_script_runs(tmp_path):
     assert (
         "loss 2.1833" in out and "2.39e+13" in out and (tmp_path / "p.png").stat().st_size > 10_000
     )
+
+
+def test_plan_with_a_fitted_law_says_when_it_extrapolates(tmp_path, capsys):
+    law = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.336, "beta": 0.283}
+    path = tmp_path / "law.json"
+    path.write_text(json.dumps({"law": law, "points": [[1e6, 1e7, 5.0], [4e6, 4e7, 4.5]]}))
+    assert cli_main(["plan", "--law", str(path), "--target-loss", "2.2"]) == 0
+    assert "outside the sizes the law was fitted on (1e+06 to 4e+06)" in capsys.readouterr().err

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from tinyrecipe.planning import plan as planning
-from tinyrecipe.planning.lawfit import load_law
+from tinyrecipe.planning.lawfit import fitted_sizes, load_law
 from tinyrecipe.planning.plan import emit_recipe, plan_summary
 from tinyrecipe.planning.scaling import CostModel, LossFit, chinchilla_loss, cost_optimal
 
@@ -83,6 +84,14 @@ def main(argv: list[str] | None = None) -> int:
         else chinchilla_loss(args.chinchilla_params, fit)
     )
     best, chin, summary = plan_summary(loss, args.inference_tokens, fit)
+    sizes = fitted_sizes(args.law) if args.law else None
+    if sizes and not sizes[0] <= best.n_params <= sizes[1]:
+        print(
+            f"tinyrecipe plan: note: {best.n_params:.3g} parameters is outside the sizes the law "
+            f"was fitted on ({sizes[0]:.3g} to {sizes[1]:.3g}): an extrapolation, as far as its "
+            "intervals (fit-law) allow",
+            file=sys.stderr,
+        )
     if args.price_per_gpu_hour is not None:
         if args.gpu_peak_flops is None:
             raise ValueError("--price-per-gpu-hour needs --gpu-peak-flops (the GPU's bf16 peak)")

@@ -79,6 +79,12 @@ def load_law(path: str | Path) -> LossFit:
         ) from None
 
 
+def fitted_sizes(path: str | Path) -> tuple[float, float] | None:
+    """The smallest and largest parameter count among a law.json's points (None without)."""
+    points = json.loads(Path(path).read_text()).get("points") or []
+    return (min(p[0] for p in points), max(p[0] for p in points)) if points else None
+
+
 def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray):
     """Summed Huber loss and its gradient; theta = (a, b, e, alpha, beta), rows of a batch allowed."""
     theta = np.atleast_2d(theta)
