@@ -68,3 +68,22 @@ def test_a_run_continued_past_its_end_is_not_finished(tmp_path):
     status = run_status(events)
     assert not status.finished and status.step == 200
     assert status.eta_seconds == pytest.approx(100 / 50)
+
+
+def test_status_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`tinyrecipe status RUN | head -1`: the reader leaves; no error line, exit 0."""
+    import os
+    import subprocess
+    import sys
+
+    Journal(tmp_path).record("start", step=0, max_steps=10, world_size=1)
+    read, write = os.pipe()
+    os.close(read)
+    done = subprocess.run(
+        [sys.executable, "-m", "tinyrecipe.cli", "status", str(tmp_path)],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(write)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr

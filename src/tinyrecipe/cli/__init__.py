@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
     try:
         return module.main(args) or 0
+    except BrokenPipeError:  # the reader went away (`tinyrecipe status RUN | head -3`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
     except USER_ERRORS as err:
         if os.environ.get("TINYRECIPE_DEBUG"):
             raise

@@ -196,7 +196,7 @@ class MixedStreamingDataModule(StreamPosition, L.LightningDataModule):
                 raise ValueError(
                     f"data dir '{blocks.path}' has tokenizer vocab {meta['vocab_size']}, model expects "
                     f"{self.vocab_size} — prepare it again with the model's tokenizer "
-                    "(tinyrecipe prepare) or set model.vocab_size"
+                    "(tinyrecipe prepare) or set model.config.vocab_size"
                 )
             sha = meta["tokenizer_sha256"]
             if expected_sha is not None and sha != expected_sha:
