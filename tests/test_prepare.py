@@ -395,6 +395,13 @@ def test_readers_take_the_files_other_tools_write(tmp_path):
     data = json.dumps(records).encode()
     fmt = RecordFormat(drop=(("m.dup", "true"), ("m.dup", "null")))
     assert read("drop.json", fmt, data) == ["dropped_true", "dropped_null", "c", "d"]
+    import datetime
+
+    days = [datetime.date(2023, 1, d) for d in (1, 2, 3)]
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "day": days}), tmp_path / "days.parquet")
+    fmt = RecordFormat(drop=(("day", "2023-01-02"),))  # a date column: its text
+    got = [t or r for t, r in read_records(tmp_path / "days.parquet", fmt)]
+    assert got == ["a", "dropped_2023-01-02", "c"]
     assert read("odd.jsonl", data=b'{"text": "a\\ud800b"}\n{"text": "fine"}\n') == [
         "non_utf8",
         "fine",

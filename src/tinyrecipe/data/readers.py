@@ -87,8 +87,12 @@ def document(record, fmt: RecordFormat) -> Record:
 
 def _as_text(value) -> str:
     """A field's value as `--drop FIELD=VALUE` writes it: a string as it is, anything else as
-    JSON (true, null, 3)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    JSON (true, null, 3; a table's date or decimal as its text)."""
+    if isinstance(value, str):
+        return value
+    if value is None or isinstance(value, (bool, int, float, list, dict)):
+        return json.dumps(value, default=str)
+    return str(value)
 
 
 def _checked(text: str, fmt: RecordFormat) -> Record:

@@ -435,6 +435,8 @@ class SlurmRequeue(Callback):
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         if not self.active or should_accumulate(trainer) or not is_logging_step(trainer):
             return  # the ranks agree at logging steps only (a host read)
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return  # the run ends here: nothing to requeue
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         callback = trainer.checkpoint_callback
@@ -544,17 +546,23 @@ class DownstreamEval(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, *_) -> None:
         due, self._due = self._due, None
-        if due is not None and due == trainer.global_step:
+        if self.tasks and due is not None and due == trainer.global_step:
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self.tasks or not trainer.global_step or stopping_for_requeue(trainer):
+        if not self.tasks or not trainer.global_step:
+            return
+        if stopping_for_requeue(trainer) and trainer.global_step < trainer.max_steps:
             return
         if self._last_step != trainer.global_step:  # the final weights are always scored
             self._due = None
             if trainer.checkpoint_callback is not None:
                 save_missing_final_checkpoint(trainer.checkpoint_callback, trainer)
             self.run(trainer, pl_module)
+
+    @property
+    def state_key(self) -> str:  # several evaluations (other tasks or cadence) keep their own
+        return f"{type(self).__qualname__}{{tasks={self.tasks!r}, every={self.every_n_steps}}}"
 
     def state_dict(self) -> dict[str, Any]:
         return {"due": self._due}

@@ -90,7 +90,9 @@ class LoopSettings:
     accelerator: str
     devices: Any
     num_nodes: int
-    seed: int | bool  # seed_everything: a seed; true a random one (as Lightning); false none
+    seed: (
+        int | bool
+    )  # seed_everything: a seed; true Lightning's default (seed_everything(None)); false none
     max_steps: int
     accumulate: int
     clip: float | None
