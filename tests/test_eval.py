@@ -341,16 +341,22 @@ def test_evaluation_runs_after_its_steps_checkpoint_and_waits_out_a_requeue(
     evaluation = callbacks.DownstreamEval(tasks="stdlib_mc", every_n_steps=2)
     requeue = callbacks.SlurmRequeue()
     requeue.stopping = True
-    trainer = SimpleNamespace(global_step=4, max_steps=10, callbacks=[evaluation, requeue])
+    trainer = SimpleNamespace(global_step=4, callbacks=[evaluation, requeue])
     evaluation.load_state_dict({"due": 4})
     evaluation.on_train_end(trainer, None)
     assert scored[3:] == [] and evaluation.state_dict() == {"due": 4}
     evaluation.on_train_batch_start(trainer, None)  # the resumed run's first batch
     assert [step for step, _ in scored[3:]] == [4] and evaluation.state_dict() == {"due": None}
-    trainer.max_steps = 4  # a requeue at the last step: the run ends, its weights are scored
-    evaluation._last_step, requeue.stopping = None, True
-    evaluation.on_train_end(SimpleNamespace(**vars(trainer), checkpoint_callback=None), None)
-    assert [step for step, _ in scored[4:]] == [4]
+    # a requeue signal at the last step: no requeue stop, the run ends and its weights are scored
+    last = SimpleNamespace(
+        global_step=10, max_steps=10, log_every_n_steps=1, checkpoint_callback=None
+    )
+    last.callbacks, last.fit_loop = [evaluation, requeue], SimpleNamespace(_should_accumulate=bool)
+    requeue.stopping, requeue.active, requeue.requested = False, True, True
+    requeue.on_train_batch_end(last, None)
+    assert not requeue.stopping
+    evaluation.on_train_end(last, None)
+    assert [step for step, _ in scored[4:]] == [10]
     off = callbacks.DownstreamEval(tasks=None)  # evaluation turned off for the resume
     off.load_state_dict({"due": 4})
     off.on_train_batch_start(trainer, None)

@@ -550,9 +550,7 @@ class DownstreamEval(Callback):
             self.run(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not self.tasks or not trainer.global_step:
-            return
-        if stopping_for_requeue(trainer) and trainer.global_step < trainer.max_steps:
+        if not self.tasks or not trainer.global_step or stopping_for_requeue(trainer):
             return
         if self._last_step != trainer.global_step:  # the final weights are always scored
             self._due = None
