@@ -435,29 +435,27 @@ def prepare_corpus(
     summaries: list[SplitSummary] = []
     try:
         for split, fs, keep in plan:
-            summaries.append(
-                prepare_split(
-                    split,
-                    fs,
-                    target,
-                    tokenizer_dir,
-                    fmt,
-                    keep=keep,
-                    val_permille=val_permille if keep else 0,
-                    shard=shard,
-                    publish=False,
-                    **options,
-                )
+            summary = prepare_split(
+                split,
+                fs,
+                target,
+                tokenizer_dir,
+                fmt,
+                keep=keep,
+                val_permille=val_permille if keep else 0,
+                shard=shard,
+                publish=False,
+                **options,
             )
+            if keep == "validation":  # a share of the train split's files: the same skips
+                summary.skips_as = "train"
+            summaries.append(summary)
     except BaseException:  # no split published: a failed run writes nothing
         discard_splits(summaries)
         if not existed and target.is_dir() and not any(target.iterdir()):
             target.rmdir()
         raise
     publish_splits(summaries)
-    for summary, (_, _, keep) in zip(summaries, plan, strict=True):
-        if keep == "validation":  # a share of the train split's files: the same skips
-            summary.skips_as = "train"
     return summaries
 
 

@@ -90,9 +90,8 @@ class LoopSettings:
     accelerator: str
     devices: Any
     num_nodes: int
-    seed: (
-        int | bool
-    )  # seed_everything: a seed; true Lightning's default (seed_everything(None)); false none
+    # seed_everything: a seed; true: Lightning's seed_everything(None); false: none
+    seed: int | bool
     max_steps: int
     accumulate: int
     clip: float | None
